@@ -1,0 +1,1 @@
+Console.WriteLine("adapterflow: commands are being built");
