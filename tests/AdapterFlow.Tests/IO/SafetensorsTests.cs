@@ -23,6 +23,13 @@ public sealed class TempFolder : IDisposable
     }
 }
 
+public static class TensorAssertions
+{
+    /// <summary>Same dtype, shape and bytes (bit-identical, so NaNs and -0 compare as stored).</summary>
+    public static bool SameAs(this Tensor a, Tensor b) =>
+        a.dtype == b.dtype && a.shape.SequenceEqual(b.shape) && a.contiguous().bytes.SequenceEqual(b.contiguous().bytes);
+}
+
 public class SafetensorsTests
 {
     public static readonly ScalarType[] AllTypes =
