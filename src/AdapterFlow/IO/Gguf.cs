@@ -194,6 +194,30 @@ public sealed class GgufFile : IDisposable
         return tensor.bytes.ToArray();
     }
 
+    /// <summary>True when two tensors are stored with identical bytes (compared in place in the map, no copies).</summary>
+    public unsafe bool BytesEqual(string a, string b)
+    {
+        GgufTensorInfo x = Tensor(a), y = Tensor(b);
+        if (x.ByteLength != y.ByteLength) return false;
+        byte* basePtr = null;
+        _view.SafeMemoryMappedViewHandle.AcquirePointer(ref basePtr);
+        try
+        {
+            byte* px = basePtr + _view.PointerOffset + _dataStart + x.Offset, py = basePtr + _view.PointerOffset + _dataStart + y.Offset;
+            const int chunk = 1 << 30;
+            for (long done = 0; done < x.ByteLength; done += chunk)
+            {
+                int n = (int)Math.Min(chunk, x.ByteLength - done);
+                if (!new ReadOnlySpan<byte>(px + done, n).SequenceEqual(new ReadOnlySpan<byte>(py + done, n))) return false;
+            }
+            return true;
+        }
+        finally
+        {
+            _view.SafeMemoryMappedViewHandle.ReleasePointer();
+        }
+    }
+
     /// <summary>
     /// Loads a tensor in PyTorch shape (dims reversed). Unquantised types keep their dtype; Q8_0 and Q4_0 are
     /// dequantised to float32; other quantisations are refused with a clear message.

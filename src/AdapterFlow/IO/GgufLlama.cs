@@ -93,7 +93,7 @@ public static partial class GgufImport
         // of the embedding (llama.cpp's llama2.c converter does); keeping one copy matches the HF checkpoint.
         bool tied = !gguf.Contains("output.weight")
                     || (gguf.Tensor("output.weight") is var output && output.Type == embed.Type && output.Dims.SequenceEqual(embed.Dims)
-                        && gguf.ReadBytes("output.weight").AsSpan().SequenceEqual(gguf.ReadBytes("token_embd.weight")));
+                        && gguf.BytesEqual("output.weight", "token_embd.weight"));
 
         var config = LlamaImport.Config(
             hiddenSize: hidden, intermediateSize: intermediate, numLayers: layers, numHeads: heads, numKvHeads: kvHeads,

@@ -162,7 +162,9 @@ public sealed class SafetensorsFile : IDisposable
             throw Bad(path, $"{where}: 'dtype' is missing or not a string");
         var dtype = dtypeElement.GetString()!;
         if (!DTypeSizes.TryGetValue(dtype, out var elementSize))
-            throw Bad(path, $"{where}: unknown dtype '{dtype}' (supported: {string.Join(", ", DTypeSizes.Keys)})");
+            throw Bad(path, SpecOnlyDTypes.Contains(dtype)
+                ? $"{where}: dtype '{dtype}' is valid safetensors but not supported here (TorchSharp has no such tensor type; supported: {string.Join(", ", DTypeSizes.Keys)})"
+                : $"{where}: unknown dtype '{dtype}' (supported: {string.Join(", ", DTypeSizes.Keys)})");
         var shape = ReadIntArray(path, where, value, "shape", null);
         var offsets = ReadIntArray(path, where, value, "data_offsets", 2);
         long begin = offsets[0], end = offsets[1];
@@ -229,6 +231,9 @@ public sealed class SafetensorsFile : IDisposable
         int i = s.IndexOfAny(['\r', '\n']);
         return i < 0 ? s : s[..i];
     }
+
+    /// <summary>Dtypes the safetensors format defines that TorchSharp cannot hold (named distinctly in errors).</summary>
+    private static readonly HashSet<string> SpecOnlyDTypes = ["U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"];
 
     /// <summary>Element sizes in bytes of the dtypes safetensors defines that TorchSharp can hold.</summary>
     public static readonly IReadOnlyDictionary<string, int> DTypeSizes = new Dictionary<string, int>

@@ -188,7 +188,8 @@ public class SafetensorsTests
     }
 
     [Theory]
-    [InlineData("""{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}""", "tensor 'w': unknown dtype 'F8_E4M3'")]
+    [InlineData("""{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}""", "tensor 'w': dtype 'F8_E4M3' is valid safetensors but not supported here")]
+    [InlineData("""{"w":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}""", "tensor 'w': unknown dtype 'F33' (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)")]
     [InlineData("""{"w":{"dtype":7,"shape":[2],"data_offsets":[0,8]}}""", "tensor 'w': 'dtype' is missing or not a string")]
     [InlineData("""{"w":{"shape":[2],"data_offsets":[0,8]}}""", "tensor 'w': 'dtype' is missing")]
     [InlineData("""{"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}""", "tensor 'w': 'shape' must hold non-negative integers, got -2")]
