@@ -172,7 +172,7 @@ public class GgufTests
             .Tensor("bf16", [64, 2], GgmlType.BF16, bf16.bytes.ToArray())
             .Tensor("q8", [64, 2], GgmlType.Q8_0, q8.ToArray())
             .Tensor("q4", [64, 2], GgmlType.Q4_0, q4.ToArray())
-            .Tensor("q6k", [256], GgmlType.Q6_K, new byte[210]);
+            .Tensor("q3k", [256], GgmlType.Q3_K, new byte[110]);
         using var gguf = GgufFile.Open(b.Save(temp.File("types.gguf")));
         Assert.True(half.SameAs(gguf.Load("half")));
         Assert.True(bf16.SameAs(gguf.Load("bf16")));
@@ -181,8 +181,99 @@ public class GgufTests
         Assert.Equal(new long[] { 2, 64 }, q8Loaded.shape);
         Assert.Equal(q8Expected, q8Loaded.reshape(-1).data<float>().ToArray());
         Assert.Equal(q4Expected, gguf.Load("q4").reshape(-1).data<float>().ToArray());
-        var e = Assert.Throws<NotSupportedException>(() => gguf.Load("q6k"));
-        Assert.Contains("tensor 'q6k' is quantised as Q6_K", e.Message);
+        var e = Assert.Throws<NotSupportedException>(() => gguf.Load("q3k"));
+        Assert.Contains("tensor 'q3k' is quantised as Q3_K, which AdapterFlow cannot dequantise yet", e.Message);
+    }
+
+    /// <summary>Random block bytes with sane float16 scales at the given byte offsets.</summary>
+    private static byte[] RandomBlocks(Random rng, int blocks, int blockBytes, params int[] halfOffsets)
+    {
+        var data = new byte[blocks * blockBytes];
+        rng.NextBytes(data);
+        for (int b = 0; b < blocks; b++)
+            foreach (var at in halfOffsets)
+                BitConverter.TryWriteBytes(data.AsSpan(b * blockBytes + at, 2), (Half)(rng.NextDouble() * 0.1 + 0.01));
+        return data;
+    }
+
+    private static float H(byte[] d, int at) => (float)BitConverter.ToHalf(d, at);
+
+    /// <summary>6-bit scale/min pair j of the 12 packed K-quant scale bytes (ggml's get_scale_min_k4).</summary>
+    private static (int, int) KScale(byte[] d, int s, int j) => j < 4
+        ? (d[s + j] & 63, d[s + j + 4] & 63)
+        : ((d[s + j + 4] & 15) | ((d[s + j - 4] >> 6) << 4), (d[s + j + 4] >> 4) | ((d[s + j] >> 6) << 4));
+
+    /// <summary>Expected values computed element by element from the block layouts (independent of the loop structure in the reader).</summary>
+    [Fact]
+    public void K_quants_and_legacy_block_formats_dequantise_per_the_ggml_layouts()
+    {
+        using var temp = new TempFolder();
+        var rng = new Random(4);
+        var q4k = RandomBlocks(rng, 2, 144, 0, 2);
+        var q5k = RandomBlocks(rng, 2, 176, 0, 2);
+        var q6k = RandomBlocks(rng, 2, 210, 208);
+        var q41 = RandomBlocks(rng, 8, 20, 0, 2);
+        var q50 = RandomBlocks(rng, 8, 22, 0);
+        var q51 = RandomBlocks(rng, 8, 24, 0, 2);
+        var path = new GgufBuilder()
+            .Tensor("q4k", [256, 2], GgmlType.Q4_K, q4k).Tensor("q5k", [256, 2], GgmlType.Q5_K, q5k)
+            .Tensor("q6k", [256, 2], GgmlType.Q6_K, q6k).Tensor("q41", [128, 2], GgmlType.Q4_1, q41)
+            .Tensor("q50", [128, 2], GgmlType.Q5_0, q50).Tensor("q51", [128, 2], GgmlType.Q5_1, q51)
+            .Save(temp.File("k.gguf"));
+        using var gguf = GgufFile.Open(path);
+
+        float[] Expect(int count, Func<int, float> at) => Enumerable.Range(0, count).Select(at).ToArray();
+        void Check(string name, float[] expected)
+        {
+            var actual = gguf.Load(name).reshape(-1).data<float>().ToArray();
+            Assert.Equal(expected.Length, actual.Length);
+            for (int i = 0; i < expected.Length; i++)
+                Assert.True(Math.Abs(expected[i] - actual[i]) <= 1e-6 * Math.Max(1, Math.Abs(expected[i])), $"{name}[{i}]: {actual[i]} != {expected[i]}");
+        }
+
+        Check("q4k", Expect(512, e =>
+        {
+            int b = e / 256 * 144, i = e % 256, sub = i / 32;
+            int qbyte = q4k[b + 16 + 32 * (i / 64) + i % 32];
+            int q = sub % 2 == 0 ? qbyte & 15 : qbyte >> 4;
+            var (sc, m) = KScale(q4k, b + 4, sub);
+            return H(q4k, b) * sc * q - H(q4k, b + 2) * m;
+        }));
+        Check("q5k", Expect(512, e =>
+        {
+            int b = e / 256 * 176, i = e % 256, sub = i / 32;
+            int qbyte = q5k[b + 48 + 32 * (i / 64) + i % 32];
+            int q = (sub % 2 == 0 ? qbyte & 15 : qbyte >> 4) + (((q5k[b + 16 + i % 32] >> sub) & 1) << 4);
+            var (sc, m) = KScale(q5k, b + 4, sub);
+            return H(q5k, b) * sc * q - H(q5k, b + 2) * m;
+        }));
+        Check("q6k", Expect(512, e =>
+        {
+            int b = e / 256 * 210, i = e % 256, half = i / 128, quarter = i % 128 / 32, l = i % 32;
+            int low = q6k[b + 64 * half + l + (quarter % 2) * 32];
+            low = quarter < 2 ? low & 15 : low >> 4;
+            int high = (q6k[b + 128 + 32 * half + l] >> (2 * quarter)) & 3;
+            var scale = (sbyte)q6k[b + 192 + 8 * half + l / 16 + 2 * quarter];
+            return H(q6k, b + 208) * scale * ((low | (high << 4)) - 32);
+        }));
+        Check("q41", Expect(256, e =>
+        {
+            int b = e / 32 * 20, i = e % 32;
+            int q = i < 16 ? q41[b + 4 + i] & 15 : q41[b + 4 + i - 16] >> 4;
+            return H(q41, b) * q + H(q41, b + 2);
+        }));
+        Check("q50", Expect(256, e =>
+        {
+            int b = e / 32 * 22, i = e % 32;
+            int q = (i < 16 ? q50[b + 6 + i] & 15 : q50[b + 6 + i - 16] >> 4) | (int)((BitConverter.ToUInt32(q50, b + 2) >> i) & 1) << 4;
+            return H(q50, b) * (q - 16);
+        }));
+        Check("q51", Expect(256, e =>
+        {
+            int b = e / 32 * 24, i = e % 32;
+            int q = (i < 16 ? q51[b + 8 + i] & 15 : q51[b + 8 + i - 16] >> 4) | (int)((BitConverter.ToUInt32(q51, b + 4) >> i) & 1) << 4;
+            return H(q51, b) * q + H(q51, b + 2);
+        }));
     }
 
     private static string OpenError(string path)
