@@ -365,13 +365,16 @@ public class GgufTests
     public static Tensor RotateHalfToInterleaved(Tensor w, int heads) =>
         w.reshape([heads, 2, w.shape[0] / heads / 2, .. w.shape.Skip(1)]).transpose(1, 2).reshape(w.shape);
 
-    [Fact]
-    public void Llama_gguf_imports_as_the_hugging_face_model_with_q_and_k_unpermuted()
+    [Theory]
+    [InlineData("llama")]
+    [InlineData("qwen2")]
+    public void Decoder_gguf_imports_as_the_hugging_face_model(string arch)
     {
         using var temp = new TempFolder();
         using var scope = torch.NewDisposeScope();
         var g = new Generator(17);
         Tensor R(params long[] shape) => torch.randn(shape, generator: g) * 0.2;
+        bool llama = arch == "llama";
         // hidden 16, 4 heads of 4, 2 KV heads, ffn 24, vocab 20, 2 layers; untied head.
         var hf = new Dictionary<string, Tensor>
         {
@@ -380,10 +383,10 @@ public class GgufTests
             ["lm_head.weight"] = R(20, 16),
         };
         var b = new GgufBuilder()
-            .String("general.architecture", "llama")
-            .U32("llama.embedding_length", 16).U32("llama.block_count", 2).U32("llama.feed_forward_length", 24)
-            .U32("llama.attention.head_count", 4).U32("llama.attention.head_count_kv", 2).U32("llama.context_length", 64)
-            .F32("llama.attention.layer_norm_rms_epsilon", 1e-6f).F32("llama.rope.freq_base", 500000f)
+            .String("general.architecture", arch)
+            .U32($"{arch}.embedding_length", 16).U32($"{arch}.block_count", 2).U32($"{arch}.feed_forward_length", 24)
+            .U32($"{arch}.attention.head_count", 4).U32($"{arch}.attention.head_count_kv", 2).U32($"{arch}.context_length", 64)
+            .F32($"{arch}.attention.layer_norm_rms_epsilon", 1e-6f).F32($"{arch}.rope.freq_base", 500000f)
             .Strings("tokenizer.ggml.tokens", Enumerable.Range(0, 20).Select(i => $"t{i}").ToArray())
             .Floats("tokenizer.ggml.scores", Enumerable.Range(0, 20).Select(i => -(float)i).ToArray())
             .Ints("tokenizer.ggml.token_type", Enumerable.Range(0, 20).Select(i => i < 3 ? 3 : 1).ToArray())
@@ -392,6 +395,7 @@ public class GgufTests
             .Tensor("token_embd.weight", hf["model.embed_tokens.weight"])
             .Tensor("output_norm.weight", hf["model.norm.weight"])
             .Tensor("output.weight", hf["lm_head.weight"]);
+        if (llama) b.String("llama.rope.scaling.type", "linear").F32("llama.rope.scaling.factor", 2f);
         for (int l = 0; l < 2; l++)
         {
             var p = $"model.layers.{l}.";
@@ -404,8 +408,10 @@ public class GgufTests
             hf[p + "mlp.down_proj.weight"] = R(16, 24);
             hf[p + "input_layernorm.weight"] = R(16) + 1;
             hf[p + "post_attention_layernorm.weight"] = R(16) + 1;
-            b.Tensor($"blk.{l}.attn_q.weight", RotateHalfToInterleaved(hf[p + "self_attn.q_proj.weight"], 4))
-             .Tensor($"blk.{l}.attn_k.weight", RotateHalfToInterleaved(hf[p + "self_attn.k_proj.weight"], 2))
+            // llama.cpp's llama converter turns q/k rows to the interleaved layout; its qwen2 converter does not.
+            Tensor Rows(Tensor t, int heads) => llama ? RotateHalfToInterleaved(t, heads) : t;
+            b.Tensor($"blk.{l}.attn_q.weight", Rows(hf[p + "self_attn.q_proj.weight"], 4))
+             .Tensor($"blk.{l}.attn_k.weight", Rows(hf[p + "self_attn.k_proj.weight"], 2))
              .Tensor($"blk.{l}.attn_v.weight", hf[p + "self_attn.v_proj.weight"])
              .Tensor($"blk.{l}.attn_output.weight", hf[p + "self_attn.o_proj.weight"])
              .Tensor($"blk.{l}.ffn_gate.weight", hf[p + "mlp.gate_proj.weight"])
@@ -413,8 +419,17 @@ public class GgufTests
              .Tensor($"blk.{l}.ffn_down.weight", hf[p + "mlp.down_proj.weight"])
              .Tensor($"blk.{l}.attn_norm.weight", hf[p + "input_layernorm.weight"])
              .Tensor($"blk.{l}.ffn_norm.weight", hf[p + "post_attention_layernorm.weight"]);
+            if (!llama)
+            {
+                hf[p + "self_attn.q_proj.bias"] = R(16);
+                hf[p + "self_attn.k_proj.bias"] = R(8);
+                hf[p + "self_attn.v_proj.bias"] = R(8);
+                b.Tensor($"blk.{l}.attn_q.bias", hf[p + "self_attn.q_proj.bias"])
+                 .Tensor($"blk.{l}.attn_k.bias", hf[p + "self_attn.k_proj.bias"])
+                 .Tensor($"blk.{l}.attn_v.bias", hf[p + "self_attn.v_proj.bias"]);
+            }
         }
-        var path = b.Save(temp.File("tiny-llama.gguf"));
+        var path = b.Save(temp.File($"tiny-{arch}.gguf"));
 
         using var imported = ModelFiles.Open(path);
         Assert.Equal("gguf", imported.Format);
@@ -423,6 +438,7 @@ public class GgufTests
             Assert.True(expected.SameAs(imported.Tensors.Load(name)), name);
 
         var c = imported.Config;
+        Assert.Equal(arch, (string)c["model_type"]!);
         Assert.Equal(16, (int)c["hidden_size"]!);
         Assert.Equal(24, (int)c["intermediate_size"]!);
         Assert.Equal(2, (int)c["num_hidden_layers"]!);
@@ -447,6 +463,13 @@ public class GgufTests
 
         // The imported model computes what the model built from the Hugging Face tensors computes.
         var config = AutoModel.ParseConfig(imported.Config, path);
+        Assert.Equal(arch, config.ModelType);
+        if (llama)
+        {
+            var rope = ((LlamaConfig)config).RopeScaling!;
+            Assert.Equal("linear", rope.Type);
+            Assert.Equal(2.0, rope.Factor);
+        }
         using var fromGguf = AutoModel.FromCheckpoint(config, imported.Tensors);
         var hfFile = temp.File("model.safetensors");
         SafetensorsWriter.Save(hfFile, hf);
@@ -464,7 +487,7 @@ public class GgufTests
         var noArch = new GgufBuilder().Tensor("w", torch.ones(2)).Save(temp.File("noarch.gguf"));
         Assert.Contains("'general.architecture' is missing", Assert.Throws<InvalidDataException>(() => GgufImport.Open(noArch)).Message);
         var gpt = new GgufBuilder().String("general.architecture", "mamba").Save(temp.File("mamba.gguf"));
-        Assert.Contains("architecture 'mamba' is not supported", Assert.Throws<NotSupportedException>(() => GgufImport.Open(gpt)).Message);
+        Assert.Contains("architecture 'mamba' is not supported yet (supported: llama, qwen2)", Assert.Throws<NotSupportedException>(() => GgufImport.Open(gpt)).Message);
         var stray = new GgufBuilder().String("general.architecture", "llama")
             .U32("llama.embedding_length", 4).U32("llama.block_count", 1).U32("llama.feed_forward_length", 4).U32("llama.attention.head_count", 2)
             .Tensor("token_embd.weight", torch.ones(3, 4)).Tensor("blk.0.mystery.weight", torch.ones(4)).Save(temp.File("stray.gguf"));
