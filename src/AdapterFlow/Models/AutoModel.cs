@@ -143,16 +143,17 @@ public static class AutoModel
     {
         using var no = torch.no_grad();
         double std = config.InitializerRange;
+        // Tensor.normal_ rather than nn.init.normal_: TorchSharp's init function ignores its generator argument.
         foreach (var (_, module) in model.named_modules())
         {
             switch (module)
             {
                 case Linear linear:
-                    nn.init.normal_(linear.weight!, 0, std, generator);
+                    linear.weight!.normal_(0, std, generator);
                     if (linear.bias is not null) nn.init.zeros_(linear.bias);
                     break;
                 case Embedding embedding:
-                    nn.init.normal_(embedding.weight!, 0, std, generator);
+                    embedding.weight!.normal_(0, std, generator);
                     break;
                 case IInitializable custom:
                     custom.Initialize(std);
