@@ -85,6 +85,23 @@ public class Stories260KTests
     }
 
     [SkippableTheory]
+    [InlineData("gguf")]
+    [InlineData("llama2c")]
+    public void Export_to_hugging_face_layout_reproduces_the_published_conversion(string format)
+    {
+        using var temp = new TempFolder();
+        ModelFiles.ExportHuggingFace(PathOf(format), temp.Path);
+        using var expected = Checkpoint.Open(PathOf("hf"));
+        using var exported = Checkpoint.Open(temp.Path);
+        Assert.Equal(expected.Names.Order(), exported.Names.Order());
+        foreach (var name in expected.Names)
+            Assert.True(expected.Load(name).allclose(exported.Load(name), rtol: 0, atol: 1e-6), name);
+        var config = (LlamaConfig)AutoModel.LoadConfig(temp.Path);
+        Assert.Equal(64, config.HiddenSize);
+        Assert.True(config.TieWordEmbeddings);
+    }
+
+    [SkippableTheory]
     [MemberData(nameof(Formats))]
     public void Logits_and_greedy_tokens_match_the_golden_reference(string format)
     {
