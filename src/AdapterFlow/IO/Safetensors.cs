@@ -18,7 +18,7 @@ public sealed record SafetensorsEntry(string Name, string DType, long[] Shape, l
 /// read-only memory map only when asked for. Format: 8-byte little-endian header length, a UTF-8 JSON header,
 /// then the data region, which the tensors must cover exactly (no overlaps, no holes, nothing after the last one).
 /// </summary>
-public sealed class SafetensorsFile : IDisposable
+public sealed class SafetensorsFile : ITensorSource
 {
     /// <summary>Largest header accepted (the reference implementation's limit is also 100 MB).</summary>
     public const long MaxHeaderBytes = 100_000_000;
@@ -44,6 +44,8 @@ public sealed class SafetensorsFile : IDisposable
     }
 
     public string Path { get; }
+    string ITensorSource.Description => Path;
+    Tensor ITensorSource.Load(string name) => Load(name);
     public IReadOnlyDictionary<string, string> Metadata { get; }
 
     /// <summary>Tensor names in header order.</summary>

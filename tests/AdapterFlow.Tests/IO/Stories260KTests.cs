@@ -39,6 +39,29 @@ public class Stories260KTests
         }
     }
 
+    [SkippableFact]
+    public void Folders_and_files_are_recognised_by_content()
+    {
+        foreach (var (path, format) in new[]
+                 {
+                     (PathOf("hf"), "safetensors"),
+                     (Path.Combine(PathOf("hf"), "model.safetensors"), "safetensors"),
+                     (Path.GetDirectoryName(PathOf("gguf"))!, "gguf"),
+                     (PathOf("gguf"), "gguf"),
+                     (Path.GetDirectoryName(PathOf("llama2c"))!, "llama2.c"),
+                     (PathOf("llama2c"), "llama2.c"),
+                 })
+        {
+            using var imported = ModelFiles.Open(path);
+            Assert.Equal(format, imported.Format);
+            // 1 embedding + 5 layers × 9 + final norm; the head is tied.
+            Assert.Equal(47, imported.Tensors.Names.Count);
+        }
+        // tok512.bin is not mistaken for a checkpoint.
+        var tokenizer = Path.Combine(Path.GetDirectoryName(PathOf("llama2c"))!, "tok512.bin");
+        Assert.Contains("unrecognised model file", Assert.Throws<InvalidDataException>(() => ModelFiles.Open(tokenizer)).Message);
+    }
+
     [SkippableTheory]
     [InlineData("gguf")]
     [InlineData("llama2c")]
