@@ -100,7 +100,7 @@ public static partial class GgufImport
         var vocab = Vocabulary(gguf);
         int vocabSize = (int)Math.Min(int.MaxValue, embed.Shape[0]);
         if (gguf.OptionalInt($"{arch}.vocab_size") is { } declared && declared != vocabSize)
-            throw new InvalidDataException($"{path}: llama.vocab_size {declared} disagrees with token_embd.weight rows {vocabSize}");
+            throw new InvalidDataException($"{path}: {arch}.vocab_size {declared} disagrees with token_embd.weight rows {vocabSize}");
 
         // The head is tied when there is no output.weight, or when the converter wrote a byte-identical copy
         // of the embedding (llama.cpp's llama2.c converter does); keeping one copy matches the HF checkpoint.
