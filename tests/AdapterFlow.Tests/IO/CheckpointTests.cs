@@ -134,6 +134,15 @@ public class CheckpointTests
     }
 
     [Fact]
+    public void Gguf_given_to_Checkpoint_points_to_ModelFiles()
+    {
+        using var temp = new TempFolder();
+        var path = new GgufBuilder().Tensor("w", torch.ones(2)).Save(temp.File("m.gguf"));
+        var e = Assert.Throws<InvalidDataException>(() => Checkpoint.Open(path));
+        Assert.Contains("this is a GGUF file, not safetensors; open it with ModelFiles.Open", e.Message);
+    }
+
+    [Fact]
     public void Unrecognised_file_is_refused_by_ModelFiles()
     {
         using var temp = new TempFolder();
