@@ -273,7 +273,7 @@ public class SafetensorsTests
         byte[] jsonish = Encoding.ASCII.GetBytes("0123456789{}[],:\" -.e\"FIUB");
 
         int loaded = 0, refused = 0;
-        for (int round = 0; round < 400; round++)
+        for (int round = 0; round < 300; round++)
         {
             var bytes = (byte[])pristine.Clone();
             switch (rng.Next(5))
@@ -299,7 +299,7 @@ public class SafetensorsTests
                     bytes = [.. bytes, .. Enumerable.Range(0, rng.Next(1, 40)).Select(_ => (byte)rng.Next(256))];
                     break;
             }
-            var path = temp.File($"fuzz{round}.safetensors");
+            var path = temp.File("fuzzed.safetensors");
             File.WriteAllBytes(path, bytes);
             try
             {
@@ -320,7 +320,6 @@ public class SafetensorsTests
                 Assert.StartsWith(path + ": ", e.Message);
                 refused++;
             }
-            File.Delete(path);
         }
         // Both outcomes occur (data-only corruption still loads), so the test exercises both paths.
         Assert.True(loaded > 0 && refused > 100, $"loaded {loaded}, refused {refused}");
