@@ -8,6 +8,7 @@ public static class ModelRegistry
     // One line per family; each family file exposes a static Family descriptor.
     private static readonly ModelFamily[] Families =
     [
+        Gpt2LMHeadModel.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;
