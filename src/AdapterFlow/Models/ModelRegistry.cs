@@ -9,6 +9,7 @@ public static class ModelRegistry
     private static readonly ModelFamily[] Families =
     [
         Gpt2LMHeadModel.Family,
+        OptForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;
