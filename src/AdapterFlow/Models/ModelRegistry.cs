@@ -10,6 +10,7 @@ public static class ModelRegistry
     [
         Gpt2LMHeadModel.Family,
         OptForCausalLM.Family,
+        BloomForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;
