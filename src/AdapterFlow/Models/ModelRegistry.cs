@@ -12,6 +12,7 @@ public static class ModelRegistry
         OptForCausalLM.Family,
         BloomForCausalLM.Family,
         GptJForCausalLM.Family,
+        GptNeoXForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;
