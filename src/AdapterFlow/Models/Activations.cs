@@ -40,6 +40,13 @@ public static class Activations
         _ => throw new ArgumentException($"activation '{name}' is not supported (supported: {string.Join(", ", Names)})"),
     };
 
+    /// <summary>Fails with a one-line InvalidDataException naming the config key when <paramref name="name"/> is unknown.</summary>
+    public static void Check(string name, string what, string key)
+    {
+        if (!Names.Contains(name))
+            throw new InvalidDataException($"{what}: '{key}' is '{name}', which is not supported (supported: {string.Join(", ", Names)})");
+    }
+
     /// <summary>GELU with the tanh approximation (GPT-2's gelu_new, BLOOM's gelu).</summary>
     public static Tensor GeluTanh(Tensor x) => nn.functional.gelu(x, approximate: GeluApproximate.tanh);
 }

@@ -75,7 +75,7 @@ public sealed class Gpt2Config : ModelConfig
         if (IntermediateSize <= 0) throw new InvalidDataException($"{what}: 'n_inner' must be positive, got {IntermediateSize}");
         if (VocabSize <= 0 || MaxPositionEmbeddings <= 0)
             throw new InvalidDataException($"{what}: 'vocab_size' and 'n_positions' must be positive");
-        Activations.Get(ActivationFunction);
+        Activations.Check(ActivationFunction, what, "activation_function");
     }
 
     public override JsonObject ToJson()

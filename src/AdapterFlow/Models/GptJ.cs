@@ -71,7 +71,7 @@ public sealed class GptJConfig : ModelConfig
             throw new InvalidDataException($"{what}: 'rotary_dim' {RotaryDim} must be even and within the head dim {HeadDim}");
         if (VocabSize <= 0 || MaxPositionEmbeddings <= 0)
             throw new InvalidDataException($"{what}: 'vocab_size' and 'n_positions' must be positive");
-        Activations.Get(ActivationFunction);
+        Activations.Check(ActivationFunction, what, "activation_function");
     }
 
     public override JsonObject ToJson()

@@ -79,7 +79,7 @@ public sealed class GptNeoXConfig : ModelConfig
             throw new InvalidDataException($"{what}: partial_rotary_factor {Rope.PartialRotaryFactor} of head dim {HeadDim} gives {RotaryDim} rotary dims; it must be a positive even number");
         if (VocabSize <= 0 || MaxPositionEmbeddings <= 0)
             throw new InvalidDataException($"{what}: 'vocab_size' and 'max_position_embeddings' must be positive");
-        Activations.Get(HiddenAct);
+        Activations.Check(HiddenAct, what, "hidden_act");
     }
 
     public override JsonObject ToJson()

@@ -78,7 +78,7 @@ public sealed class OptConfig : ModelConfig
         if (WordEmbedProjDim <= 0) throw new InvalidDataException($"{what}: 'word_embed_proj_dim' must be positive, got {WordEmbedProjDim}");
         if (VocabSize <= 0 || MaxPositionEmbeddings <= 0)
             throw new InvalidDataException($"{what}: 'vocab_size' and 'max_position_embeddings' must be positive");
-        Activations.Get(ActivationFunction);
+        Activations.Check(ActivationFunction, what, "activation_function");
     }
 
     public override JsonObject ToJson()
