@@ -133,9 +133,12 @@ public sealed class Conv1D : nn.Module<Tensor, Tensor>, IInitializable
         return torch.addmm(bias, x.reshape(-1, InFeatures), weight, 1, 1).view(shape);
     }
 
-    public void Initialize(double std)
+    public void Initialize(double std) => Initialize(std, null);
+
+    public void Initialize(double std, torch.Generator? generator)
     {
-        nn.init.normal_(weight, 0, std * _initScale);
+        using var no = torch.no_grad();
+        weight.normal_(0, std * _initScale, generator);
         nn.init.zeros_(bias);
     }
 }
@@ -187,7 +190,7 @@ public sealed class Gpt2Block : nn.Module
     {
         _config = config;
         _layer = layer;
-        _act = Activations.Get(config.ActivationFunction);
+        _act = Activations.Resolve(config.ActivationFunction);
         // SDPA divides by sqrt(head_dim); fold GPT-2's other scalings into the queries.
         double scale = (config.ScaleAttnWeights ? 1.0 / Math.Sqrt(config.HeadDim) : 1.0) /
                        (config.ScaleAttnByInverseLayerIdx ? layer + 1 : 1);

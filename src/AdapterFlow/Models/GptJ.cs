@@ -146,7 +146,7 @@ public sealed class GptJBlock : nn.Module
         _config = config;
         _layer = layer;
         _rotary = rotary;
-        _act = Activations.Get(config.ActivationFunction);
+        _act = Activations.Resolve(config.ActivationFunction);
         ln_1 = nn.LayerNorm(config.HiddenSize, config.LayerNormEpsilon);
         attn = new GptJAttention(config);
         mlp = new GptJMlp(config);

@@ -153,7 +153,7 @@ public sealed class GptNeoXLayer : nn.Module
         _config = config;
         _layer = layer;
         _rotary = rotary;
-        _act = Activations.Get(config.HiddenAct);
+        _act = Activations.Resolve(config.HiddenAct);
         input_layernorm = nn.LayerNorm(config.HiddenSize, config.LayerNormEps);
         post_attention_layernorm = nn.LayerNorm(config.HiddenSize, config.LayerNormEps);
         attention = new GptNeoXAttention(config);

@@ -140,7 +140,7 @@ public sealed class OptDecoderLayer : nn.Module
     {
         _config = config;
         _layer = layer;
-        _act = Activations.Get(config.ActivationFunction);
+        _act = Activations.Resolve(config.ActivationFunction);
         self_attn = new OptAttention(config);
         self_attn_layer_norm = nn.LayerNorm(config.HiddenSize, elementwise_affine: config.LayerNormElementwiseAffine);
         fc1 = nn.Linear(config.HiddenSize, config.IntermediateSize, hasBias: config.EnableBias);
