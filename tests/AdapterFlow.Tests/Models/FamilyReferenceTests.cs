@@ -194,3 +194,59 @@ public class FamilyPeftNamingTests
         }
     }
 }
+
+/// <summary>Checkpoints in older layouts or with problems.</summary>
+public class FamilyCheckpointTests
+{
+    /// <summary>A checkpoint with extra tensors (what older transformers versions saved) on top of a real one.</summary>
+    private sealed class WithExtras(ITensorSource inner, Dictionary<string, Tensor> extras) : ITensorSource
+    {
+        public string Description => inner.Description;
+        public IReadOnlyCollection<string> Names => inner.Names.Concat(extras.Keys).ToList();
+        public Tensor Load(string name) => extras.TryGetValue(name, out var t) ? t.clone() : inner.Load(name);
+        public void Dispose() => inner.Dispose();
+    }
+
+    [SkippableFact]
+    public void OldGpt2CheckpointsWithAttentionBuffersLoadAndGiveTheSameLogits()
+    {
+        using var reference = ReferenceCase.Open("gpt2");
+        var extras = new Dictionary<string, Tensor>();
+        for (int i = 0; i < 2; i++)
+        {
+            extras[$"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril().to_type(ScalarType.Bool);
+            extras[$"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4f);
+        }
+        var config = AutoModel.LoadConfig(reference.Folder);
+        using var source = new WithExtras(Checkpoint.Open(reference.Folder), extras);
+        using var model = AutoModel.FromCheckpoint(config, source);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var mask = reference.Tensor("attention_mask");
+        double diff = ReferenceCase.MaxDiffWhereReal(model.Logits(reference.Tensor("input_ids"), mask), reference.Tensor("logits"), mask);
+        Assert.True(diff < ReferenceCase.LogitTolerance, $"max |logit difference| {diff}");
+    }
+
+    [SkippableFact]
+    public void TiedGptJKeepsItsHeadBiasThroughSaveAndLoad()
+    {
+        // GPT-J ties only lm_head.weight; lm_head.bias stays a parameter of its own.
+        var config = AutoModel.ParseConfig((JsonObject)JsonNode.Parse("""
+            {"model_type": "gptj", "vocab_size": 50, "n_embd": 16, "n_layer": 1, "n_head": 2, "rotary_dim": 4, "tie_word_embeddings": true}
+            """)!, "tiny gptj");
+        using var model = AutoModel.FromConfig(config, seed: 2);
+        var names = model.state_dict().Keys.ToList();
+        Assert.Contains("lm_head.bias", names);
+        Assert.DoesNotContain("lm_head.weight", names);
+        using (torch.no_grad()) model.state_dict()["lm_head.bias"].normal_();
+        var dir = FamilyTestKit.TempDirectory();
+        try
+        {
+            using var loaded = FamilyTestKit.SaveLoadIdentical(model, dir);
+        }
+        finally
+        {
+            Directory.Delete(dir, true);
+        }
+    }
+}
