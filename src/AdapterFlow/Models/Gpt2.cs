@@ -290,6 +290,7 @@ public sealed class Gpt2LMHeadModel : CausalLM
         long batch = embeds.shape[0], time = embeds.shape[1];
         int past = DecoderParts.PastLength(input.Cache);
         var device = embeds.device;
+        DecoderParts.CheckPositionTable(input, past, time, _config.MaxPositionEmbeddings, "n_positions");
         var positions = DecoderParts.Positions(input, batch, time, past, device);
         hidden = DecoderParts.Dropout(embeds + transformer.wpe.forward(positions), _config.EmbdPdrop, training);
         var (mask, isCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device);

@@ -257,6 +257,7 @@ public sealed class OptForCausalLM : CausalLM
         long batch = embeds.shape[0], time = embeds.shape[1];
         int past = DecoderParts.PastLength(input.Cache);
         var device = embeds.device;
+        DecoderParts.CheckPositionTable(input, past, time, _config.MaxPositionEmbeddings, "max_position_embeddings");
         // The mask is checked (and its shape reported) before positions are cut from it.
         var (attnMask, isCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device);
         Tensor positions;

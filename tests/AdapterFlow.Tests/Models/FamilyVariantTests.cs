@@ -169,3 +169,36 @@ public class FamilyVariantTests
         Assert.True(diff < 0.1 * scale + 0.05, $"{name}: bf16 logits off by {diff} (float32 max {scale})");
     }
 }
+
+public class FamilyInputErrorTests
+{
+    [Theory]
+    [InlineData("""{"model_type": "gpt2", "vocab_size": 50, "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 8}""", "'n_positions'")]
+    [InlineData("""{"model_type": "opt", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 32, "max_position_embeddings": 8}""", "'max_position_embeddings'")]
+    public void SequencesPastTheLearnedPositionTableFailClearly(string json, string key)
+    {
+        using var model = AutoModel.FromConfig(AutoModel.ParseConfig((JsonObject)JsonNode.Parse(json)!, "tiny"), seed: 1);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        Assert.Equal(new long[] { 1, 8, 50 }, model.Logits(torch.ones(1, 8, dtype: ScalarType.Int64)).shape);
+        var e = Assert.Throws<ArgumentException>(() => model.Logits(torch.ones(1, 9, dtype: ScalarType.Int64)));
+        Assert.Contains(key, e.Message);
+        // With a cache the bound counts the cached tokens too.
+        using var cache = model.CreateCache();
+        model.forward(new ForwardInput { InputIds = torch.ones(1, 8, dtype: ScalarType.Int64), Cache = cache });
+        Assert.Throws<ArgumentException>(() => model.forward(new ForwardInput { InputIds = torch.ones(1, 1, dtype: ScalarType.Int64), Cache = cache }));
+    }
+
+    [Fact]
+    public void MaskOfTheWrongLengthAndMissingInputsAreRejected()
+    {
+        var json = """{"model_type": "bloom", "vocab_size": 50, "hidden_size": 16, "n_layer": 1, "n_head": 2}""";
+        using var model = AutoModel.FromConfig(AutoModel.ParseConfig((JsonObject)JsonNode.Parse(json)!, "tiny"), seed: 1);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.ones(1, 4, dtype: ScalarType.Int64);
+        Assert.Contains("attention mask", Assert.Throws<ArgumentException>(() => model.Logits(ids, torch.ones(1, 3, dtype: ScalarType.Int64))).Message);
+        Assert.Throws<ArgumentException>(() => model.forward(new ForwardInput()));
+        Assert.Throws<ArgumentException>(() => model.forward(new ForwardInput { InputIds = ids, InputsEmbeds = model.EmbedTokens(ids) }));
+    }
+}
