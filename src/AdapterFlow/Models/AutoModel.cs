@@ -158,6 +158,8 @@ public static class AutoModel
         {
             switch (module)
             {
+                // Tensor.normal_ rather than nn.init.normal_: TorchSharp 0.107's nn.init.normal_ ignores the
+                // generator argument and draws from the global one (seen as flaky same-seed weights in parallel tests).
                 case Linear linear:
                     linear.weight!.normal_(0, std, generator);
                     if (linear.bias is not null) nn.init.zeros_(linear.bias);
@@ -166,7 +168,7 @@ public static class AutoModel
                     embedding.weight!.normal_(0, std, generator);
                     break;
                 case IInitializable custom:
-                    custom.Initialize(std);
+                    custom.Initialize(std, generator);
                     break;
             }
         }
@@ -177,4 +179,7 @@ public static class AutoModel
 public interface IInitializable
 {
     void Initialize(double std);
+
+    /// <summary>Draws from <paramref name="generator"/> when given (so init depends on the seed alone).</summary>
+    void Initialize(double std, torch.Generator? generator) => Initialize(std);
 }
