@@ -97,6 +97,7 @@ public sealed class DecodingSession : IDisposable
             last[r] = PastLength + prompt.Count - 1;
         }
         PromptTokenCount = prompts.Sum(p => (long)p.Count) * rowsPerPrompt;
+        HasPadding = prompts.Any(p => p.Count != l);
 
         _sequences = torch.tensor(ids, [n, width], ScalarType.Int64, Device).DetachFromDisposeScope();
         _mask = torch.tensor(mask, [n, maskWidth], ScalarType.Int64, Device).DetachFromDisposeScope();
@@ -146,6 +147,12 @@ public sealed class DecodingSession : IDisposable
     /// <summary>The attention mask for a forward pass over keys 0..<paramref name="keys"/> − 1 (cached + new), a view.</summary>
     public Tensor MaskView(int keys) => _mask.narrow(1, 0, keys);
 
+    /// <summary>
+    /// True when some prompt is padded. Without padding the mask is all ones and forward passes get none, which
+    /// lets the model use plain causal attention (SDPA's fast path) and skip building a mask every step.
+    /// </summary>
+    public bool HasPadding { get; }
+
     /// <summary>Bool [N]: rows still generating.</summary>
     public Tensor Unfinished => _unfinished;
 
@@ -161,7 +168,7 @@ public sealed class DecodingSession : IDisposable
         var output = Model.forward(new ForwardInput
         {
             InputIds = _promptIds,
-            AttentionMask = MaskView(PastLength + PromptLength),
+            AttentionMask = HasPadding ? MaskView(PastLength + PromptLength) : null,
             PositionIds = _promptPositions,
             Cache = Cache,
             LastPositionOnly = true,
@@ -178,7 +185,7 @@ public sealed class DecodingSession : IDisposable
         var output = Model.forward(new ForwardInput
         {
             InputIds = _sequences.narrow(1, PromptLength + GeneratedLength - 1, 1),
-            AttentionMask = MaskView(PastLength + PromptLength + GeneratedLength),
+            AttentionMask = HasPadding ? MaskView(PastLength + PromptLength + GeneratedLength) : null,
             PositionIds = _positions,
             Cache = Cache,
             LastPositionOnly = true,

@@ -68,7 +68,7 @@ public sealed record GenerationStats
     public double GenerationTokensPerSecond => DecodeTime > TimeSpan.Zero ? DecodeTokens / DecodeTime.TotalSeconds : 0;
 }
 
-/// <summary>The outcome of <see cref="Generator.Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?)"/>: one sequence per prompt, in order.</summary>
+/// <summary>The outcome of <see cref="Generator.Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?, CancellationToken)"/>: one sequence per prompt, in order.</summary>
 public sealed class GenerationResult
 {
     public GenerationResult(IReadOnlyList<GeneratedSequence> sequences, GenerationStats stats)

@@ -32,11 +32,15 @@ public sealed class Generator
     public IDecodingStrategy? Strategy { get; init; }
 
     /// <summary>Continues every prompt (token ids, without padding); returns one sequence per prompt.</summary>
-    public GenerationResult Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions? options = null)
+    /// <param name="prompts">Token ids of each prompt (BOS included if the model expects one).</param>
+    /// <param name="options">Null uses <see cref="Defaults"/>.</param>
+    /// <param name="cancellationToken">Checked between steps.</param>
+    public GenerationResult Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions? options = null,
+        CancellationToken cancellationToken = default)
     {
         options ??= Defaults;
         using var session = new DecodingSession(Model, prompts, options, Tokenizer, RowsPerPrompt(options));
-        foreach (var _ in StrategyFor(options).Run(session)) { }
+        foreach (var _ in StrategyFor(options).Run(session)) cancellationToken.ThrowIfCancellationRequested();
         return session.Result();
     }
 
@@ -54,7 +58,7 @@ public sealed class Generator
 
     /// <summary>
     /// Streams new tokens as they are chosen (with their text when a tokenizer is given). After the enumeration
-    /// ends, <see cref="GenerationStream.Result"/> holds the same result <see cref="Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?)"/> returns.
+    /// ends, <see cref="GenerationStream.Result"/> holds the same result <see cref="Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?, CancellationToken)"/> returns.
     /// </summary>
     public GenerationStream StreamAsync(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions? options = null)
     {

@@ -212,6 +212,15 @@ public class GeneratorTests
     }
 
     [Fact]
+    public void GenerateStopsWhenCancelled()
+    {
+        using var model = new TinyLM();
+        using var cancel = new CancellationTokenSource();
+        cancel.Cancel();
+        Assert.Throws<OperationCanceledException>(() => new Generator(model).Generate([PromptA], Plain(), cancel.Token));
+    }
+
+    [Fact]
     public void StatsCountPromptAndGeneratedTokens()
     {
         using var model = new TinyLM();
