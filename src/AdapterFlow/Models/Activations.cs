@@ -4,12 +4,15 @@ using static TorchSharp.torch;
 
 namespace AdapterFlow.Models;
 
-/// <summary>Hugging Face <c>hidden_act</c> names (transformers' ACT2FN) mapped to TorchSharp's fused ops.</summary>
+/// <summary>Hugging Face <c>hidden_act</c> / <c>activation_function</c> names (transformers' ACT2FN) mapped to TorchSharp's fused ops.</summary>
 public static class Activations
 {
     /// <summary>The names <see cref="Resolve"/> accepts.</summary>
     public static readonly IReadOnlyList<string> Supported =
-        ["silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "tanh", "sigmoid"];
+    [
+        "silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "tanh", "sigmoid",
+        "relu2", "relu6", "leaky_relu", "mish", "linear", "gelu_10",
+    ];
 
     /// <summary>True when <paramref name="name"/> is a supported activation.</summary>
     public static bool IsSupported(string name) => Supported.Contains(name);
@@ -21,11 +24,27 @@ public static class Activations
         "gelu" => x => nn.functional.gelu(x),
         // gelu_new, gelu_fast and gelu_pytorch_tanh are all the tanh approximation (differing only in how
         // transformers writes the constant), which PyTorch's fused kernel computes.
-        "gelu_new" or "gelu_pytorch_tanh" or "gelu_fast" => x => nn.functional.gelu(x, GELU.Approximate.tanh),
+        "gelu_new" or "gelu_pytorch_tanh" or "gelu_fast" => GeluTanh,
         "quick_gelu" => x => x * torch.sigmoid(x * 1.702),
         "relu" => x => nn.functional.relu(x),
         "tanh" => x => torch.tanh(x),
         "sigmoid" => x => torch.sigmoid(x),
+        "relu2" => x => nn.functional.relu(x).square(),
+        "relu6" => x => nn.functional.relu6(x),
+        "leaky_relu" => x => nn.functional.leaky_relu(x, 0.01),
+        "mish" => x => nn.functional.mish(x),
+        "linear" => x => x,
+        "gelu_10" => x => nn.functional.gelu(x).clamp(-10, 10),
         _ => throw new ArgumentException($"hidden_act '{name}' is not supported (supported: {string.Join(", ", Supported)})"),
     };
+
+    /// <summary>Fails with a one-line InvalidDataException naming the file and config key when <paramref name="name"/> is unknown.</summary>
+    public static void Check(string name, string what, string key)
+    {
+        if (!IsSupported(name))
+            throw new InvalidDataException($"{what}: '{key}' is '{name}', which is not supported (supported: {string.Join(", ", Supported)})");
+    }
+
+    /// <summary>GELU with the tanh approximation (GPT-2's gelu_new, BLOOM's bloom_gelu_forward).</summary>
+    public static Tensor GeluTanh(Tensor x) => nn.functional.gelu(x, approximate: GELU.Approximate.tanh);
 }

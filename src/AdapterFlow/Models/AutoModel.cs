@@ -56,7 +56,10 @@ public static class AutoModel
     {
         torch.manual_seed(seed);
         var model = ModelRegistry.ForModelType(config.ModelType).Create(config);
-        InitializeWeights(model, config);
+        // A private generator keeps the weights a function of the seed alone, even when other threads draw
+        // random numbers from the global generator meanwhile (tests run in parallel, for one).
+        using var generator = new torch.Generator((ulong)seed);
+        InitializeWeights(model, config, generator);
         model.eval();
         if (dtype != ScalarType.Float32) model.to(dtype);
         if (device is not null) model.to(device);
@@ -136,7 +139,7 @@ public static class AutoModel
     /// transformers' _init_weights for these families: linear and embedding weights ~ N(0, initializer_range),
     /// biases zero, norm weights one (already so at construction).
     /// </summary>
-    public static void InitializeWeights(nn.Module model, ModelConfig config)
+    public static void InitializeWeights(nn.Module model, ModelConfig config, torch.Generator? generator = null)
     {
         using var no = torch.no_grad();
         double std = config.InitializerRange;
@@ -144,15 +147,17 @@ public static class AutoModel
         {
             switch (module)
             {
+                // Tensor.normal_ rather than nn.init.normal_: TorchSharp 0.107's nn.init.normal_ ignores the
+                // generator argument and draws from the global one (seen as flaky same-seed weights in parallel tests).
                 case Linear linear:
-                    nn.init.normal_(linear.weight!, 0, std);
+                    linear.weight!.normal_(0, std, generator);
                     if (linear.bias is not null) nn.init.zeros_(linear.bias);
                     break;
                 case Embedding embedding:
-                    nn.init.normal_(embedding.weight!, 0, std);
+                    embedding.weight!.normal_(0, std, generator);
                     break;
                 case IInitializable custom:
-                    custom.Initialize(std);
+                    custom.Initialize(std, generator);
                     break;
             }
         }
@@ -163,4 +168,7 @@ public static class AutoModel
 public interface IInitializable
 {
     void Initialize(double std);
+
+    /// <summary>Draws from <paramref name="generator"/> when given (so init depends on the seed alone).</summary>
+    void Initialize(double std, torch.Generator? generator) => Initialize(std);
 }

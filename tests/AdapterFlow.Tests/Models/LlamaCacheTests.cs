@@ -99,7 +99,7 @@ public class LlamaCacheTests
         using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 3);
         using var scope = torch.NewDisposeScope();
         using var no = torch.no_grad();
-        var ids = torch.randint(4, 100, [2, 7], dtype: ScalarType.Int64);
+        var ids = torch.randint(4, 97, [2, 7], dtype: ScalarType.Int64);
         var full = model.forward(new ForwardInput { InputIds = ids, OutputHiddenStates = true });
         var last = model.forward(new ForwardInput { InputIds = ids, LastPositionOnly = true }).Logits;
         Assert.Equal(new long[] { 2, 1, 97 }, last.shape);
@@ -125,7 +125,8 @@ public class LlamaCacheTests
         var la = a.Logits(ids);
         var lb = b.Logits(ids);
         // Within the window both agree; past it the window changes the result.
-        Assert.True((la[.., ..3] - lb[.., ..3]).abs().max().item<float>() < 1e-5);
+        double inside = (la[.., ..3] - lb[.., ..3]).abs().max().item<float>();
+        Assert.True(inside < 1e-4, $"inside the window: {inside}, scale {la.abs().max().item<float>()}");
         Assert.True((la[.., 3..] - lb[.., 3..]).abs().max().item<float>() > 1e-3);
         // Cached decoding honours the window as well, with and without a padding mask.
         var decoded = DecodeWithCache(a, ids, null, null, prefill: 2);
