@@ -16,7 +16,9 @@ internal sealed class BpeModel
     private readonly Dictionary<long, (int Rank, int NewId)> _merges;
     private readonly ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
     private readonly int[] _byteFallbackIds;
-    private const int CacheCapacity = 200_000;
+    private const int CacheCapacity = 100_000;
+    private const int MaxCachedWordLength = 256;
+    private int _cacheAdds;
 
     public string? UnkToken { get; }
     public int? UnkId { get; }
@@ -43,6 +45,8 @@ internal sealed class BpeModel
         IgnoreMerges = ignoreMerges;
         ContinuingSubwordPrefix = string.IsNullOrEmpty(prefix) ? null : prefix;
         EndOfWordSuffix = string.IsNullOrEmpty(suffix) ? null : suffix;
+        _splitBeforeMetaspace = !ignoreMerges && ContinuingSubwordPrefix is null && EndOfWordSuffix is null && vocab.ContainsKey("\u2581")
+            && !vocab.Keys.Any(t => t.AsSpan(1).Contains(Metaspace) && HasMetaspaceAfterOtherChar(t));
         _byteFallbackIds = new int[256];
         for (var b = 0; b < 256; b++) _byteFallbackIds[b] = vocab.TryGetValue($"<0x{b:X2}>", out var id) ? id : -1;
     }
@@ -98,6 +102,13 @@ internal sealed class BpeModel
             f.OptionalString(model["end_of_word_suffix"], "model.end_of_word_suffix"));
     }
 
+    private static bool HasMetaspaceAfterOtherChar(string token)
+    {
+        for (var i = 1; i < token.Length; i++)
+            if (token[i] == Metaspace && token[i - 1] != Metaspace) return true;
+        return false;
+    }
+
     private static long PairKey(int a, int b) => ((long)a << 32) | (uint)b;
 
     public int Count => _vocab.Count;
@@ -112,10 +123,45 @@ internal sealed class BpeModel
     public void Tokenize(string word, List<int> ids)
     {
         if (word.Length == 0) return;
-        if (!_cache.TryGetValue(word, out var cached))
+        if (_splitBeforeMetaspace && word.Length > 1)
         {
-            cached = TokenizeUncached(word);
-            if (_cache.Count >= CacheCapacity) _cache.Clear();
+            // SentencePiece-style models get the whole text as one word. No token has '▁' after another
+            // character, so no merge crosses the start of a '▁' run: BPE on those pieces separately gives the
+            // same ids, and the pieces (words) can be cached.
+            var start = 0;
+            for (var i = 1; i < word.Length; i++)
+            {
+                if (word[i] == Metaspace && word[i - 1] != Metaspace)
+                {
+                    TokenizeWord(word.Substring(start, i - start), ids);
+                    start = i;
+                }
+            }
+            TokenizeWord(start == 0 ? word : word[start..], ids);
+            return;
+        }
+        TokenizeWord(word, ids);
+    }
+
+    private const char Metaspace = '\u2581';
+    private readonly bool _splitBeforeMetaspace;
+
+    private void TokenizeWord(string word, List<int> ids)
+    {
+        if (_cache.TryGetValue(word, out var cached))
+        {
+            ids.AddRange(cached);
+            return;
+        }
+        cached = TokenizeUncached(word);
+        // Long "words" (a whole text for SentencePiece-style models) rarely repeat: not worth keeping.
+        if (word.Length <= MaxCachedWordLength)
+        {
+            if (Interlocked.Increment(ref _cacheAdds) > CacheCapacity)
+            {
+                _cache.Clear();
+                Interlocked.Exchange(ref _cacheAdds, 0);
+            }
             _cache.TryAdd(word, cached);
         }
         ids.AddRange(cached);
@@ -183,24 +229,25 @@ internal sealed class BpeModel
         var sym = symbols.ToArray();
         for (var k = 0; k < n; k++) { sym[k].Prev = k - 1; sym[k].Next = k + 1 < n ? k + 1 : -1; }
 
-        // Lowest rank first, leftmost on ties: the order of HF's merge heap.
-        var queue = new PriorityQueue<(int Pos, int NewId), (int Rank, int Pos)>();
+        // Lowest rank first, leftmost on ties (the order of HF's merge heap): priority = rank << 32 | position.
+        var queue = new PriorityQueue<int, long>(n);
         for (var k = 0; k + 1 < n; k++)
-            if (_merges.TryGetValue(PairKey(sym[k].Id, sym[k + 1].Id), out var m)) queue.Enqueue((k, m.NewId), (m.Rank, k));
-        while (queue.TryDequeue(out var top, out _))
+            if (_merges.TryGetValue(PairKey(sym[k].Id, sym[k + 1].Id), out var m)) queue.Enqueue(k, ((long)m.Rank << 32) | (uint)k);
+        while (queue.TryDequeue(out var pos, out var priority))
         {
-            var pos = top.Pos;
             if (!sym[pos].Alive || sym[pos].Next < 0) continue;
             var right = sym[pos].Next;
-            if (!_merges.TryGetValue(PairKey(sym[pos].Id, sym[right].Id), out var current) || current.NewId != top.NewId) continue;
-            sym[pos].Id = top.NewId;
+            // A stale entry: the pair at pos changed since it was queued.
+            if (!_merges.TryGetValue(PairKey(sym[pos].Id, sym[right].Id), out var current) || current.Rank != (int)(priority >> 32)) continue;
+            sym[pos].Id = current.NewId;
             sym[right].Alive = false;
             sym[pos].Next = sym[right].Next;
             if (sym[pos].Next >= 0) sym[sym[pos].Next].Prev = pos;
-            if (sym[pos].Prev >= 0 && _merges.TryGetValue(PairKey(sym[sym[pos].Prev].Id, sym[pos].Id), out var left))
-                queue.Enqueue((sym[pos].Prev, left.NewId), (left.Rank, sym[pos].Prev));
+            var prev = sym[pos].Prev;
+            if (prev >= 0 && _merges.TryGetValue(PairKey(sym[prev].Id, sym[pos].Id), out var left))
+                queue.Enqueue(prev, ((long)left.Rank << 32) | (uint)prev);
             if (sym[pos].Next >= 0 && _merges.TryGetValue(PairKey(sym[pos].Id, sym[sym[pos].Next].Id), out var next))
-                queue.Enqueue((pos, next.NewId), (next.Rank, pos));
+                queue.Enqueue(pos, ((long)next.Rank << 32) | (uint)pos);
         }
         var result = new List<int>(n);
         for (var k = 0; k >= 0 && k < n; k = sym[k].Next) result.Add(sym[k].Id);
