@@ -25,7 +25,7 @@ public sealed record TokenizedText(int[] Ids, string[] Tokens);
 /// </remarks>
 public sealed class HFTokenizer : ITokenizer
 {
-    private readonly JsonObject _tokenizerJson;
+    private readonly string _tokenizerJsonText;
     private readonly JsonObject? _config;
     private readonly JsonObject? _specialTokensMap;
     private readonly TextNormalizer? _normalizer;
@@ -65,10 +65,13 @@ public sealed class HFTokenizer : ITokenizer
     /// <summary>Ids of all added tokens flagged special.</summary>
     public IReadOnlyCollection<int> SpecialTokenIds { get; }
 
-    private HFTokenizer(JsonObject tokenizerJson, JsonObject? config, JsonObject? specialTokensMap, string source, string? configSource)
+    private HFTokenizer(string tokenizerJsonText, JsonElement root, JsonObject? config, JsonObject? specialTokensMap, string source, string? configSource)
     {
         Source = source;
-        _tokenizerJson = tokenizerJson;
+        _tokenizerJsonText = tokenizerJsonText;
+        if (root.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"{source}: must hold a JSON object");
+        // A lazy JsonNode view for the small sections; vocab and merges are read from the JsonElement.
+        var tokenizerJson = JsonObject.Create(root)!;
         _config = config;
         _specialTokensMap = specialTokensMap;
         var f = new JsonFields(source);
@@ -77,7 +80,7 @@ public sealed class HFTokenizer : ITokenizer
         var modelType = model["type"] is null ? "BPE" : f.String(model["type"], "model.type");
         if (modelType != "BPE")
             throw f.Error("model.type", $"'{modelType}' is not supported (only BPE models: byte-level BPE and SentencePiece-style BPE)");
-        _model = BpeModel.FromJson(model, f);
+        _model = BpeModel.FromJson(model, root.GetProperty("model"), f);
         _normalizer = TextNormalizer.FromJson(tokenizerJson["normalizer"], f, "normalizer");
         _preTokenizer = PreTokenizer.FromJson(tokenizerJson["pre_tokenizer"], f, "pre_tokenizer");
         _decoder = TokenDecoder.FromJson(tokenizerJson["decoder"], f, "decoder");
@@ -192,7 +195,6 @@ public sealed class HFTokenizer : ITokenizer
     public static HFTokenizer FromJson(string tokenizerJson, string? configJson = null, string? specialTokensMapJson = null,
         string source = "tokenizer.json", string? configSource = null, string? specialTokensMapSource = null)
     {
-        var root = JsonFields.Parse(tokenizerJson, source) as JsonObject ?? throw new InvalidDataException($"{source}: must hold a JSON object");
         JsonObject? config = null, map = null;
         if (configJson is not null)
             config = JsonFields.Parse(configJson, configSource ?? "tokenizer_config.json") as JsonObject
@@ -200,11 +202,16 @@ public sealed class HFTokenizer : ITokenizer
         if (specialTokensMapJson is not null)
             map = JsonFields.Parse(specialTokensMapJson, specialTokensMapSource ?? "special_tokens_map.json") as JsonObject
                 ?? throw new InvalidDataException($"{specialTokensMapSource ?? "special_tokens_map.json"}: must hold a JSON object");
-        return new HFTokenizer(root, config, map, source, configSource);
+        using var document = JsonFields.ParseDocument(tokenizerJson, source);
+        return new HFTokenizer(tokenizerJson, document.RootElement, config, map, source, configSource);
     }
 
-    internal static HFTokenizer FromNodes(JsonObject tokenizerJson, JsonObject? config, string source) =>
-        new(tokenizerJson, config, null, source, null);
+    internal static HFTokenizer FromNodes(JsonObject tokenizerJson, JsonObject? config, string source)
+    {
+        var text = tokenizerJson.ToJsonString(SaveOptions);
+        using var document = JsonDocument.Parse(text);
+        return new HFTokenizer(text, document.RootElement, config, null, source, null);
+    }
 
     // ---------------------------------------------------------------- encoding
 
@@ -346,7 +353,7 @@ public sealed class HFTokenizer : ITokenizer
     public void Save(string directory)
     {
         Directory.CreateDirectory(directory);
-        AtomicFile.WriteAllText(Path.Combine(directory, "tokenizer.json"), _tokenizerJson.ToJsonString(SaveOptions));
+        AtomicFile.WriteAllText(Path.Combine(directory, "tokenizer.json"), _tokenizerJsonText);
         var config = _config?.DeepClone().AsObject() ?? new JsonObject { ["tokenizer_class"] = "PreTrainedTokenizerFast" };
         if (_config is null)
         {
