@@ -99,3 +99,31 @@ public class HFTokenizerSharedTests(ITestOutputHelper output)
         return best;
     }
 }
+
+/// <summary>The slow GPT-2 layout (vocab.json + merges.txt), converted like transformers' GPT2Converter.</summary>
+public class VocabMergesConversionTests
+{
+    [SkippableTheory]
+    [InlineData("opt")]
+    [InlineData("gpt2")]
+    public void Converted_vocab_and_merges_reproduce_the_reference(string folder)
+    {
+        var dir = SharedFiles.Require("tokenizers", folder);
+        var config = Path.Combine(dir, "tokenizer_config.json");
+        var tokenizer = HFTokenizer.FromVocabAndMerges(Path.Combine(dir, "vocab.json"), Path.Combine(dir, "merges.txt"), File.Exists(config) ? config : null);
+        foreach (var reference in TokenizerReference.Cases(folder))
+            Assert.Empty(TokenizerReference.Compare(tokenizer, reference));
+        var saved = Path.Combine(Path.GetTempPath(), "af-tok-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            tokenizer.Save(saved);
+            var reloaded = HFTokenizer.FromDirectory(saved);
+            foreach (var reference in TokenizerReference.Cases(folder))
+                Assert.Empty(TokenizerReference.Compare(reloaded, reference));
+        }
+        finally
+        {
+            Directory.Delete(saved, true);
+        }
+    }
+}

@@ -173,8 +173,12 @@ public sealed class HFTokenizer : ITokenizer
         var tokenizerJson = Path.Combine(directory, "tokenizer.json");
         var config = Path.Combine(directory, "tokenizer_config.json");
         var map = Path.Combine(directory, "special_tokens_map.json");
+        var vocab = Path.Combine(directory, "vocab.json");
+        var merges = Path.Combine(directory, "merges.txt");
+        if (!File.Exists(tokenizerJson) && File.Exists(vocab) && File.Exists(merges))
+            return FromVocabAndMerges(vocab, merges, File.Exists(config) ? config : null, File.Exists(map) ? map : null);
         if (!File.Exists(tokenizerJson))
-            throw new FileNotFoundException($"{directory} has no tokenizer.json (a Hugging Face fast tokenizer file is needed)", tokenizerJson);
+            throw new FileNotFoundException($"{directory} has no tokenizer.json (nor vocab.json + merges.txt)", tokenizerJson);
         return FromFile(tokenizerJson, File.Exists(config) ? config : null, File.Exists(map) ? map : null);
     }
 
@@ -206,11 +210,27 @@ public sealed class HFTokenizer : ITokenizer
         return new HFTokenizer(tokenizerJson, document.RootElement, config, map, source, configSource);
     }
 
-    internal static HFTokenizer FromNodes(JsonObject tokenizerJson, JsonObject? config, string source)
+    /// <summary>
+    /// A byte-level BPE tokenizer from the "slow" GPT-2 layout (vocab.json + merges.txt, e.g. OPT), converted the
+    /// way transformers' GPT2Converter does; <see cref="Save"/> then writes it as tokenizer.json.
+    /// </summary>
+    public static HFTokenizer FromVocabAndMerges(string vocabJsonPath, string mergesTxtPath, string? configPath = null, string? specialTokensMapPath = null)
+    {
+        foreach (var path in new[] { vocabJsonPath, mergesTxtPath, configPath, specialTokensMapPath })
+            if (path is not null && !File.Exists(path)) throw new FileNotFoundException($"tokenizer file {path} does not exist", path);
+        var config = configPath is null ? null : JsonFields.Parse(File.ReadAllText(configPath), configPath) as JsonObject
+            ?? throw new InvalidDataException($"{configPath}: must hold a JSON object");
+        var map = specialTokensMapPath is null ? null : JsonFields.Parse(File.ReadAllText(specialTokensMapPath), specialTokensMapPath) as JsonObject
+            ?? throw new InvalidDataException($"{specialTokensMapPath}: must hold a JSON object");
+        var json = VocabMergesConverter.Convert(vocabJsonPath, mergesTxtPath, config, configPath ?? "tokenizer_config.json");
+        return FromNodes(json, config, $"{vocabJsonPath} + {Path.GetFileName(mergesTxtPath)}", map, configPath);
+    }
+
+    internal static HFTokenizer FromNodes(JsonObject tokenizerJson, JsonObject? config, string source, JsonObject? specialTokensMap = null, string? configSource = null)
     {
         var text = tokenizerJson.ToJsonString(SaveOptions);
         using var document = JsonDocument.Parse(text);
-        return new HFTokenizer(text, document.RootElement, config, null, source, null);
+        return new HFTokenizer(text, document.RootElement, config, specialTokensMap, source, configSource);
     }
 
     // ---------------------------------------------------------------- encoding
