@@ -69,6 +69,15 @@ public class HFTokenizerSharedTests(ITestOutputHelper output)
         if (eos is { } e) Assert.True(tokenizer.IsSpecialToken(e) || folder == "phi-3-mini-4k-instruct");
     }
 
+    [SkippableFact]
+    public void Nfc_normalizer_composes_decomposed_input()
+    {
+        var neox = TokenizerReference.Load("gpt-neox-20b");
+        Assert.Equal(neox.Encode("Café naïve Ångström"), neox.Encode("Cafe\u0301 nai\u0308ve A\u030Angstro\u0308m"));
+        var gpt2 = TokenizerReference.Load("gpt2");   // no normalizer: decomposed text stays different
+        Assert.NotEqual(gpt2.Encode("Café"), gpt2.Encode("Cafe\u0301"));
+    }
+
     [SkippableTheory]
     [MemberData(nameof(FolderNames))]
     public void A_gsm8k_prompt_encodes_well_under_a_millisecond(string folder)
