@@ -34,6 +34,8 @@ public sealed class DecodingSession : IDisposable
     private readonly Tensor _unfinished;  // bool [N]
     private readonly Stopwatch _clock = new();
     private TimeSpan _prefillTime;
+    private TimeSpan _decodeTime;
+    private TimeSpan _stepStart;
     private long _decodeTokens;
     private int _decodeSteps;
     private bool _disposed;
@@ -181,6 +183,7 @@ public sealed class DecodingSession : IDisposable
     public Tensor StepLogits()
     {
         if (GeneratedLength == 0) throw new InvalidOperationException("run the prompt first");
+        _stepStart = _clock.Elapsed;
         _positions.add_(1);
         var output = Model.forward(new ForwardInput
         {
@@ -227,6 +230,7 @@ public sealed class DecodingSession : IDisposable
         if (first) _prefillTime = _clock.Elapsed;
         else
         {
+            _decodeTime += _clock.Elapsed - _stepStart;
             _decodeTokens += events.Count;
             _decodeSteps++;
         }
@@ -250,6 +254,7 @@ public sealed class DecodingSession : IDisposable
         if (GeneratedLength == 0) _prefillTime = _clock.Elapsed;
         else
         {
+            _decodeTime += _clock.Elapsed - _stepStart;
             _decodeTokens += BatchSize;
             _decodeSteps++;
         }
@@ -265,13 +270,12 @@ public sealed class DecodingSession : IDisposable
     /// <summary>The outcome so far (every row should be finished).</summary>
     public GenerationResult Result()
     {
-        var total = _clock.Elapsed;
         var stats = new GenerationStats
         {
             PromptTokens = PromptTokenCount,
             GeneratedTokens = _rows.Sum(r => (long)r.Tokens.Count),
             PrefillTime = _prefillTime,
-            DecodeTime = total - _prefillTime,
+            DecodeTime = _decodeTime,
             DecodeTokens = _decodeTokens,
             DecodeSteps = _decodeSteps,
         };

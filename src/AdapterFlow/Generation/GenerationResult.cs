@@ -52,7 +52,7 @@ public sealed record GenerationStats
     /// <summary>Time of the prompt forward pass, up to and including choosing the first new token.</summary>
     public TimeSpan PrefillTime { get; init; }
 
-    /// <summary>Time of all later steps.</summary>
+    /// <summary>Time of all later steps (model, logits processing and token choice; not a stream consumer's time between tokens).</summary>
     public TimeSpan DecodeTime { get; init; }
 
     /// <summary>Tokens produced by the decode steps (all but the first token of each row).</summary>
