@@ -39,7 +39,7 @@ public sealed class Generator
         CancellationToken cancellationToken = default)
     {
         options ??= Defaults;
-        using var session = new DecodingSession(Model, prompts, options, Tokenizer, RowsPerPrompt(options));
+        using var session = new DecodingSession(Model, Expand(prompts, options), options, Tokenizer, RowsPerPrompt(options));
         foreach (var _ in StrategyFor(options).Run(session)) cancellationToken.ThrowIfCancellationRequested();
         return session.Result();
     }
@@ -64,7 +64,7 @@ public sealed class Generator
     {
         options ??= Defaults;
         var chosen = options;
-        return new GenerationStream(() => new DecodingSession(Model, prompts, chosen, Tokenizer, RowsPerPrompt(chosen)), StrategyFor(options));
+        return new GenerationStream(() => new DecodingSession(Model, Expand(prompts, chosen), chosen, Tokenizer, RowsPerPrompt(chosen)), StrategyFor(options));
     }
 
     /// <summary>Streams the continuation of one text.</summary>
@@ -76,6 +76,10 @@ public sealed class Generator
         if (Tokenizer is null) throw new InvalidOperationException("text prompts need a tokenizer (pass one to the Generator)");
         return prompts.Select(p => Tokenizer.Encode(p, addSpecialTokens)).ToArray();
     }
+
+    /// <summary>Each prompt repeated NumReturnSequences times (one batch row per returned sequence).</summary>
+    private static IReadOnlyList<IReadOnlyList<int>> Expand(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options) =>
+        options.NumReturnSequences == 1 || prompts is null ? prompts! : prompts.SelectMany(p => Enumerable.Repeat(p, options.NumReturnSequences)).ToArray();
 
     private static int RowsPerPrompt(GenerationOptions options) => options.NumBeams;
 
