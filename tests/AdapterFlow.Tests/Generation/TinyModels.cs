@@ -38,7 +38,6 @@ internal sealed class TinyLM : CausalLM
         };
         _heads = heads;
         _headDim = hidden / heads;
-        torch.manual_seed(seed);
         wte = nn.Embedding(vocab, hidden);
         wpe = nn.Embedding(512, hidden);
         q_proj = nn.Linear(hidden, hidden);
@@ -46,8 +45,20 @@ internal sealed class TinyLM : CausalLM
         v_proj = nn.Linear(hidden, hidden);
         o_proj = nn.Linear(hidden, hidden);
         lm_head = nn.Linear(hidden, vocab);
-        // Spread the logits so greedy decisions do not hinge on float noise between cached and uncached runs.
-        using (torch.no_grad()) lm_head.weight!.mul_(headScale);
+        // Weights from a private generator: the global one is shared by tests running in parallel.
+        using (torch.no_grad())
+        {
+            using var generator = new torch.Generator((ulong)seed);
+            foreach (var embedding in new[] { wte, wpe }) embedding.weight!.normal_(0, 1, generator);
+            foreach (var linear in new[] { q_proj, k_proj, v_proj, o_proj, lm_head })
+            {
+                double bound = 1 / Math.Sqrt(linear.weight!.shape[1]);
+                linear.weight!.uniform_(-bound, bound, generator);
+                linear.bias!.uniform_(-bound, bound, generator);
+            }
+            // Spread the logits so greedy decisions do not hinge on float noise between cached and uncached runs.
+            lm_head.weight!.mul_(headScale);
+        }
         RegisterComponents();
         eval();
     }
