@@ -57,7 +57,11 @@ public static class CliApp
     {
         var root = new RootCommand(
             "AdapterFlow: parameter-efficient fine-tuning, evaluation and fast generation for open LLMs in .NET.\n" +
-            "Models are Hugging Face folders (config.json + model.safetensors, tokenizer.json beside them).");
+            "Models are Hugging Face folders (config.json + model.safetensors, tokenizer.json beside them).")
+        {
+            // Also when run in-process (tests) or via `dotnet run`, help shows the installed command's name.
+            HelpName = "adapterflow",
+        };
         root.Add(InitCommand.Create(context));
         root.Add(InspectCommand.Create(context));
         root.Add(GenerateCommand.Create(context));

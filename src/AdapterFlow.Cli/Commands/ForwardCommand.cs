@@ -37,9 +37,9 @@ internal static class ForwardCommand
         {
             if (parse.GetValue(adapter) is { } adapterDir)
                 throw new NotSupportedException($"--adapter {adapterDir}: adapters are not supported yet (they arrive with the adapters work)");
+            var target = Devices.Parse(parse.GetRequiredValue(device));
             var inputsPath = parse.GetRequiredValue(inputs);
             if (!File.Exists(inputsPath)) throw new FileNotFoundException($"{inputsPath}: inputs file not found");
-            var target = Devices.Parse(parse.GetRequiredValue(device));
             using var lm = AutoModel.FromPretrained(parse.GetRequiredValue(model),
                 new LoadOptions { Device = target, DType = parse.GetValue(dtype) is { } d ? Devices.ParseDType(d) : null });
             var outPath = parse.GetRequiredValue(output);

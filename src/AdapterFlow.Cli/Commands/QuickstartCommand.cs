@@ -21,6 +21,7 @@ internal static class QuickstartCommand
         };
         command.SetAction(int (parse) =>
         {
+            Devices.Parse(parse.GetRequiredValue(device));
             throw new NotSupportedException("quickstart is not available yet");
         });
         return command;
