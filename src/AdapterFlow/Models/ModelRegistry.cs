@@ -11,6 +11,7 @@ public static class ModelRegistry
         LlamaForCausalLM.Family,
         MistralForCausalLM.Family,
         Qwen2ForCausalLM.Family,
+        Gpt2LMHeadModel.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;
