@@ -8,7 +8,8 @@ namespace AdapterFlow.Cli;
 /// <summary>Where a command writes: plain streams for text and JSON, a Spectre console (same stdout) for tables.</summary>
 public sealed class CliContext
 {
-    private static readonly JsonSerializerOptions CompactJson = new()
+    /// <summary>Compact, one line, non-ASCII kept readable.</summary>
+    public static readonly JsonSerializerOptions ReadableJson = new()
     {
         WriteIndented = false,
         // Keep non-ASCII text readable in JSON output (it is UTF-8 anyway).
@@ -37,7 +38,7 @@ public sealed class CliContext
     /// <summary>Writes one JSON object on one line (the machine-readable contract of --json).</summary>
     public void WriteJson(JsonNode node)
     {
-        Out.WriteLine(node.ToJsonString(CompactJson));
+        Out.WriteLine(node.ToJsonString(ReadableJson));
         Out.Flush();
     }
 }

@@ -1,4 +1,9 @@
 using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using AdapterFlow.Generation;
+using AdapterFlow.Models;
+using Spectre.Console;
 
 namespace AdapterFlow.Cli.Commands;
 
@@ -62,10 +67,75 @@ internal static class GenerateCommand
         {
             model, prompt, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, device, dtype, json,
         };
-        command.SetAction(int (parse) =>
+        command.SetAction(async (parse, cancellation) =>
         {
-            throw new NotSupportedException("generate is not available yet");
+            var target = Devices.Parse(parse.GetRequiredValue(device));
+            var load = new LoadOptions { Device = target, DType = parse.GetValue(dtype) is { } d ? Devices.ParseDType(d) : null };
+            double t = parse.GetValue(temperature);
+            var options = new GenerationOptions
+            {
+                MaxNewTokens = parse.GetValue(maxNewTokens),
+                // Temperature 0 means greedy, as in most command-line front ends (transformers itself rejects 0).
+                DoSample = t > 0,
+                Temperature = t > 0 ? t : 1.0,
+                TopK = parse.GetValue(topK),
+                TopP = parse.GetValue(topP),
+                RepetitionPenalty = parse.GetValue(repetitionPenalty),
+                Seed = parse.GetValue(seed),
+                StopStrings = parse.GetValue(stop) is { Length: > 0 } stops ? stops : null,
+            };
+            options.Validate();
+            var promptText = parse.GetRequiredValue(prompt);
+            bool asJson = parse.GetValue(json);
+            using var textModel = TextModel.Load(parse.GetRequiredValue(model), load);
+            var started = Stopwatch.StartNew();
+            var stream = textModel.CreateGenerator().StreamAsync(promptText, options);
+            if (!asJson) context.Out.Write(promptText);
+            await foreach (var token in stream.WithCancellation(cancellation))
+            {
+                if (asJson || string.IsNullOrEmpty(token.Text)) continue;
+                context.Out.Write(token.Text);
+                context.Out.Flush();
+            }
+            var result = stream.Result ?? throw new InvalidOperationException("generation ended without a result");
+            var sequence = result.Sequences[0];
+            var stats = result.Stats;
+            double seconds = started.Elapsed.TotalSeconds;
+            if (asJson)
+            {
+                context.WriteJson(new JsonObject
+                {
+                    ["text"] = sequence.Text,
+                    ["token_ids"] = new JsonArray(sequence.Tokens.Select(i => (JsonNode?)i).ToArray()),
+                    ["prompt_tokens"] = stats.PromptTokens,
+                    ["new_tokens"] = sequence.Tokens.Count,
+                    ["tokens_per_second"] = Math.Round(stats.GenerationTokensPerSecond, 2),
+                    ["prefill_tokens_per_second"] = Math.Round(stats.PromptTokensPerSecond, 2),
+                    ["prefill_seconds"] = Math.Round(stats.PrefillTime.TotalSeconds, 4),
+                    ["decode_seconds"] = Math.Round(stats.DecodeTime.TotalSeconds, 4),
+                    ["seconds"] = Math.Round(seconds, 4),
+                    ["finish_reason"] = FinishReasonName(sequence.FinishReason),
+                    ["stop_string"] = sequence.StopString,
+                });
+            }
+            else
+            {
+                context.Out.WriteLine();
+                context.Console.MarkupLine(Markup.Escape(
+                    $"[{sequence.Tokens.Count} new tokens after {stats.PromptTokens} prompt tokens; " +
+                    $"prefill {Format.Number(stats.PromptTokensPerSecond, "0")} tok/s, decode {Format.Number(stats.GenerationTokensPerSecond, "0.#")} tok/s; " +
+                    $"finished: {FinishReasonName(sequence.FinishReason)}]").Insert(0, "[grey]") + "[/]");
+            }
+            return CliApp.Success;
         });
         return command;
     }
+
+    /// <summary>Snake-case names as in OpenAI-style APIs and the JSON output.</summary>
+    internal static string FinishReasonName(FinishReason reason) => reason switch
+    {
+        FinishReason.StopToken => "stop_token",
+        FinishReason.StopString => "stop_string",
+        _ => "length",
+    };
 }

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Text.Json.Nodes;
 using AdapterFlow.IO;
 
 namespace AdapterFlow.Cli.Commands;
@@ -38,10 +39,27 @@ internal static class TokenizeCommand
             bool hasText = result.GetResult(text) is not null, hasFile = result.GetResult(file) is not null;
             if (hasText == hasFile) result.AddError("give exactly one of --text or --file");
         });
-        command.SetAction(int (parse) =>
+        command.SetAction(parse =>
         {
+            var tok = TextModel.LoadTokenizer(parse.GetRequiredValue(tokenizer));
             var texts = parse.GetValue(text) is { } single ? [single] : TextInputs.Read(parse.GetRequiredValue(file));
-            throw new NotSupportedException($"tokenize is not available yet ({texts.Count} texts)");
+            bool addSpecial = parse.GetValue(special), asJson = parse.GetValue(json);
+            foreach (var t in texts)
+            {
+                var encoded = tok.EncodeWithTokens(t, addSpecial);
+                var ids = new JsonArray(encoded.Ids.Select(i => (JsonNode?)i).ToArray());
+                var tokens = new JsonArray(encoded.Tokens.Select(s => (JsonNode?)s).ToArray());
+                if (asJson)
+                {
+                    context.WriteJson(new JsonObject { ["text"] = t, ["ids"] = ids, ["tokens"] = tokens });
+                    continue;
+                }
+                context.Out.WriteLine($"{JsonValue.Create(t).ToJsonString(CliContext.ReadableJson)}  ({encoded.Ids.Length} tokens)");
+                context.Out.WriteLine($"  ids:    {ids.ToJsonString(CliContext.ReadableJson)}");
+                context.Out.WriteLine($"  tokens: {tokens.ToJsonString(CliContext.ReadableJson)}");
+            }
+            context.Out.Flush();
+            return CliApp.Success;
         });
         return command;
     }
