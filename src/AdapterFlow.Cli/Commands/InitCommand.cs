@@ -1,4 +1,7 @@
 using System.CommandLine;
+using System.Globalization;
+using System.Text.Json.Nodes;
+using Spectre.Console;
 using AdapterFlow.Models;
 
 namespace AdapterFlow.Cli.Commands;
@@ -45,6 +48,31 @@ internal static class InitCommand
 
     private static int Run(CliContext context, string arch, string preset, string output, long seed, bool json)
     {
-        throw new NotSupportedException("init is not available yet");
+        var info = FreshModel.Create(arch, preset, output, seed);
+        if (json)
+        {
+            context.WriteJson(new JsonObject
+            {
+                ["directory"] = info.Directory,
+                ["model_type"] = info.Config.ModelType,
+                ["architecture"] = info.Config.Architecture,
+                ["preset"] = info.Preset,
+                ["seed"] = info.Seed,
+                ["parameters"] = info.Parameters,
+                ["vocab_size"] = info.VocabSize,
+                ["files"] = new JsonArray(info.Files.Select(f => (JsonNode?)f).ToArray()),
+            });
+            return CliApp.Success;
+        }
+        var c = info.Config;
+        var table = new Table().AddColumn("property").AddColumn("value");
+        table.AddRow("folder", Markup.Escape(info.Directory));
+        table.AddRow("architecture", Markup.Escape($"{c.Architecture} ({info.Preset}, seed {info.Seed})"));
+        table.AddRow("parameters", $"{Format.Count(info.Parameters)} ({info.Parameters.ToString("N0", CultureInfo.InvariantCulture)})");
+        table.AddRow("shape", $"{c.NumHiddenLayers} layers, hidden {c.HiddenSize}, {c.NumAttentionHeads} heads / {c.NumKeyValueHeads} kv heads");
+        table.AddRow("vocabulary", $"{info.VocabSize} (byte-level BPE trained on the built-in corpus)");
+        table.AddRow("files", Markup.Escape(string.Join(", ", info.Files)));
+        context.Console.Write(table);
+        return CliApp.Success;
     }
 }
