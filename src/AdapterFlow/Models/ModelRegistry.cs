@@ -12,6 +12,8 @@ public static class ModelRegistry
         MistralForCausalLM.Family,
         Qwen2ForCausalLM.Family,
         Gpt2LMHeadModel.Family,
+        OptForCausalLM.Family,
+        BloomForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;
