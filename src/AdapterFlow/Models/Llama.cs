@@ -185,6 +185,7 @@ public class LlamaForCausalLM : CausalLM
 
     private readonly LlamaConfig _config;
     private readonly RotaryEmbedding _rotary;
+    private readonly int? _slidingWindow;
 
     public LlamaModel model;
 
@@ -198,6 +199,7 @@ public class LlamaForCausalLM : CausalLM
         config.Validate(config.Architecture);
         _config = config;
         _rotary = config.CreateRotary();
+        _slidingWindow = config.LayerTypes.Contains(LlamaConfig.SlidingAttention) ? config.EffectiveSlidingWindow : null;
         model = new LlamaModel(config, _rotary);
         lm_head = config.TieWordEmbeddings
             ? new TiedLMHead(model.embed_tokens)
@@ -238,7 +240,7 @@ public class LlamaForCausalLM : CausalLM
         var (mask, isCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device);
         Tensor? slidingMask = null;
         bool slidingIsCausal = false;
-        if (_config.EffectiveSlidingWindow is int window && _config.LayerTypes.Contains(LlamaConfig.SlidingAttention))
+        if (_slidingWindow is int window)
             (slidingMask, slidingIsCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device, window);
         var (cos, sin) = _rotary.Tables(positions, hidden.dtype, sequenceLength);
         return new LlamaLayerContext(mask, isCausal, slidingMask, slidingIsCausal, positions, input.Cache, past, cos, sin);
