@@ -371,7 +371,7 @@ public sealed class GgufFile : IDisposable
         {
             ulong n = U64($"{what} length");
             if (n > (ulong)Remaining)
-                throw new InvalidDataException($"{_path}: {what}: string length {n} runs past the end of the file (at byte {Position})");
+                throw new InvalidDataException($"{_path}: {what}: string length {n} runs past the end of the file (at byte {Position}; truncated?)");
             var bytes = new byte[n];
             _view.ReadArray(Position, bytes, 0, (int)n);
             Position += (long)n;
