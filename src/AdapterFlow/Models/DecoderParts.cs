@@ -3,6 +3,20 @@ using static TorchSharp.torch;
 
 namespace AdapterFlow.Models;
 
+/// <summary>Shared per-forward state of rotary families: cos/sin tables [batch, 1, time, rotary_dim] for this forward's positions.</summary>
+public sealed class RotaryLayerContext : LayerContext
+{
+    public RotaryLayerContext(Tensor? mask, bool isCausal, Tensor positionIds, KVCache? cache, int pastLength, Tensor cos, Tensor sin)
+        : base(mask, isCausal, positionIds, cache, pastLength)
+    {
+        Cos = cos;
+        Sin = sin;
+    }
+
+    public Tensor Cos { get; }
+    public Tensor Sin { get; }
+}
+
 /// <summary>Small pieces the decoder families share: input embedding, head reshapes, cache update, positions.</summary>
 public static class DecoderParts
 {

@@ -14,6 +14,7 @@ public static class ModelRegistry
         Gpt2LMHeadModel.Family,
         OptForCausalLM.Family,
         BloomForCausalLM.Family,
+        GptJForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;
