@@ -3,7 +3,6 @@ using System.Diagnostics;
 using System.Text.Json.Nodes;
 using AdapterFlow.Generation;
 using AdapterFlow.Models;
-using Spectre.Console;
 
 namespace AdapterFlow.Cli.Commands;
 
@@ -121,10 +120,11 @@ internal static class GenerateCommand
             else
             {
                 context.Out.WriteLine();
-                context.Console.MarkupLine(Markup.Escape(
+                // Plain text (not Spectre markup): a console width must not wrap this line.
+                context.Out.WriteLine(
                     $"[{sequence.Tokens.Count} new tokens after {stats.PromptTokens} prompt tokens; " +
                     $"prefill {Format.Number(stats.PromptTokensPerSecond, "0")} tok/s, decode {Format.Number(stats.GenerationTokensPerSecond, "0.#")} tok/s; " +
-                    $"finished: {FinishReasonName(sequence.FinishReason)}]").Insert(0, "[grey]") + "[/]");
+                    $"finished: {FinishReasonName(sequence.FinishReason)}]");
             }
             return CliApp.Success;
         });

@@ -133,9 +133,11 @@ public sealed class Conv1D : nn.Module<Tensor, Tensor>, IInitializable
         return torch.addmm(bias, x.reshape(-1, InFeatures), weight, 1, 1).view(shape);
     }
 
-    public void Initialize(double std)
+    public void Initialize(double std) => Initialize(std, null);
+
+    public void Initialize(double std, torch.Generator? generator)
     {
-        nn.init.normal_(weight, 0, std * _initScale);
+        weight.normal_(0, std * _initScale, generator); // Tensor.normal_: nn.init.normal_ ignores the generator
         nn.init.zeros_(bias);
     }
 }
