@@ -27,6 +27,8 @@ public sealed class CliContext
             ColorSystem = ColorSystemSupport.Detect,
             Interactive = InteractionSupport.Detect,
         });
+        // Redirected output has no width; Spectre would assume 80 columns and wrap paths and tables early.
+        if (!Console.Profile.Out.IsTerminal) Console.Profile.Width = 160;
     }
 
     public TextWriter Out { get; }

@@ -90,11 +90,21 @@ internal static class GenerateCommand
             var started = Stopwatch.StartNew();
             var stream = textModel.CreateGenerator().StreamAsync(promptText, options);
             if (!asJson) context.Out.Write(promptText);
-            await foreach (var token in stream.WithCancellation(cancellation))
+            try
             {
-                if (asJson || string.IsNullOrEmpty(token.Text)) continue;
-                context.Out.Write(token.Text);
-                context.Out.Flush();
+                await foreach (var token in stream.WithCancellation(cancellation))
+                {
+                    if (asJson || string.IsNullOrEmpty(token.Text)) continue;
+                    context.Out.Write(token.Text);
+                    context.Out.Flush();
+                }
+            }
+            catch (OperationCanceledException) when (cancellation.IsCancellationRequested)
+            {
+                // Ctrl+C: keep what was printed, end the line, exit as interrupted programs do.
+                context.Out.WriteLine();
+                context.Err.WriteLine("interrupted");
+                return 130;
             }
             var result = stream.Result ?? throw new InvalidOperationException("generation ended without a result");
             var sequence = result.Sequences[0];

@@ -29,10 +29,15 @@ internal static class TokenizeCommand
         {
             Description = "Add the tokenizer's special tokens (e.g. BOS) as its post-processor defines them.",
         };
+        var batch = new Option<string>("--out", "-o")
+        {
+            Description = "Also save the ids as one padded batch (input_ids + attention_mask, int64, right padding) in a safetensors file: the input of `adapterflow forward`.",
+            HelpName = "FILE.safetensors",
+        };
         var json = CommonOptions.Json("Print one JSON object per text: {\"text\", \"ids\", \"tokens\"}.");
         var command = new Command("tokenize", "Show the token ids and tokens a tokenizer gives for texts.")
         {
-            tokenizer, text, file, special, json,
+            tokenizer, text, file, special, batch, json,
         };
         command.Validators.Add(result =>
         {
@@ -44,9 +49,11 @@ internal static class TokenizeCommand
             var tok = TextModel.LoadTokenizer(parse.GetRequiredValue(tokenizer));
             var texts = parse.GetValue(text) is { } single ? [single] : TextInputs.Read(parse.GetRequiredValue(file));
             bool addSpecial = parse.GetValue(special), asJson = parse.GetValue(json);
+            var allIds = new List<IReadOnlyList<int>>(texts.Count);
             foreach (var t in texts)
             {
                 var encoded = tok.EncodeWithTokens(t, addSpecial);
+                allIds.Add(encoded.Ids);
                 var ids = new JsonArray(encoded.Ids.Select(i => (JsonNode?)i).ToArray());
                 var tokens = new JsonArray(encoded.Tokens.Select(s => (JsonNode?)s).ToArray());
                 if (asJson)
@@ -57,6 +64,11 @@ internal static class TokenizeCommand
                 context.Out.WriteLine($"{JsonValue.Create(t).ToJsonString(CliContext.ReadableJson)}  ({encoded.Ids.Length} tokens)");
                 context.Out.WriteLine($"  ids:    {ids.ToJsonString(CliContext.ReadableJson)}");
                 context.Out.WriteLine($"  tokens: {tokens.ToJsonString(CliContext.ReadableJson)}");
+            }
+            if (parse.GetValue(batch) is { } batchPath)
+            {
+                TokenBatchFile.Save(batchPath, allIds, tok.PadTokenId ?? tok.EosTokenId ?? 0);
+                if (!asJson) context.Out.WriteLine($"saved {allIds.Count} sequence(s) as input_ids + attention_mask to {batchPath}");
             }
             context.Out.Flush();
             return CliApp.Success;

@@ -237,6 +237,38 @@ public class CliCommandTests(TinyModelFixture tiny)
     }
 
     [Fact]
+    public void Tokenize_out_saves_a_padded_batch_that_forward_reads()
+    {
+        using var tmp = new TempDir();
+        var texts = tmp.File("texts.txt");
+        File.WriteAllLines(texts, ["Once upon a time there was a cat.", "12 + 7 = 19."]);
+        var batch = tmp.File("batch.safetensors");
+        CliRunner.Run("tokenize", "--tokenizer", tiny.ModelDir, "--file", texts, "--add-special-tokens", "--out", batch).AssertSuccess();
+        var tokenizer = TextModel.LoadTokenizer(tiny.ModelDir);
+        var first = tokenizer.Encode("Once upon a time there was a cat.", addSpecialTokens: true);
+        var second = tokenizer.Encode("12 + 7 = 19.", addSpecialTokens: true);
+        using var scope = torch.NewDisposeScope();
+        using (var file = SafetensorsFile.Open(batch))
+        {
+            var ids = file.Load("input_ids");
+            var mask = file.Load("attention_mask");
+            int width = Math.Max(first.Count, second.Count);
+            Assert.Equal(new long[] { 2, width }, ids.shape);
+            Assert.Equal(first.Count + second.Count, mask.sum().item<long>());
+            Assert.Equal(second.Select(i => (long)i).ToArray(), ids[1].narrow(0, 0, second.Count).data<long>().ToArray());
+        }
+        var output = tmp.File("logits.safetensors");
+        CliRunner.Run("forward", "--model", tiny.ModelDir, "--inputs", batch, "--out", output).AssertSuccess();
+        // The second (right-padded) row's logits equal the row run alone.
+        using var model = AdapterFlow.Models.AutoModel.FromPretrained(tiny.ModelDir);
+        using var noGrad = torch.no_grad();
+        var alone = model.Logits(torch.tensor(second.Select(i => (long)i).ToArray()).unsqueeze(0))[0];
+        using var logitsFile = SafetensorsFile.Open(output);
+        var batched = logitsFile.Load("logits")[1].narrow(0, 0, second.Count);
+        Assert.True((alone - batched).abs().max().item<float>() < 1e-4);
+    }
+
+    [Fact]
     public void Quickstart_json_reports_what_it_did()
     {
         var dir = tiny.Scratch("quickstart");

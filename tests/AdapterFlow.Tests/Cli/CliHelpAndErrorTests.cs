@@ -8,9 +8,9 @@ public class CliHelpAndErrorTests
         { "init", ["--arch", "--preset", "--out", "--seed", "--json"] },
         { "inspect", ["DIR", "--json"] },
         { "generate", ["--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype", "--json"] },
-        { "tokenize", ["--tokenizer", "--text", "--file", "--add-special-tokens", "--json"] },
+        { "tokenize", ["--tokenizer", "--text", "--file", "--add-special-tokens", "--out", "--json"] },
         { "forward", ["--model", "--adapter", "--inputs", "--out", "--device", "--dtype"] },
-        { "quickstart", ["--out", "--device", "--json"] },
+        { "quickstart", ["--out", "--preset", "--device", "--json"] },
     };
 
     [Theory]
