@@ -22,6 +22,12 @@ public sealed class TextModel : IDisposable
     public CausalLM Model { get; }
     public HFTokenizer Tokenizer { get; }
 
+    /// <summary>
+    /// End-of-sequence ids from generation_config.json when it has them (some models list more there than in
+    /// config.json, e.g. an end-of-turn token); null to use the model's and tokenizer's.
+    /// </summary>
+    public IReadOnlyList<int>? GenerationStopTokenIds { get; private init; }
+
     /// <summary>A generator over this model and tokenizer.</summary>
     public Generator CreateGenerator(GenerationOptions? defaults = null) => new(Model, Tokenizer, defaults);
 
@@ -38,7 +44,18 @@ public sealed class TextModel : IDisposable
             throw new InvalidDataException(
                 $"{path}: the tokenizer has {tokenizer.VocabSize} tokens but the model's vocabulary has only {model.Config.VocabSize} (they do not belong together)");
         }
-        return new TextModel(path, model, tokenizer);
+        return new TextModel(path, model, tokenizer) { GenerationStopTokenIds = ReadGenerationStopIds(path) };
+    }
+
+    private static int[]? ReadGenerationStopIds(string path)
+    {
+        var file = System.IO.Path.Combine(Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!, "generation_config.json");
+        if (!File.Exists(file)) return null;
+        System.Text.Json.Nodes.JsonObject? json;
+        try { json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(file)) as System.Text.Json.Nodes.JsonObject; }
+        catch (System.Text.Json.JsonException e) { throw new InvalidDataException($"{file}: invalid JSON ({e.Message})"); }
+        if (json is null) throw new InvalidDataException($"{file}: must hold a JSON object");
+        return ConfigJson.IntOrIntList(json, file, "eos_token_id");
     }
 
     /// <summary>A tokenizer from a folder holding tokenizer.json (and tokenizer_config.json), or from a tokenizer.json file.</summary>

@@ -87,6 +87,7 @@ internal static class GenerateCommand
             var promptText = parse.GetRequiredValue(prompt);
             bool asJson = parse.GetValue(json);
             using var textModel = TextModel.Load(parse.GetRequiredValue(model), load);
+            if (textModel.GenerationStopTokenIds is { Count: > 0 } stopIds) options = options with { StopTokenIds = stopIds };
             var started = Stopwatch.StartNew();
             var stream = textModel.CreateGenerator().StreamAsync(promptText, options);
             if (!asJson) context.Out.Write(promptText);
