@@ -57,7 +57,7 @@ public static class AutoModel
         // A private generator, not torch.manual_seed: the global one may be drawn from by other threads meanwhile,
         // which would make "same seed, same weights" fail under concurrency. (Tensor.normal_ is used for the draws
         // because TorchSharp 0.107's nn.init.normal_ ignores its generator argument.)
-        var generator = new torch.Generator((ulong)seed);
+        using var generator = new torch.Generator((ulong)seed);
         var model = ModelRegistry.ForModelType(config.ModelType).Create(config);
         InitializeWeights(model, config, generator);
         model.eval();
@@ -143,6 +143,7 @@ public static class AutoModel
     {
         using var no = torch.no_grad();
         double std = config.InitializerRange;
+        // Tensor.normal_ rather than nn.init.normal_: TorchSharp's init function ignores its generator argument.
         foreach (var (_, module) in model.named_modules())
         {
             switch (module)

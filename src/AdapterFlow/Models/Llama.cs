@@ -213,7 +213,18 @@ public class LlamaForCausalLM : CausalLM
     /// <summary>The typed configuration.</summary>
     public LlamaConfig LlamaConfig => _config;
 
-    public override Tensor EmbedTokens(Tensor inputIds) => model.embed_tokens.forward(inputIds);
+    public override Tensor EmbedTokens(Tensor inputIds)
+    {
+        try
+        {
+            return model.embed_tokens.forward(inputIds);
+        }
+        catch (System.Runtime.InteropServices.ExternalException e) when (e.Message.StartsWith("index out of range"))
+        {
+            // Checking ids up front would cost a host sync per step; translating libtorch's multi-line error is free.
+            throw new ArgumentException($"a token id is outside the vocabulary 0..{_config.VocabSize - 1} of this {_config.Architecture}");
+        }
+    }
 
     protected override LayerContext Prepare(ForwardInput input, out Tensor hidden)
     {

@@ -61,7 +61,12 @@ public abstract class ModelConfig
         json["vocab_size"] = VocabSize;
         json["bos_token_id"] = BosTokenId;
         json["pad_token_id"] = PadTokenId;
-        json["eos_token_id"] = EosTokenIds.Length == 1 ? JsonValue.Create(EosTokenIds[0]) : new JsonArray(EosTokenIds.Select(e => (JsonNode?)e).ToArray());
+        json["eos_token_id"] = EosTokenIds.Length switch
+        {
+            0 => null, // transformers writes null, not [], when a model has no eos token
+            1 => JsonValue.Create(EosTokenIds[0]),
+            _ => new JsonArray(EosTokenIds.Select(e => (JsonNode?)e).ToArray()),
+        };
         json["tie_word_embeddings"] = TieWordEmbeddings;
         json["dtype"] = DType ?? "float32";
         json.Remove("torch_dtype");
