@@ -148,6 +148,8 @@ public static class AutoModel
         {
             switch (module)
             {
+                // Tensor.normal_ rather than nn.init.normal_: TorchSharp 0.107's nn.init.normal_ ignores the
+                // generator argument and draws from the global one (seen as flaky same-seed weights in parallel tests).
                 case Linear linear:
                     linear.weight!.normal_(0, std, generator);
                     if (linear.bias is not null) nn.init.zeros_(linear.bias);
@@ -168,6 +170,6 @@ public interface IInitializable
 {
     void Initialize(double std);
 
-    /// <summary>Same, drawing from <paramref name="generator"/> (null = the global generator).</summary>
+    /// <summary>Draws from <paramref name="generator"/> when given (so init depends on the seed alone).</summary>
     void Initialize(double std, torch.Generator? generator) => Initialize(std);
 }

@@ -249,13 +249,39 @@ public sealed class BloomForCausalLM : CausalLM
         var (allowed, _) = Attention.BuildMask(keyMask, batch, time, past, device);
         var m = keyMask.to(device).to_type(ScalarType.Int64);
         var keyPositions = ((m.cumsum(1) - 1) * m).to_type(ScalarType.Float32); // [batch, keys]
-        var slopes = torch.tensor(_slopes, device: device).view(1, -1, 1, 1);
+        var slopes = SlopesOn(device);
         var alibi = slopes * keyPositions.view(batch, 1, 1, -1);            // [batch, heads, 1, keys]
         var blocked = torch.zeros(allowed!.shape, dtype: ScalarType.Float32, device: device).masked_fill(allowed.logical_not(), float.NegativeInfinity);
         var bias = (alibi + blocked).to_type(hidden.dtype);
         // BLOOM takes no position ids (ALiBi reads positions off the mask); the context still carries the defaults.
         var positions = Attention.DefaultPositions(batch, time, past, device);
         return new AlibiLayerContext(bias, positions, input.Cache, past);
+    }
+
+    // The slopes as a [1, heads, 1, 1] float32 tensor on the device last used: built once rather than copied from
+    // the host on every decode step.
+    private Tensor? _slopesTensor;
+
+    private Tensor SlopesOn(Device device)
+    {
+        var cached = _slopesTensor;
+        if (cached is null || cached.device_type != device.type || cached.device_index != device.index)
+        {
+            cached?.Dispose();
+            cached = torch.tensor(_slopes, device: device).view(1, -1, 1, 1).DetachFromDisposeScope();
+            _slopesTensor = cached;
+        }
+        return cached;
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _slopesTensor?.Dispose();
+            _slopesTensor = null;
+        }
+        base.Dispose(disposing);
     }
 
     protected override Tensor RunLayer(int index, Tensor hidden, LayerContext context)

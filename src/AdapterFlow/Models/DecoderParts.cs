@@ -66,6 +66,16 @@ public static class DecoderParts
         return (m.cumsum(1) - 1).masked_fill(m.eq(0), 1);
     }
 
+    /// <summary>
+    /// For families with a learned position table: fails with a clear message when the default positions would run
+    /// past it (instead of an out-of-range error from the native embedding lookup). Host-side, no device sync.
+    /// </summary>
+    public static void CheckPositionTable(ForwardInput input, long past, long time, int tableSize, string key)
+    {
+        if (input.PositionIds is null && past + time > tableSize)
+            throw new ArgumentException($"{past + time} tokens (cache {past} + new {time}) exceed the {tableSize} learned positions ('{key}')");
+    }
+
     /// <summary>[batch, time, heads · headDim] → [batch, heads, time, headDim].</summary>
     public static Tensor SplitHeads(Tensor x, long heads, long headDim) =>
         x.view(x.shape[0], x.shape[1], heads, headDim).transpose(1, 2);

@@ -75,7 +75,7 @@ public sealed class Gpt2Config : ModelConfig
         if (IntermediateSize <= 0) throw new InvalidDataException($"{what}: 'n_inner' must be positive, got {IntermediateSize}");
         if (VocabSize <= 0 || MaxPositionEmbeddings <= 0)
             throw new InvalidDataException($"{what}: 'vocab_size' and 'n_positions' must be positive");
-        Activations.Get(ActivationFunction);
+        Activations.Check(ActivationFunction, what, "activation_function");
     }
 
     public override JsonObject ToJson()
@@ -137,7 +137,8 @@ public sealed class Conv1D : nn.Module<Tensor, Tensor>, IInitializable
 
     public void Initialize(double std, torch.Generator? generator)
     {
-        weight.normal_(0, std * _initScale, generator); // Tensor.normal_: nn.init.normal_ ignores the generator
+        using var no = torch.no_grad();
+        weight.normal_(0, std * _initScale, generator);
         nn.init.zeros_(bias);
     }
 }
@@ -189,7 +190,7 @@ public sealed class Gpt2Block : nn.Module
     {
         _config = config;
         _layer = layer;
-        _act = Activations.Get(config.ActivationFunction);
+        _act = Activations.Resolve(config.ActivationFunction);
         // SDPA divides by sqrt(head_dim); fold GPT-2's other scalings into the queries.
         double scale = (config.ScaleAttnWeights ? 1.0 / Math.Sqrt(config.HeadDim) : 1.0) /
                        (config.ScaleAttnByInverseLayerIdx ? layer + 1 : 1);
@@ -289,6 +290,7 @@ public sealed class Gpt2LMHeadModel : CausalLM
         long batch = embeds.shape[0], time = embeds.shape[1];
         int past = DecoderParts.PastLength(input.Cache);
         var device = embeds.device;
+        DecoderParts.CheckPositionTable(input, past, time, _config.MaxPositionEmbeddings, "n_positions");
         var positions = DecoderParts.Positions(input, batch, time, past, device);
         hidden = DecoderParts.Dropout(embeds + transformer.wpe.forward(positions), _config.EmbdPdrop, training);
         var (mask, isCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device);

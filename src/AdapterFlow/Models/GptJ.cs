@@ -71,7 +71,7 @@ public sealed class GptJConfig : ModelConfig
             throw new InvalidDataException($"{what}: 'rotary_dim' {RotaryDim} must be even and within the head dim {HeadDim}");
         if (VocabSize <= 0 || MaxPositionEmbeddings <= 0)
             throw new InvalidDataException($"{what}: 'vocab_size' and 'n_positions' must be positive");
-        Activations.Get(ActivationFunction);
+        Activations.Check(ActivationFunction, what, "activation_function");
     }
 
     public override JsonObject ToJson()
@@ -146,7 +146,7 @@ public sealed class GptJBlock : nn.Module
         _config = config;
         _layer = layer;
         _rotary = rotary;
-        _act = Activations.Get(config.ActivationFunction);
+        _act = Activations.Resolve(config.ActivationFunction);
         ln_1 = nn.LayerNorm(config.HiddenSize, config.LayerNormEpsilon);
         attn = new GptJAttention(config);
         mlp = new GptJMlp(config);

@@ -15,6 +15,7 @@ public static class ModelRegistry
         OptForCausalLM.Family,
         BloomForCausalLM.Family,
         GptJForCausalLM.Family,
+        GptNeoXForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;

@@ -78,7 +78,7 @@ public sealed class OptConfig : ModelConfig
         if (WordEmbedProjDim <= 0) throw new InvalidDataException($"{what}: 'word_embed_proj_dim' must be positive, got {WordEmbedProjDim}");
         if (VocabSize <= 0 || MaxPositionEmbeddings <= 0)
             throw new InvalidDataException($"{what}: 'vocab_size' and 'max_position_embeddings' must be positive");
-        Activations.Get(ActivationFunction);
+        Activations.Check(ActivationFunction, what, "activation_function");
     }
 
     public override JsonObject ToJson()
@@ -140,7 +140,7 @@ public sealed class OptDecoderLayer : nn.Module
     {
         _config = config;
         _layer = layer;
-        _act = Activations.Get(config.ActivationFunction);
+        _act = Activations.Resolve(config.ActivationFunction);
         self_attn = new OptAttention(config);
         self_attn_layer_norm = nn.LayerNorm(config.HiddenSize, elementwise_affine: config.LayerNormElementwiseAffine);
         fc1 = nn.Linear(config.HiddenSize, config.IntermediateSize, hasBias: config.EnableBias);
@@ -257,6 +257,7 @@ public sealed class OptForCausalLM : CausalLM
         long batch = embeds.shape[0], time = embeds.shape[1];
         int past = DecoderParts.PastLength(input.Cache);
         var device = embeds.device;
+        DecoderParts.CheckPositionTable(input, past, time, _config.MaxPositionEmbeddings, "max_position_embeddings");
         // The mask is checked (and its shape reported) before positions are cut from it.
         var (attnMask, isCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device);
         Tensor positions;

@@ -88,8 +88,10 @@ public static class RopeConfig
                 }
             }
         }
+        // Removed first so the keys always come out in the same order (a saved config re-saves identically).
+        foreach (var key in new[] { "rope_parameters", "rope_scaling", legacyThetaKey, legacyPartialKey })
+            if (key is not null) json.Remove(key);
         json["rope_parameters"] = parameters;
-        json.Remove("rope_scaling");
         if (legacyScaling is not null) json["rope_scaling"] = legacyScaling;
         if (legacyThetaKey is not null) json[legacyThetaKey] = settings.Theta;
         if (legacyPartialKey is not null) json[legacyPartialKey] = settings.PartialRotaryFactor;

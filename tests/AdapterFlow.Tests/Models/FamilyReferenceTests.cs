@@ -141,3 +141,112 @@ public class FamilyReferenceTests
         }
     }
 }
+
+/// <summary>PEFT adapters written for the transformers models name modules our models have, with matching shapes.</summary>
+public class FamilyPeftNamingTests
+{
+    [SkippableTheory]
+    [InlineData("gpt2")]
+    [InlineData("opt")]
+    [InlineData("bloom")]
+    [InlineData("gptj")]
+    [InlineData("gpt_neox")]
+    public void EveryAdapterTargetIsAWrappableLinearFieldWithMatchingShape(string arch)
+    {
+        using var reference = ReferenceCase.Open(arch);
+        using var model = AutoModel.FromPretrained(reference.Folder);
+        var modules = model.named_modules().ToDictionary(m => m.name, m => m.module);
+        foreach (var method in new[] { "lora_all_linear", "ia3" })
+        {
+            using var adapter = SafetensorsFile.Open(Path.Combine(reference.Folder, "adapters", method, "adapter_model.safetensors"));
+            var targets = adapter.Names.Select(n => n["base_model.model.".Length..])
+                .Select(n => n[..n.LastIndexOf(n.EndsWith(".ia3_l") ? ".ia3_l" : n.Contains(".lora_A.") ? ".lora_A." : ".lora_B.")])
+                .ToHashSet();
+            Assert.NotEmpty(targets);
+            foreach (var target in targets)
+            {
+                Assert.True(modules.TryGetValue(target, out var module), $"{arch}/{method}: no module '{target}'");
+                Assert.IsAssignableFrom<nn.Module<Tensor, Tensor>>(module);
+                // The parent holds it in a public field of the same name, typed nn.Module<Tensor, Tensor>, so an
+                // adapter can replace it in place.
+                int dot = target.LastIndexOf('.');
+                var parent = modules[target[..dot]];
+                var field = parent.GetType().GetField(target[(dot + 1)..]);
+                Assert.True(field is not null && field.FieldType == typeof(nn.Module<Tensor, Tensor>), $"{arch}: {target} is not held in a wrappable field");
+                Assert.Same(module, field!.GetValue(parent));
+                var weight = module.named_parameters().First(p => p.name == "weight").parameter;
+                // Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+                long inFeatures = module is Conv1D ? weight.shape[0] : weight.shape[1];
+                long outFeatures = module is Conv1D ? weight.shape[1] : weight.shape[0];
+                string prefix = "base_model.model." + target;
+                if (method == "ia3")
+                {
+                    var shape = adapter.Entry(prefix + ".ia3_l").Shape;
+                    Assert.True(shape.SequenceEqual(new[] { 1L, inFeatures }) || shape.SequenceEqual(new[] { outFeatures, 1L }),
+                        $"{arch}: {target}.ia3_l has shape [{string.Join(", ", shape)}], module is {inFeatures} → {outFeatures}");
+                }
+                else
+                {
+                    Assert.Equal(inFeatures, adapter.Entry(prefix + ".lora_A.weight").Shape[1]);
+                    Assert.Equal(outFeatures, adapter.Entry(prefix + ".lora_B.weight").Shape[0]);
+                }
+            }
+        }
+    }
+}
+
+/// <summary>Checkpoints in older layouts or with problems.</summary>
+public class FamilyCheckpointTests
+{
+    /// <summary>A checkpoint with extra tensors (what older transformers versions saved) on top of a real one.</summary>
+    private sealed class WithExtras(ITensorSource inner, Dictionary<string, Tensor> extras) : ITensorSource
+    {
+        public string Description => inner.Description;
+        public IReadOnlyCollection<string> Names => inner.Names.Concat(extras.Keys).ToList();
+        public Tensor Load(string name) => extras.TryGetValue(name, out var t) ? t.clone() : inner.Load(name);
+        public void Dispose() => inner.Dispose();
+    }
+
+    [SkippableFact]
+    public void OldGpt2CheckpointsWithAttentionBuffersLoadAndGiveTheSameLogits()
+    {
+        using var reference = ReferenceCase.Open("gpt2");
+        var extras = new Dictionary<string, Tensor>();
+        for (int i = 0; i < 2; i++)
+        {
+            extras[$"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril().to_type(ScalarType.Bool);
+            extras[$"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4f);
+        }
+        var config = AutoModel.LoadConfig(reference.Folder);
+        using var source = new WithExtras(Checkpoint.Open(reference.Folder), extras);
+        using var model = AutoModel.FromCheckpoint(config, source);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var mask = reference.Tensor("attention_mask");
+        double diff = ReferenceCase.MaxDiffWhereReal(model.Logits(reference.Tensor("input_ids"), mask), reference.Tensor("logits"), mask);
+        Assert.True(diff < ReferenceCase.LogitTolerance, $"max |logit difference| {diff}");
+    }
+
+    [SkippableFact]
+    public void TiedGptJKeepsItsHeadBiasThroughSaveAndLoad()
+    {
+        // GPT-J ties only lm_head.weight; lm_head.bias stays a parameter of its own.
+        var config = AutoModel.ParseConfig((JsonObject)JsonNode.Parse("""
+            {"model_type": "gptj", "vocab_size": 50, "n_embd": 16, "n_layer": 1, "n_head": 2, "rotary_dim": 4, "tie_word_embeddings": true}
+            """)!, "tiny gptj");
+        using var model = AutoModel.FromConfig(config, seed: 2);
+        var names = model.state_dict().Keys.ToList();
+        Assert.Contains("lm_head.bias", names);
+        Assert.DoesNotContain("lm_head.weight", names);
+        using (torch.no_grad()) model.state_dict()["lm_head.bias"].normal_();
+        var dir = FamilyTestKit.TempDirectory();
+        try
+        {
+            using var loaded = FamilyTestKit.SaveLoadIdentical(model, dir);
+        }
+        finally
+        {
+            Directory.Delete(dir, true);
+        }
+    }
+}
