@@ -41,6 +41,8 @@ public sealed class Checkpoint : ITensorSource
         {
             if (path.EndsWith(".index.json", StringComparison.OrdinalIgnoreCase)) return OpenIndex(path);
             PickleCheck.ThrowIfPickle(path);
+            if (IsGguf(path))
+                throw new InvalidDataException($"{path}: this is a GGUF file, not safetensors; open it with ModelFiles.Open (or AutoModel.FromPath)");
             var file = new Checkpoint(path);
             file.AddWhole(SafetensorsFile.Open(path));
             return file;
@@ -114,6 +116,13 @@ public sealed class Checkpoint : ITensorSource
             throw;
         }
         return checkpoint;
+    }
+
+    private static bool IsGguf(string path)
+    {
+        Span<byte> head = stackalloc byte[4];
+        using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+        return GgufFile.HasMagic(head[..stream.ReadAtLeast(head, 4, throwOnEndOfStream: false)]);
     }
 
     private void AddWhole(SafetensorsFile file)

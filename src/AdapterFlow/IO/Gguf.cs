@@ -24,8 +24,8 @@ public sealed record GgufTensorInfo(string Name, long[] Dims, GgmlType Type, lon
 /// <summary>
 /// A GGUF (v2/v3, little-endian) file opened for lazy reads: header, metadata and tensor infos are parsed and
 /// bounds-checked up front (one <see cref="InvalidDataException"/> naming the file and field for any violation);
-/// tensor bytes are read from a memory map when loaded. F32/F16/BF16/F64 and integer tensors load as they are,
-/// Q8_0 and Q4_0 are dequantised to float32.
+/// tensor bytes are read from a memory map when loaded. F32/F16/BF16/F64 and integer tensors load as they are;
+/// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are dequantised to float32.
 /// </summary>
 public sealed class GgufFile : IDisposable
 {
@@ -194,9 +194,33 @@ public sealed class GgufFile : IDisposable
         return tensor.bytes.ToArray();
     }
 
+    /// <summary>True when two tensors are stored with identical bytes (compared in place in the map, no copies).</summary>
+    public unsafe bool BytesEqual(string a, string b)
+    {
+        GgufTensorInfo x = Tensor(a), y = Tensor(b);
+        if (x.ByteLength != y.ByteLength) return false;
+        byte* basePtr = null;
+        _view.SafeMemoryMappedViewHandle.AcquirePointer(ref basePtr);
+        try
+        {
+            byte* px = basePtr + _view.PointerOffset + _dataStart + x.Offset, py = basePtr + _view.PointerOffset + _dataStart + y.Offset;
+            const int chunk = 1 << 30;
+            for (long done = 0; done < x.ByteLength; done += chunk)
+            {
+                int n = (int)Math.Min(chunk, x.ByteLength - done);
+                if (!new ReadOnlySpan<byte>(px + done, n).SequenceEqual(new ReadOnlySpan<byte>(py + done, n))) return false;
+            }
+            return true;
+        }
+        finally
+        {
+            _view.SafeMemoryMappedViewHandle.ReleasePointer();
+        }
+    }
+
     /// <summary>
-    /// Loads a tensor in PyTorch shape (dims reversed). Unquantised types keep their dtype; Q8_0 and Q4_0 are
-    /// dequantised to float32; other quantisations are refused with a clear message.
+    /// Loads a tensor in PyTorch shape (dims reversed). Unquantised types keep their dtype; the block formats listed
+    /// on the class are dequantised to float32; others (Q2_K, Q3_K, IQ*) are refused with a clear message.
     /// </summary>
     public Tensor Load(string name, Device? device = null)
     {
@@ -217,8 +241,11 @@ public sealed class GgufFile : IDisposable
                 result = Dequantize(t);
                 break;
             default:
-                throw new NotSupportedException(
-                    $"{Path}: tensor '{name}' is quantised as {t.Type}, which AdapterFlow cannot dequantise yet (supported: F32, F16, BF16, Q8_0, Q4_0); convert the model with a supported type");
+                var values = GgmlDequant.Dequantize(t.Type, ReadBytes(name), t.ElementCount)
+                    ?? throw new NotSupportedException(
+                        $"{Path}: tensor '{name}' is quantised as {t.Type}, which AdapterFlow cannot dequantise yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
+                result = torch.tensor(values, t.Shape);
+                break;
         }
         return device is null || device.type == DeviceType.CPU ? result : result.to(device);
     }

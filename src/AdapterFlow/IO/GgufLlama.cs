@@ -1,9 +1,13 @@
+using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
 using static TorchSharp.torch;
 
 namespace AdapterFlow.IO;
 
-/// <summary>Translates a GGUF file of a supported architecture (llama) to the Hugging Face layout.</summary>
+/// <summary>
+/// Translates a GGUF file of a supported architecture to the Hugging Face layout: <c>llama</c> (also used by
+/// llama.cpp for Mistral and other Llama-shaped models) → LlamaForCausalLM, <c>qwen2</c> → Qwen2ForCausalLM.
+/// </summary>
 public static partial class GgufImport
 {
     /// <summary>Opens a GGUF file and translates it; the result owns the file.</summary>
@@ -16,8 +20,10 @@ public static partial class GgufImport
                        ?? throw new InvalidDataException($"{path}: metadata 'general.architecture' is missing");
             return arch switch
             {
-                "llama" => Llama(gguf),
-                _ => throw new NotSupportedException($"{path}: GGUF architecture '{arch}' is not supported yet (supported: llama)"),
+                // llama.cpp permutes q/k rows only for the llama architecture (its LlamaModel converter).
+                "llama" => Decoder(gguf, arch, "llama", "LlamaForCausalLM", unpermuteQk: true),
+                "qwen2" => Decoder(gguf, arch, "qwen2", "Qwen2ForCausalLM", unpermuteQk: false),
+                _ => throw new NotSupportedException($"{path}: GGUF architecture '{arch}' is not supported yet (supported: llama, qwen2)"),
             };
         }
         catch
@@ -59,7 +65,7 @@ public static partial class GgufImport
     [GeneratedRegex(@"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")]
     private static partial Regex BlockTensor();
 
-    private static ImportedCheckpoint Llama(GgufFile gguf)
+    private static ImportedCheckpoint Decoder(GgufFile gguf, string arch, string modelType, string architecture, bool unpermuteQk)
     {
         string path = gguf.Path;
         int Int(string key, long? fallback = null)
@@ -69,15 +75,22 @@ public static partial class GgufImport
             return (int)v;
         }
 
-        int hidden = Int("llama.embedding_length");
-        int layers = Int("llama.block_count");
-        int heads = Int("llama.attention.head_count");
-        int kvHeads = Int("llama.attention.head_count_kv", heads);
-        int intermediate = Int("llama.feed_forward_length");
-        int headDim = Int("llama.attention.key_length", hidden / Math.Max(heads, 1));
+        int hidden = Int($"{arch}.embedding_length");
+        int layers = Int($"{arch}.block_count");
+        int heads = Int($"{arch}.attention.head_count");
+        int kvHeads = Int($"{arch}.attention.head_count_kv", heads);
+        int intermediate = Int($"{arch}.feed_forward_length");
+        int headDim = Int($"{arch}.attention.key_length", hidden / Math.Max(heads, 1));
         if (heads % kvHeads != 0) throw new InvalidDataException($"{path}: head_count {heads} is not a multiple of head_count_kv {kvHeads}");
-        if (gguf.Has("llama.rope.scaling.type") && gguf.OptionalString("llama.rope.scaling.type") is { } scaling && scaling != "none")
-            throw new NotSupportedException($"{path}: RoPE scaling '{scaling}' in GGUF files is not supported yet");
+        JsonObject? ropeScaling = null;
+        if (gguf.OptionalString($"{arch}.rope.scaling.type") is { } scaling && scaling != "none")
+        {
+            if (scaling != "linear")
+                throw new NotSupportedException($"{path}: RoPE scaling '{scaling}' in GGUF files is not supported yet (supported: none, linear)");
+            var factor = gguf.OptionalFloat($"{arch}.rope.scaling.factor")
+                         ?? throw new InvalidDataException($"{path}: {arch}.rope.scaling.type is linear but {arch}.rope.scaling.factor is missing");
+            ropeScaling = new JsonObject { ["rope_type"] = "linear", ["factor"] = factor };
+        }
         if (gguf.Contains("rope_freqs.weight"))
             throw new NotSupportedException($"{path}: tensor 'rope_freqs.weight' (Llama 3 RoPE scaling) is not supported yet");
         if (gguf.Contains("token_embd.weight") is false)
@@ -86,29 +99,42 @@ public static partial class GgufImport
         var embed = gguf.Tensor("token_embd.weight");
         var vocab = Vocabulary(gguf);
         int vocabSize = (int)Math.Min(int.MaxValue, embed.Shape[0]);
-        if (gguf.OptionalInt("llama.vocab_size") is { } declared && declared != vocabSize)
-            throw new InvalidDataException($"{path}: llama.vocab_size {declared} disagrees with token_embd.weight rows {vocabSize}");
+        if (gguf.OptionalInt($"{arch}.vocab_size") is { } declared && declared != vocabSize)
+            throw new InvalidDataException($"{path}: {arch}.vocab_size {declared} disagrees with token_embd.weight rows {vocabSize}");
 
         // The head is tied when there is no output.weight, or when the converter wrote a byte-identical copy
         // of the embedding (llama.cpp's llama2.c converter does); keeping one copy matches the HF checkpoint.
         bool tied = !gguf.Contains("output.weight")
                     || (gguf.Tensor("output.weight") is var output && output.Type == embed.Type && output.Dims.SequenceEqual(embed.Dims)
-                        && gguf.ReadBytes("output.weight").AsSpan().SequenceEqual(gguf.ReadBytes("token_embd.weight")));
+                        && gguf.BytesEqual("output.weight", "token_embd.weight"));
 
         var config = LlamaImport.Config(
             hiddenSize: hidden, intermediateSize: intermediate, numLayers: layers, numHeads: heads, numKvHeads: kvHeads,
             headDim: headDim,
-            rmsNormEps: gguf.OptionalFloat("llama.attention.layer_norm_rms_epsilon") ?? 1e-5,
-            ropeTheta: gguf.OptionalFloat("llama.rope.freq_base") ?? 10000.0,
+            rmsNormEps: gguf.OptionalFloat($"{arch}.attention.layer_norm_rms_epsilon") ?? 1e-5,
+            ropeTheta: gguf.OptionalFloat($"{arch}.rope.freq_base") ?? 10000.0,
             vocabSize: vocabSize,
-            maxPositions: Int("llama.context_length", 2048),
+            maxPositions: Int($"{arch}.context_length", 2048),
             tieWordEmbeddings: tied,
             bosTokenId: vocab?.BosTokenId,
             eosTokenId: vocab?.EosTokenId,
             padTokenId: vocab?.PaddingTokenId,
             dtype: embed.Type switch { GgmlType.F16 => "float16", GgmlType.BF16 => "bfloat16", _ => "float32" });
 
-        if (gguf.Tensors.Any(t => t.Name.EndsWith(".attn_q.bias", StringComparison.Ordinal))) config["attention_bias"] = true;
+        config["architectures"] = new JsonArray(architecture);
+        config["model_type"] = modelType;
+        if (ropeScaling is not null) config["rope_scaling"] = ropeScaling;
+        if (modelType == "qwen2")
+        {
+            // Qwen2 always has q/k/v biases and no bias switches.
+            config.Remove("attention_bias");
+            config.Remove("mlp_bias");
+            config["use_sliding_window"] = false;
+        }
+        else if (gguf.Tensors.Any(t => t.Name.EndsWith(".attn_q.bias", StringComparison.Ordinal)))
+        {
+            config["attention_bias"] = true;
+        }
 
         var map = new List<(string, Func<Tensor>)>();
         string Where(string name) => $"{path}: tensor '{name}'";
@@ -124,15 +150,15 @@ public static partial class GgufImport
                     continue;
             }
             var m = BlockTensor().Match(name);
-            if (!m.Success) throw new InvalidDataException($"{Where(name)} is not part of a llama model");
+            if (!m.Success) throw new InvalidDataException($"{Where(name)} is not part of a {arch} model");
             if (!int.TryParse(m.Groups[1].Value, out var layer) || layer >= layers)
                 throw new InvalidDataException($"{Where(name)}: layer {m.Groups[1].Value} is outside block_count {layers}");
             var kind = m.Groups[3].Value;
             string prefix = $"model.layers.{layer}.";
             var (hfName, permuteHeads) = m.Groups[2].Value switch
             {
-                "attn_q" => ("self_attn.q_proj", heads),
-                "attn_k" => ("self_attn.k_proj", kvHeads),
+                "attn_q" => ("self_attn.q_proj", unpermuteQk ? heads : 0),
+                "attn_k" => ("self_attn.k_proj", unpermuteQk ? kvHeads : 0),
                 "attn_v" => ("self_attn.v_proj", 0),
                 "attn_output" => ("self_attn.o_proj", 0),
                 "attn_norm" => ("input_layernorm", 0),
@@ -140,7 +166,7 @@ public static partial class GgufImport
                 "ffn_gate" => ("mlp.gate_proj", 0),
                 "ffn_up" => ("mlp.up_proj", 0),
                 "ffn_down" => ("mlp.down_proj", 0),
-                _ => throw new InvalidDataException($"{Where(name)} is not part of a llama model"),
+                _ => throw new InvalidDataException($"{Where(name)} is not part of a {arch} model"),
             };
             if (permuteHeads > 0)
                 map.Add(($"{prefix}{hfName}.{kind}", () =>

@@ -89,7 +89,20 @@ public static class LlamaImport
         long headDim = rows / heads;
         var rest = weight.shape.Skip(1).ToArray();
         using var scope = torch.NewDisposeScope();
-        var result = weight.view([heads, headDim / 2, 2, .. rest]).transpose(1, 2).reshape(weight.shape).contiguous();
+        var result = weight.reshape([heads, headDim / 2, 2, .. rest]).transpose(1, 2).reshape(weight.shape).contiguous();
+        return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The inverse of <see cref="InterleavedToRotateHalf"/> (what llama.cpp's converter applies).</summary>
+    public static Tensor RotateHalfToInterleaved(Tensor weight, int heads, string where)
+    {
+        long rows = weight.shape[0];
+        if (heads <= 0 || rows % heads != 0 || rows / heads % 2 != 0)
+            throw new InvalidDataException($"{where}: {rows} rows cannot be split into {heads} heads of even size");
+        long headDim = rows / heads;
+        var rest = weight.shape.Skip(1).ToArray();
+        using var scope = torch.NewDisposeScope();
+        var result = weight.reshape([heads, 2, headDim / 2, .. rest]).transpose(1, 2).reshape(weight.shape).contiguous();
         return result.MoveToOuterDisposeScope();
     }
 }

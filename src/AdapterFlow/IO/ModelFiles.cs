@@ -42,6 +42,25 @@ public static class ModelFiles
         return AutoModel.FromCheckpoint(config, imported.Tensors, options);
     }
 
+    /// <summary>
+    /// Writes any readable model (GGUF, llama2.c, or a Hugging Face folder) as a Hugging Face folder: config.json
+    /// plus model.safetensors, or shards when <paramref name="maxShardBytes"/> is given. The result loads with
+    /// <see cref="AutoModel.FromPretrained"/> and with transformers.
+    /// </summary>
+    public static void ExportHuggingFace(string source, string outputDirectory, long? maxShardBytes = null)
+    {
+        using var imported = Open(source);
+        // Parsing validates the config and fills derived keys, exactly as loading would.
+        var config = AutoModel.ParseConfig(imported.Config, imported.Path);
+        Directory.CreateDirectory(outputDirectory);
+        using var scope = TorchSharp.torch.NewDisposeScope();
+        var tensors = imported.Tensors.Names.Select(n => KeyValuePair.Create(n, imported.Tensors.Load(n))).ToList();
+        SafetensorsWriter.SaveSharded(outputDirectory, tensors, maxShardBytes ?? long.MaxValue,
+            new Dictionary<string, string> { ["format"] = "pt" });
+        AtomicFile.WriteAllText(Path.Combine(outputDirectory, "config.json"),
+            config.ToJson().ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+    }
+
     private static ImportedCheckpoint OpenFolder(string folder)
     {
         if (File.Exists(Path.Combine(folder, "config.json"))) return OpenHuggingFace(folder, Path.Combine(folder, "config.json"));

@@ -18,7 +18,7 @@ public sealed record SafetensorsEntry(string Name, string DType, long[] Shape, l
 /// read-only memory map only when asked for. Format: 8-byte little-endian header length, a UTF-8 JSON header,
 /// then the data region, which the tensors must cover exactly (no overlaps, no holes, nothing after the last one).
 /// </summary>
-public sealed class SafetensorsFile : IDisposable
+public sealed class SafetensorsFile : ITensorSource
 {
     /// <summary>Largest header accepted (the reference implementation's limit is also 100 MB).</summary>
     public const long MaxHeaderBytes = 100_000_000;
@@ -44,6 +44,8 @@ public sealed class SafetensorsFile : IDisposable
     }
 
     public string Path { get; }
+    string ITensorSource.Description => Path;
+    Tensor ITensorSource.Load(string name) => Load(name);
     public IReadOnlyDictionary<string, string> Metadata { get; }
 
     /// <summary>Tensor names in header order.</summary>
@@ -162,7 +164,9 @@ public sealed class SafetensorsFile : IDisposable
             throw Bad(path, $"{where}: 'dtype' is missing or not a string");
         var dtype = dtypeElement.GetString()!;
         if (!DTypeSizes.TryGetValue(dtype, out var elementSize))
-            throw Bad(path, $"{where}: unknown dtype '{dtype}' (supported: {string.Join(", ", DTypeSizes.Keys)})");
+            throw Bad(path, SpecOnlyDTypes.Contains(dtype)
+                ? $"{where}: dtype '{dtype}' is valid safetensors but not supported here (TorchSharp has no such tensor type; supported: {string.Join(", ", DTypeSizes.Keys)})"
+                : $"{where}: unknown dtype '{dtype}' (supported: {string.Join(", ", DTypeSizes.Keys)})");
         var shape = ReadIntArray(path, where, value, "shape", null);
         var offsets = ReadIntArray(path, where, value, "data_offsets", 2);
         long begin = offsets[0], end = offsets[1];
@@ -229,6 +233,9 @@ public sealed class SafetensorsFile : IDisposable
         int i = s.IndexOfAny(['\r', '\n']);
         return i < 0 ? s : s[..i];
     }
+
+    /// <summary>Dtypes the safetensors format defines that TorchSharp cannot hold (named distinctly in errors).</summary>
+    private static readonly HashSet<string> SpecOnlyDTypes = ["U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"];
 
     /// <summary>Element sizes in bytes of the dtypes safetensors defines that TorchSharp can hold.</summary>
     public static readonly IReadOnlyDictionary<string, int> DTypeSizes = new Dictionary<string, int>

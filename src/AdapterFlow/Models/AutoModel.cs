@@ -111,8 +111,17 @@ public static class AutoModel
 
     private static bool IsOutputHead(string name) => name is "lm_head.weight" or "embed_out.weight";
 
-    /// <summary>Writes config.json and model.safetensors as transformers' save_pretrained does (tied head omitted).</summary>
-    public static void Save(CausalLM model, string directory)
+    /// <summary>
+    /// Loads a model from any layout we read, recognised by content: a Hugging Face folder (config.json +
+    /// safetensors, single or sharded), a .gguf file or a llama2.c .bin checkpoint (see <see cref="ModelFiles"/>).
+    /// </summary>
+    public static CausalLM FromPath(string path, LoadOptions? options = null) => ModelFiles.Load(path, options);
+
+    /// <summary>
+    /// Writes config.json and model.safetensors as transformers' save_pretrained does (tied head omitted); with
+    /// <paramref name="maxShardBytes"/>, larger checkpoints are split into shards plus model.safetensors.index.json.
+    /// </summary>
+    public static void Save(CausalLM model, string directory, long? maxShardBytes = null)
     {
         Directory.CreateDirectory(directory);
         var config = model.Config;
@@ -129,8 +138,9 @@ public static class AutoModel
             if (config.TieWordEmbeddings && IsOutputHead(name)) continue;
             tensors.Add(new(name, tensor));
         }
-        AtomicFile.Write(Path.Combine(directory, "model.safetensors"),
-            tmp => SafetensorsWriter.Save(tmp, tensors, new Dictionary<string, string> { ["format"] = "pt" }));
+        var metadata = new Dictionary<string, string> { ["format"] = "pt" };
+        // Also removes the files of an earlier save in the other layout (single file vs shards).
+        SafetensorsWriter.SaveSharded(directory, tensors, maxShardBytes ?? long.MaxValue, metadata);
         AtomicFile.WriteAllText(Path.Combine(directory, "config.json"),
             json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
     }

@@ -134,6 +134,15 @@ public class CheckpointTests
     }
 
     [Fact]
+    public void Gguf_given_to_Checkpoint_points_to_ModelFiles()
+    {
+        using var temp = new TempFolder();
+        var path = new GgufBuilder().Tensor("w", torch.ones(2)).Save(temp.File("m.gguf"));
+        var e = Assert.Throws<InvalidDataException>(() => Checkpoint.Open(path));
+        Assert.Contains("this is a GGUF file, not safetensors; open it with ModelFiles.Open", e.Message);
+    }
+
+    [Fact]
     public void Unrecognised_file_is_refused_by_ModelFiles()
     {
         using var temp = new TempFolder();
@@ -141,5 +150,33 @@ public class CheckpointTests
         File.WriteAllBytes(path, Enumerable.Range(0, 100).Select(i => (byte)(i * 7)).ToArray());
         var e = Assert.Throws<InvalidDataException>(() => ModelFiles.Open(path));
         Assert.Contains("unrecognised model file", e.Message);
+    }
+}
+
+public class ModelSavingTests
+{
+    [Fact]
+    public void Sharded_save_loads_back_through_FromPath_with_identical_logits()
+    {
+        using var temp = new TempFolder();
+        var json = LlamaImport.Config(hiddenSize: 16, intermediateSize: 24, numLayers: 2, numHeads: 4, numKvHeads: 2, headDim: 4,
+            rmsNormEps: 1e-5, ropeTheta: 10000, vocabSize: 32, maxPositions: 64, tieWordEmbeddings: false, bosTokenId: 1, eosTokenId: 2);
+        var config = AdapterFlow.Models.AutoModel.ParseConfig(json, "test config");
+        using var model = AdapterFlow.Models.AutoModel.FromConfig(config, seed: 5);
+        AdapterFlow.Models.AutoModel.Save(model, temp.Path, maxShardBytes: 4096);
+        Assert.True(File.Exists(temp.File(Checkpoint.IndexFile)));
+        Assert.True(Directory.GetFiles(temp.Path, "model-*-of-*.safetensors").Length > 2);
+        Assert.False(File.Exists(temp.File(Checkpoint.SingleFile)));
+
+        using var loaded = AdapterFlow.Models.AutoModel.FromPath(temp.Path);
+        using var no = torch.no_grad();
+        var ids = torch.tensor(new long[] { 1, 4, 9, 16, 25 }).unsqueeze(0);
+        Assert.True(model.Logits(ids).SameAs(loaded.Logits(ids)));
+
+        // Saving unsharded afterwards leaves one consistent checkpoint.
+        AdapterFlow.Models.AutoModel.Save(model, temp.Path);
+        Assert.True(File.Exists(temp.File(Checkpoint.SingleFile)));
+        Assert.False(File.Exists(temp.File(Checkpoint.IndexFile)));
+        Assert.Empty(Directory.GetFiles(temp.Path, "model-*-of-*.safetensors"));
     }
 }

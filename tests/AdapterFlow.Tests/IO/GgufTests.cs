@@ -172,7 +172,7 @@ public class GgufTests
             .Tensor("bf16", [64, 2], GgmlType.BF16, bf16.bytes.ToArray())
             .Tensor("q8", [64, 2], GgmlType.Q8_0, q8.ToArray())
             .Tensor("q4", [64, 2], GgmlType.Q4_0, q4.ToArray())
-            .Tensor("q6k", [256], GgmlType.Q6_K, new byte[210]);
+            .Tensor("q3k", [256], GgmlType.Q3_K, new byte[110]);
         using var gguf = GgufFile.Open(b.Save(temp.File("types.gguf")));
         Assert.True(half.SameAs(gguf.Load("half")));
         Assert.True(bf16.SameAs(gguf.Load("bf16")));
@@ -181,8 +181,99 @@ public class GgufTests
         Assert.Equal(new long[] { 2, 64 }, q8Loaded.shape);
         Assert.Equal(q8Expected, q8Loaded.reshape(-1).data<float>().ToArray());
         Assert.Equal(q4Expected, gguf.Load("q4").reshape(-1).data<float>().ToArray());
-        var e = Assert.Throws<NotSupportedException>(() => gguf.Load("q6k"));
-        Assert.Contains("tensor 'q6k' is quantised as Q6_K", e.Message);
+        var e = Assert.Throws<NotSupportedException>(() => gguf.Load("q3k"));
+        Assert.Contains("tensor 'q3k' is quantised as Q3_K, which AdapterFlow cannot dequantise yet", e.Message);
+    }
+
+    /// <summary>Random block bytes with sane float16 scales at the given byte offsets.</summary>
+    private static byte[] RandomBlocks(Random rng, int blocks, int blockBytes, params int[] halfOffsets)
+    {
+        var data = new byte[blocks * blockBytes];
+        rng.NextBytes(data);
+        for (int b = 0; b < blocks; b++)
+            foreach (var at in halfOffsets)
+                BitConverter.TryWriteBytes(data.AsSpan(b * blockBytes + at, 2), (Half)(rng.NextDouble() * 0.1 + 0.01));
+        return data;
+    }
+
+    private static float H(byte[] d, int at) => (float)BitConverter.ToHalf(d, at);
+
+    /// <summary>6-bit scale/min pair j of the 12 packed K-quant scale bytes (ggml's get_scale_min_k4).</summary>
+    private static (int, int) KScale(byte[] d, int s, int j) => j < 4
+        ? (d[s + j] & 63, d[s + j + 4] & 63)
+        : ((d[s + j + 4] & 15) | ((d[s + j - 4] >> 6) << 4), (d[s + j + 4] >> 4) | ((d[s + j] >> 6) << 4));
+
+    /// <summary>Expected values computed element by element from the block layouts (independent of the loop structure in the reader).</summary>
+    [Fact]
+    public void K_quants_and_legacy_block_formats_dequantise_per_the_ggml_layouts()
+    {
+        using var temp = new TempFolder();
+        var rng = new Random(4);
+        var q4k = RandomBlocks(rng, 2, 144, 0, 2);
+        var q5k = RandomBlocks(rng, 2, 176, 0, 2);
+        var q6k = RandomBlocks(rng, 2, 210, 208);
+        var q41 = RandomBlocks(rng, 8, 20, 0, 2);
+        var q50 = RandomBlocks(rng, 8, 22, 0);
+        var q51 = RandomBlocks(rng, 8, 24, 0, 2);
+        var path = new GgufBuilder()
+            .Tensor("q4k", [256, 2], GgmlType.Q4_K, q4k).Tensor("q5k", [256, 2], GgmlType.Q5_K, q5k)
+            .Tensor("q6k", [256, 2], GgmlType.Q6_K, q6k).Tensor("q41", [128, 2], GgmlType.Q4_1, q41)
+            .Tensor("q50", [128, 2], GgmlType.Q5_0, q50).Tensor("q51", [128, 2], GgmlType.Q5_1, q51)
+            .Save(temp.File("k.gguf"));
+        using var gguf = GgufFile.Open(path);
+
+        float[] Expect(int count, Func<int, float> at) => Enumerable.Range(0, count).Select(at).ToArray();
+        void Check(string name, float[] expected)
+        {
+            var actual = gguf.Load(name).reshape(-1).data<float>().ToArray();
+            Assert.Equal(expected.Length, actual.Length);
+            for (int i = 0; i < expected.Length; i++)
+                Assert.True(Math.Abs(expected[i] - actual[i]) <= 1e-6 * Math.Max(1, Math.Abs(expected[i])), $"{name}[{i}]: {actual[i]} != {expected[i]}");
+        }
+
+        Check("q4k", Expect(512, e =>
+        {
+            int b = e / 256 * 144, i = e % 256, sub = i / 32;
+            int qbyte = q4k[b + 16 + 32 * (i / 64) + i % 32];
+            int q = sub % 2 == 0 ? qbyte & 15 : qbyte >> 4;
+            var (sc, m) = KScale(q4k, b + 4, sub);
+            return H(q4k, b) * sc * q - H(q4k, b + 2) * m;
+        }));
+        Check("q5k", Expect(512, e =>
+        {
+            int b = e / 256 * 176, i = e % 256, sub = i / 32;
+            int qbyte = q5k[b + 48 + 32 * (i / 64) + i % 32];
+            int q = (sub % 2 == 0 ? qbyte & 15 : qbyte >> 4) + (((q5k[b + 16 + i % 32] >> sub) & 1) << 4);
+            var (sc, m) = KScale(q5k, b + 4, sub);
+            return H(q5k, b) * sc * q - H(q5k, b + 2) * m;
+        }));
+        Check("q6k", Expect(512, e =>
+        {
+            int b = e / 256 * 210, i = e % 256, half = i / 128, quarter = i % 128 / 32, l = i % 32;
+            int low = q6k[b + 64 * half + l + (quarter % 2) * 32];
+            low = quarter < 2 ? low & 15 : low >> 4;
+            int high = (q6k[b + 128 + 32 * half + l] >> (2 * quarter)) & 3;
+            var scale = (sbyte)q6k[b + 192 + 8 * half + l / 16 + 2 * quarter];
+            return H(q6k, b + 208) * scale * ((low | (high << 4)) - 32);
+        }));
+        Check("q41", Expect(256, e =>
+        {
+            int b = e / 32 * 20, i = e % 32;
+            int q = i < 16 ? q41[b + 4 + i] & 15 : q41[b + 4 + i - 16] >> 4;
+            return H(q41, b) * q + H(q41, b + 2);
+        }));
+        Check("q50", Expect(256, e =>
+        {
+            int b = e / 32 * 22, i = e % 32;
+            int q = (i < 16 ? q50[b + 6 + i] & 15 : q50[b + 6 + i - 16] >> 4) | (int)((BitConverter.ToUInt32(q50, b + 2) >> i) & 1) << 4;
+            return H(q50, b) * (q - 16);
+        }));
+        Check("q51", Expect(256, e =>
+        {
+            int b = e / 32 * 24, i = e % 32;
+            int q = (i < 16 ? q51[b + 8 + i] & 15 : q51[b + 8 + i - 16] >> 4) | (int)((BitConverter.ToUInt32(q51, b + 4) >> i) & 1) << 4;
+            return H(q51, b) * q + H(q51, b + 2);
+        }));
     }
 
     private static string OpenError(string path)
@@ -274,13 +365,16 @@ public class GgufTests
     public static Tensor RotateHalfToInterleaved(Tensor w, int heads) =>
         w.reshape([heads, 2, w.shape[0] / heads / 2, .. w.shape.Skip(1)]).transpose(1, 2).reshape(w.shape);
 
-    [Fact]
-    public void Llama_gguf_imports_as_the_hugging_face_model_with_q_and_k_unpermuted()
+    [Theory]
+    [InlineData("llama")]
+    [InlineData("qwen2")]
+    public void Decoder_gguf_imports_as_the_hugging_face_model(string arch)
     {
         using var temp = new TempFolder();
         using var scope = torch.NewDisposeScope();
         var g = new Generator(17);
         Tensor R(params long[] shape) => torch.randn(shape, generator: g) * 0.2;
+        bool llama = arch == "llama";
         // hidden 16, 4 heads of 4, 2 KV heads, ffn 24, vocab 20, 2 layers; untied head.
         var hf = new Dictionary<string, Tensor>
         {
@@ -289,10 +383,10 @@ public class GgufTests
             ["lm_head.weight"] = R(20, 16),
         };
         var b = new GgufBuilder()
-            .String("general.architecture", "llama")
-            .U32("llama.embedding_length", 16).U32("llama.block_count", 2).U32("llama.feed_forward_length", 24)
-            .U32("llama.attention.head_count", 4).U32("llama.attention.head_count_kv", 2).U32("llama.context_length", 64)
-            .F32("llama.attention.layer_norm_rms_epsilon", 1e-6f).F32("llama.rope.freq_base", 500000f)
+            .String("general.architecture", arch)
+            .U32($"{arch}.embedding_length", 16).U32($"{arch}.block_count", 2).U32($"{arch}.feed_forward_length", 24)
+            .U32($"{arch}.attention.head_count", 4).U32($"{arch}.attention.head_count_kv", 2).U32($"{arch}.context_length", 64)
+            .F32($"{arch}.attention.layer_norm_rms_epsilon", 1e-6f).F32($"{arch}.rope.freq_base", 500000f)
             .Strings("tokenizer.ggml.tokens", Enumerable.Range(0, 20).Select(i => $"t{i}").ToArray())
             .Floats("tokenizer.ggml.scores", Enumerable.Range(0, 20).Select(i => -(float)i).ToArray())
             .Ints("tokenizer.ggml.token_type", Enumerable.Range(0, 20).Select(i => i < 3 ? 3 : 1).ToArray())
@@ -301,6 +395,7 @@ public class GgufTests
             .Tensor("token_embd.weight", hf["model.embed_tokens.weight"])
             .Tensor("output_norm.weight", hf["model.norm.weight"])
             .Tensor("output.weight", hf["lm_head.weight"]);
+        if (llama) b.String("llama.rope.scaling.type", "linear").F32("llama.rope.scaling.factor", 2f);
         for (int l = 0; l < 2; l++)
         {
             var p = $"model.layers.{l}.";
@@ -313,8 +408,10 @@ public class GgufTests
             hf[p + "mlp.down_proj.weight"] = R(16, 24);
             hf[p + "input_layernorm.weight"] = R(16) + 1;
             hf[p + "post_attention_layernorm.weight"] = R(16) + 1;
-            b.Tensor($"blk.{l}.attn_q.weight", RotateHalfToInterleaved(hf[p + "self_attn.q_proj.weight"], 4))
-             .Tensor($"blk.{l}.attn_k.weight", RotateHalfToInterleaved(hf[p + "self_attn.k_proj.weight"], 2))
+            // llama.cpp's llama converter turns q/k rows to the interleaved layout; its qwen2 converter does not.
+            Tensor Rows(Tensor t, int heads) => llama ? RotateHalfToInterleaved(t, heads) : t;
+            b.Tensor($"blk.{l}.attn_q.weight", Rows(hf[p + "self_attn.q_proj.weight"], 4))
+             .Tensor($"blk.{l}.attn_k.weight", Rows(hf[p + "self_attn.k_proj.weight"], 2))
              .Tensor($"blk.{l}.attn_v.weight", hf[p + "self_attn.v_proj.weight"])
              .Tensor($"blk.{l}.attn_output.weight", hf[p + "self_attn.o_proj.weight"])
              .Tensor($"blk.{l}.ffn_gate.weight", hf[p + "mlp.gate_proj.weight"])
@@ -322,8 +419,17 @@ public class GgufTests
              .Tensor($"blk.{l}.ffn_down.weight", hf[p + "mlp.down_proj.weight"])
              .Tensor($"blk.{l}.attn_norm.weight", hf[p + "input_layernorm.weight"])
              .Tensor($"blk.{l}.ffn_norm.weight", hf[p + "post_attention_layernorm.weight"]);
+            if (!llama)
+            {
+                hf[p + "self_attn.q_proj.bias"] = R(16);
+                hf[p + "self_attn.k_proj.bias"] = R(8);
+                hf[p + "self_attn.v_proj.bias"] = R(8);
+                b.Tensor($"blk.{l}.attn_q.bias", hf[p + "self_attn.q_proj.bias"])
+                 .Tensor($"blk.{l}.attn_k.bias", hf[p + "self_attn.k_proj.bias"])
+                 .Tensor($"blk.{l}.attn_v.bias", hf[p + "self_attn.v_proj.bias"]);
+            }
         }
-        var path = b.Save(temp.File("tiny-llama.gguf"));
+        var path = b.Save(temp.File($"tiny-{arch}.gguf"));
 
         using var imported = ModelFiles.Open(path);
         Assert.Equal("gguf", imported.Format);
@@ -332,6 +438,7 @@ public class GgufTests
             Assert.True(expected.SameAs(imported.Tensors.Load(name)), name);
 
         var c = imported.Config;
+        Assert.Equal(arch, (string)c["model_type"]!);
         Assert.Equal(16, (int)c["hidden_size"]!);
         Assert.Equal(24, (int)c["intermediate_size"]!);
         Assert.Equal(2, (int)c["num_hidden_layers"]!);
@@ -356,6 +463,13 @@ public class GgufTests
 
         // The imported model computes what the model built from the Hugging Face tensors computes.
         var config = AutoModel.ParseConfig(imported.Config, path);
+        Assert.Equal(arch, config.ModelType);
+        if (llama)
+        {
+            var rope = ((LlamaConfig)config).RopeScaling!;
+            Assert.Equal("linear", rope.Type);
+            Assert.Equal(2.0, rope.Factor);
+        }
         using var fromGguf = AutoModel.FromCheckpoint(config, imported.Tensors);
         var hfFile = temp.File("model.safetensors");
         SafetensorsWriter.Save(hfFile, hf);
@@ -373,7 +487,7 @@ public class GgufTests
         var noArch = new GgufBuilder().Tensor("w", torch.ones(2)).Save(temp.File("noarch.gguf"));
         Assert.Contains("'general.architecture' is missing", Assert.Throws<InvalidDataException>(() => GgufImport.Open(noArch)).Message);
         var gpt = new GgufBuilder().String("general.architecture", "mamba").Save(temp.File("mamba.gguf"));
-        Assert.Contains("architecture 'mamba' is not supported", Assert.Throws<NotSupportedException>(() => GgufImport.Open(gpt)).Message);
+        Assert.Contains("architecture 'mamba' is not supported yet (supported: llama, qwen2)", Assert.Throws<NotSupportedException>(() => GgufImport.Open(gpt)).Message);
         var stray = new GgufBuilder().String("general.architecture", "llama")
             .U32("llama.embedding_length", 4).U32("llama.block_count", 1).U32("llama.feed_forward_length", 4).U32("llama.attention.head_count", 2)
             .Tensor("token_embd.weight", torch.ones(3, 4)).Tensor("blk.0.mystery.weight", torch.ones(4)).Save(temp.File("stray.gguf"));

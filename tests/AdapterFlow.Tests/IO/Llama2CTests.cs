@@ -92,6 +92,65 @@ public class Llama2CTests
     }
 
     [Fact]
+    public void Version1_export_with_shared_classifier_is_read()
+    {
+        using var temp = new TempFolder();
+        using var scope = torch.NewDisposeScope();
+        var g = new Generator(29);
+        Tensor R(params long[] shape) => torch.randn(shape, generator: g);
+        int layers = 2, heads = 2, kvHeads = 2;
+        var hf = new Dictionary<string, Tensor> { ["model.embed_tokens.weight"] = R(10, 8), ["model.norm.weight"] = R(8) };
+        for (int l = 0; l < layers; l++)
+        {
+            var p = $"model.layers.{l}.";
+            foreach (var (name, shape) in new (string, long[])[]
+                     {
+                         ("input_layernorm.weight", [8]), ("post_attention_layernorm.weight", [8]), ("self_attn.q_proj.weight", [8, 8]),
+                         ("self_attn.k_proj.weight", [8, 8]), ("self_attn.v_proj.weight", [8, 8]), ("self_attn.o_proj.weight", [8, 8]),
+                         ("mlp.gate_proj.weight", [12, 8]), ("mlp.down_proj.weight", [8, 12]), ("mlp.up_proj.weight", [12, 8]),
+                     })
+                hf[p + name] = R(shape);
+        }
+        // export.py version 1: magic "ak42", version, 7 int32 params, shared-classifier byte, zero padding to 256 bytes;
+        // then all norms, the embedding, and the matrices grouped by kind.
+        var path = temp.File("v1.bin");
+        using (var f = File.Create(path))
+        {
+            f.Write(BitConverter.GetBytes(0x616b3432u));
+            f.Write(BitConverter.GetBytes(1));
+            foreach (var v in new[] { 8, 12, layers, heads, kvHeads, 10, 32 }) f.Write(BitConverter.GetBytes(v));
+            f.WriteByte(1);
+            while (f.Position < 256) f.WriteByte(0);
+            void W(Tensor t) => f.Write(t.contiguous().bytes);
+            void All(string suffix, int permuteHeads = 0)
+            {
+                for (int l = 0; l < layers; l++)
+                {
+                    var t = hf[$"model.layers.{l}.{suffix}"];
+                    W(permuteHeads > 0 ? GgufTests.RotateHalfToInterleaved(t, permuteHeads) : t);
+                }
+            }
+            All("input_layernorm.weight");
+            All("post_attention_layernorm.weight");
+            W(hf["model.norm.weight"]);
+            W(hf["model.embed_tokens.weight"]);
+            All("self_attn.q_proj.weight", heads);
+            All("self_attn.k_proj.weight", kvHeads);
+            All("self_attn.v_proj.weight");
+            All("self_attn.o_proj.weight");
+            All("mlp.gate_proj.weight");
+            All("mlp.down_proj.weight");
+            All("mlp.up_proj.weight");
+        }
+        Assert.Equal(1, Llama2C.TryReadHeader(path)!.Value.Version);
+        using var imported = Llama2C.Open(path);
+        Assert.True((bool)imported.Config["tie_word_embeddings"]!);
+        Assert.Equal(hf.Keys.Order(), imported.Tensors.Names.Order());
+        foreach (var (name, expected) in hf)
+            Assert.True(expected.SameAs(imported.Tensors.Load(name)), name);
+    }
+
+    [Fact]
     public void Tokenizer_file_is_read_with_scores_and_bytes()
     {
         using var temp = new TempFolder();

@@ -188,7 +188,8 @@ public class SafetensorsTests
     }
 
     [Theory]
-    [InlineData("""{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}""", "tensor 'w': unknown dtype 'F8_E4M3'")]
+    [InlineData("""{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}""", "tensor 'w': dtype 'F8_E4M3' is valid safetensors but not supported here")]
+    [InlineData("""{"w":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}""", "tensor 'w': unknown dtype 'F33' (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)")]
     [InlineData("""{"w":{"dtype":7,"shape":[2],"data_offsets":[0,8]}}""", "tensor 'w': 'dtype' is missing or not a string")]
     [InlineData("""{"w":{"shape":[2],"data_offsets":[0,8]}}""", "tensor 'w': 'dtype' is missing")]
     [InlineData("""{"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}""", "tensor 'w': 'shape' must hold non-negative integers, got -2")]
@@ -272,7 +273,7 @@ public class SafetensorsTests
         byte[] jsonish = Encoding.ASCII.GetBytes("0123456789{}[],:\" -.e\"FIUB");
 
         int loaded = 0, refused = 0;
-        for (int round = 0; round < 400; round++)
+        for (int round = 0; round < 300; round++)
         {
             var bytes = (byte[])pristine.Clone();
             switch (rng.Next(5))
@@ -298,7 +299,7 @@ public class SafetensorsTests
                     bytes = [.. bytes, .. Enumerable.Range(0, rng.Next(1, 40)).Select(_ => (byte)rng.Next(256))];
                     break;
             }
-            var path = temp.File($"fuzz{round}.safetensors");
+            var path = temp.File("fuzzed.safetensors");
             File.WriteAllBytes(path, bytes);
             try
             {
@@ -319,7 +320,6 @@ public class SafetensorsTests
                 Assert.StartsWith(path + ": ", e.Message);
                 refused++;
             }
-            File.Delete(path);
         }
         // Both outcomes occur (data-only corruption still loads), so the test exercises both paths.
         Assert.True(loaded > 0 && refused > 100, $"loaded {loaded}, refused {refused}");

@@ -39,6 +39,29 @@ public class Stories260KTests
         }
     }
 
+    [SkippableFact]
+    public void Folders_and_files_are_recognised_by_content()
+    {
+        foreach (var (path, format) in new[]
+                 {
+                     (PathOf("hf"), "safetensors"),
+                     (Path.Combine(PathOf("hf"), "model.safetensors"), "safetensors"),
+                     (Path.GetDirectoryName(PathOf("gguf"))!, "gguf"),
+                     (PathOf("gguf"), "gguf"),
+                     (Path.GetDirectoryName(PathOf("llama2c"))!, "llama2.c"),
+                     (PathOf("llama2c"), "llama2.c"),
+                 })
+        {
+            using var imported = ModelFiles.Open(path);
+            Assert.Equal(format, imported.Format);
+            // 1 embedding + 5 layers × 9 + final norm; the head is tied.
+            Assert.Equal(47, imported.Tensors.Names.Count);
+        }
+        // tok512.bin is not mistaken for a checkpoint.
+        var tokenizer = Path.Combine(Path.GetDirectoryName(PathOf("llama2c"))!, "tok512.bin");
+        Assert.Contains("unrecognised model file", Assert.Throws<InvalidDataException>(() => ModelFiles.Open(tokenizer)).Message);
+    }
+
     [SkippableTheory]
     [InlineData("gguf")]
     [InlineData("llama2c")]
@@ -82,6 +105,23 @@ public class Stories260KTests
         Assert.Equal(a.Scores, b.Scores);
         // llama2.c spells SentencePiece's word-start "▁" as a space; otherwise the token strings are the same.
         for (int i = 3; i < 512; i++) Assert.Equal(a.Tokens[i].Replace('▁', ' '), b.Tokens[i]);
+    }
+
+    [SkippableTheory]
+    [InlineData("gguf")]
+    [InlineData("llama2c")]
+    public void Export_to_hugging_face_layout_reproduces_the_published_conversion(string format)
+    {
+        using var temp = new TempFolder();
+        ModelFiles.ExportHuggingFace(PathOf(format), temp.Path);
+        using var expected = Checkpoint.Open(PathOf("hf"));
+        using var exported = Checkpoint.Open(temp.Path);
+        Assert.Equal(expected.Names.Order(), exported.Names.Order());
+        foreach (var name in expected.Names)
+            Assert.True(expected.Load(name).allclose(exported.Load(name), rtol: 0, atol: 1e-6), name);
+        var config = (LlamaConfig)AutoModel.LoadConfig(temp.Path);
+        Assert.Equal(64, config.HiddenSize);
+        Assert.True(config.TieWordEmbeddings);
     }
 
     [SkippableTheory]
