@@ -284,7 +284,7 @@ public sealed class DecodingSession : IDisposable
     /// <summary>Tokens, text and stop state of one prompt's output.</summary>
     private sealed class RowState
     {
-        private readonly IncrementalDetokenizer? _detokenizer;
+        private readonly TokenizerStreamingDecoder? _detokenizer;
         private readonly StopStringMatcher? _matcher;
         private string? _completedText;
         private double? _score;
@@ -292,7 +292,7 @@ public sealed class DecodingSession : IDisposable
         public RowState(ITokenizer? tokenizer, GenerationOptions options)
         {
             if (tokenizer is null) return;
-            _detokenizer = new IncrementalDetokenizer(tokenizer, options.SkipSpecialTokens);
+            _detokenizer = new TokenizerStreamingDecoder(tokenizer, options.SkipSpecialTokens);
             _matcher = new StopStringMatcher(options.StopStrings ?? []);
         }
 
@@ -307,7 +307,7 @@ public sealed class DecodingSession : IDisposable
             string? text = null;
             if (_detokenizer is not null)
             {
-                text = _matcher!.Append(_detokenizer.Add(id), out var matched);
+                text = _matcher!.Append(_detokenizer.Append(id), out var matched);
                 if (matched is not null)
                 {
                     StopString = matched;

@@ -1,56 +1,6 @@
 using System.Text;
-using AdapterFlow.IO;
 
 namespace AdapterFlow.Generation;
-
-/// <summary>
-/// Turns a growing list of token ids into text pieces that are final: a piece is released only once it no
-/// longer ends in U+FFFD (a UTF-8 character split across tokens). It decodes a short window — the tokens of
-/// the previous piece plus the new ones — and releases the difference, so each step costs O(window), not the
-/// whole continuation, and tokenizers that treat the first token of a decode specially (SentencePiece's
-/// leading space) are handled: that token is in both decodes and cancels out.
-/// </summary>
-public sealed class IncrementalDetokenizer
-{
-    private readonly ITokenizer _tokenizer;
-    private readonly bool _skipSpecialTokens;
-    private readonly List<int> _ids = new();
-    private int _prefixOffset;
-    private int _readOffset;
-
-    public IncrementalDetokenizer(ITokenizer tokenizer, bool skipSpecialTokens)
-    {
-        _tokenizer = tokenizer;
-        _skipSpecialTokens = skipSpecialTokens;
-    }
-
-    public IReadOnlyList<int> Ids => _ids;
-
-    /// <summary>Adds a token; returns the text that became final (often the token's own text, possibly empty).</summary>
-    public string Add(int id)
-    {
-        _ids.Add(id);
-        var prefix = Decode(_prefixOffset, _readOffset);
-        var current = Decode(_prefixOffset, _ids.Count);
-        if (current.Length <= prefix.Length || current.EndsWith('\uFFFD') || !current.StartsWith(prefix, StringComparison.Ordinal))
-            return "";
-        _prefixOffset = _readOffset;
-        _readOffset = _ids.Count;
-        return current[prefix.Length..];
-    }
-
-    /// <summary>Text not yet released (an incomplete character at the end of the sequence decodes as U+FFFD, as a full decode would).</summary>
-    public string Flush()
-    {
-        var prefix = Decode(_prefixOffset, _readOffset);
-        var current = Decode(_prefixOffset, _ids.Count);
-        _prefixOffset = _readOffset = _ids.Count;
-        return current.StartsWith(prefix, StringComparison.Ordinal) ? current[prefix.Length..] : "";
-    }
-
-    private string Decode(int from, int to) =>
-        to <= from ? "" : _tokenizer.Decode(_ids.GetRange(from, to - from), _skipSpecialTokens);
-}
 
 /// <summary>
 /// Watches a row's text for stop strings. Text that might be the beginning of a stop string is held back, so a
