@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Text;
+using System.Text.Json;
 using System.Text.Json.Nodes;
 
 namespace AdapterFlow.IO.Tokenizers;
@@ -16,7 +17,9 @@ internal sealed class BpeModel
     private readonly Dictionary<long, (int Rank, int NewId)> _merges;
     private readonly ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
     private readonly int[] _byteFallbackIds;
-    private const int CacheCapacity = 200_000;
+    private const int CacheCapacity = 100_000;
+    private const int MaxCachedWordLength = 256;
+    private int _cacheAdds;
 
     public string? UnkToken { get; }
     public int? UnkId { get; }
@@ -43,50 +46,64 @@ internal sealed class BpeModel
         IgnoreMerges = ignoreMerges;
         ContinuingSubwordPrefix = string.IsNullOrEmpty(prefix) ? null : prefix;
         EndOfWordSuffix = string.IsNullOrEmpty(suffix) ? null : suffix;
+        _splitBeforeMetaspace = !ignoreMerges && ContinuingSubwordPrefix is null && EndOfWordSuffix is null && vocab.ContainsKey("\u2581")
+            && !vocab.Keys.Any(t => t.AsSpan(1).Contains(Metaspace) && HasMetaspaceAfterOtherChar(t));
         _byteFallbackIds = new int[256];
         for (var b = 0; b < 256; b++) _byteFallbackIds[b] = vocab.TryGetValue($"<0x{b:X2}>", out var id) ? id : -1;
     }
 
-    public static BpeModel FromJson(JsonObject model, JsonFields f)
+    /// <summary>Reads a BPE model; vocab and merges straight from the JsonElement (a JsonNode per entry is several times slower).</summary>
+    public static BpeModel FromJson(JsonObject model, JsonElement modelElement, JsonFields f)
     {
-        var vocabNode = model["vocab"];
-        if (vocabNode is JsonArray) throw f.Error("model.vocab", "is a list (a Unigram model?); only BPE models are supported");
-        var vocabObj = f.Object(vocabNode, "model.vocab");
-        var vocab = new Dictionary<string, int>(vocabObj.Count, StringComparer.Ordinal);
-        foreach (var (token, idNode) in vocabObj)
+        if (!modelElement.TryGetProperty("vocab", out var vocabElement) || vocabElement.ValueKind == JsonValueKind.Null)
+            throw f.Error("model.vocab", "is missing");
+        if (vocabElement.ValueKind == JsonValueKind.Array) throw f.Error("model.vocab", "is a list (a Unigram model?); only BPE models are supported");
+        if (vocabElement.ValueKind != JsonValueKind.Object) throw f.Error("model.vocab", $"must be an object, not {vocabElement.ValueKind}");
+        var vocab = new Dictionary<string, int>(StringComparer.Ordinal);
+        foreach (var entry in vocabElement.EnumerateObject())
         {
-            var id = f.Int(idNode, $"model.vocab[\"{token}\"]");
-            if (id < 0) throw f.Error($"model.vocab[\"{token}\"]", $"has a negative id {id}");
-            vocab[token] = id;
+            if (entry.Value.ValueKind != JsonValueKind.Number || !entry.Value.TryGetInt32(out var id) || id < 0)
+                throw f.Error($"model.vocab[\"{entry.Name}\"]", $"must be a non-negative integer id, not {entry.Value.GetRawText()}");
+            vocab[entry.Name] = id;
         }
         var prefix = f.OptionalString(model["continuing_subword_prefix"], "model.continuing_subword_prefix");
-        var mergesArray = f.Array(model["merges"], "model.merges");
-        var merges = new Dictionary<long, (int, int)>(mergesArray.Count);
+        if (!modelElement.TryGetProperty("merges", out var mergesElement) || mergesElement.ValueKind == JsonValueKind.Null)
+            throw f.Error("model.merges", "is missing");
+        if (mergesElement.ValueKind != JsonValueKind.Array) throw f.Error("model.merges", $"must be an array, not {mergesElement.ValueKind}");
+        var merges = new Dictionary<long, (int, int)>(mergesElement.GetArrayLength());
         var prefixLength = prefix?.Length ?? 0;
-        for (var rank = 0; rank < mergesArray.Count; rank++)
+        var lookup = vocab.GetAlternateLookup<ReadOnlySpan<char>>();
+        var buffer = new char[256];
+        var rank = 0;
+        foreach (var item in mergesElement.EnumerateArray())
         {
-            var field = $"model.merges[{rank}]";
-            string a, b;
-            switch (mergesArray[rank])
+            ReadOnlySpan<char> a, b;
+            if (item.ValueKind == JsonValueKind.String)
             {
-                case JsonArray pair:
-                    if (pair.Count != 2) throw f.Error(field, $"must hold two tokens, not {pair.Count}");
-                    a = f.String(pair[0], field + "[0]");
-                    b = f.String(pair[1], field + "[1]");
-                    break;
-                case var node:
-                    var line = f.String(node, field);
-                    var space = line.IndexOf(' ');
-                    if (space < 0 || line.IndexOf(' ', space + 1) >= 0) throw f.Error(field, $"\"{line}\" must be two tokens separated by one space");
-                    a = line[..space];
-                    b = line[(space + 1)..];
-                    break;
+                var line = item.GetString()!;
+                var space = line.IndexOf(' ');
+                if (space < 0 || line.IndexOf(' ', space + 1) >= 0)
+                    throw f.Error($"model.merges[{rank}]", $"\"{line}\" must be two tokens separated by one space");
+                a = line.AsSpan(0, space);
+                b = line.AsSpan(space + 1);
             }
-            if (!vocab.TryGetValue(a, out var aId)) throw f.Error(field, $"uses '{a}', which is not in model.vocab");
-            if (!vocab.TryGetValue(b, out var bId)) throw f.Error(field, $"uses '{b}', which is not in model.vocab");
-            var merged = a + (b.Length >= prefixLength ? b[prefixLength..] : "");
-            if (!vocab.TryGetValue(merged, out var newId)) throw f.Error(field, $"makes '{merged}', which is not in model.vocab");
+            else if (item.ValueKind == JsonValueKind.Array && item.GetArrayLength() == 2
+                     && item[0].ValueKind == JsonValueKind.String && item[1].ValueKind == JsonValueKind.String)
+            {
+                a = item[0].GetString();
+                b = item[1].GetString();
+            }
+            else throw f.Error($"model.merges[{rank}]", "must be \"a b\" or [\"a\", \"b\"]");
+            if (!lookup.TryGetValue(a, out var aId)) throw f.Error($"model.merges[{rank}]", $"uses '{a}', which is not in model.vocab");
+            if (!lookup.TryGetValue(b, out var bId)) throw f.Error($"model.merges[{rank}]", $"uses '{b}', which is not in model.vocab");
+            var bTail = b.Length >= prefixLength ? b[prefixLength..] : [];
+            if (buffer.Length < a.Length + bTail.Length) buffer = new char[2 * (a.Length + bTail.Length)];
+            a.CopyTo(buffer);
+            bTail.CopyTo(buffer.AsSpan(a.Length));
+            var merged = buffer.AsSpan(0, a.Length + bTail.Length);
+            if (!lookup.TryGetValue(merged, out var newId)) throw f.Error($"model.merges[{rank}]", $"makes '{merged}', which is not in model.vocab");
             merges[PairKey(aId, bId)] = (rank, newId);
+            rank++;
         }
         var unk = f.OptionalString(model["unk_token"], "model.unk_token");
         if (unk is not null && !vocab.ContainsKey(unk)) throw f.Error("model.unk_token", $"'{unk}' is not in model.vocab");
@@ -96,6 +113,13 @@ internal sealed class BpeModel
             f.Bool(model["ignore_merges"], "model.ignore_merges", false),
             prefix,
             f.OptionalString(model["end_of_word_suffix"], "model.end_of_word_suffix"));
+    }
+
+    private static bool HasMetaspaceAfterOtherChar(string token)
+    {
+        for (var i = 1; i < token.Length; i++)
+            if (token[i] == Metaspace && token[i - 1] != Metaspace) return true;
+        return false;
     }
 
     private static long PairKey(int a, int b) => ((long)a << 32) | (uint)b;
@@ -112,10 +136,45 @@ internal sealed class BpeModel
     public void Tokenize(string word, List<int> ids)
     {
         if (word.Length == 0) return;
-        if (!_cache.TryGetValue(word, out var cached))
+        if (_splitBeforeMetaspace && word.Length > 1)
         {
-            cached = TokenizeUncached(word);
-            if (_cache.Count >= CacheCapacity) _cache.Clear();
+            // SentencePiece-style models get the whole text as one word. No token has '▁' after another
+            // character, so no merge crosses the start of a '▁' run: BPE on those pieces separately gives the
+            // same ids, and the pieces (words) can be cached.
+            var start = 0;
+            for (var i = 1; i < word.Length; i++)
+            {
+                if (word[i] == Metaspace && word[i - 1] != Metaspace)
+                {
+                    TokenizeWord(word.Substring(start, i - start), ids);
+                    start = i;
+                }
+            }
+            TokenizeWord(start == 0 ? word : word[start..], ids);
+            return;
+        }
+        TokenizeWord(word, ids);
+    }
+
+    private const char Metaspace = '\u2581';
+    private readonly bool _splitBeforeMetaspace;
+
+    private void TokenizeWord(string word, List<int> ids)
+    {
+        if (_cache.TryGetValue(word, out var cached))
+        {
+            ids.AddRange(cached);
+            return;
+        }
+        cached = TokenizeUncached(word);
+        // Long "words" (a whole text for SentencePiece-style models) rarely repeat: not worth keeping.
+        if (word.Length <= MaxCachedWordLength)
+        {
+            if (Interlocked.Increment(ref _cacheAdds) > CacheCapacity)
+            {
+                _cache.Clear();
+                Interlocked.Exchange(ref _cacheAdds, 0);
+            }
             _cache.TryAdd(word, cached);
         }
         ids.AddRange(cached);
@@ -183,24 +242,25 @@ internal sealed class BpeModel
         var sym = symbols.ToArray();
         for (var k = 0; k < n; k++) { sym[k].Prev = k - 1; sym[k].Next = k + 1 < n ? k + 1 : -1; }
 
-        // Lowest rank first, leftmost on ties: the order of HF's merge heap.
-        var queue = new PriorityQueue<(int Pos, int NewId), (int Rank, int Pos)>();
+        // Lowest rank first, leftmost on ties (the order of HF's merge heap): priority = rank << 32 | position.
+        var queue = new PriorityQueue<int, long>(n);
         for (var k = 0; k + 1 < n; k++)
-            if (_merges.TryGetValue(PairKey(sym[k].Id, sym[k + 1].Id), out var m)) queue.Enqueue((k, m.NewId), (m.Rank, k));
-        while (queue.TryDequeue(out var top, out _))
+            if (_merges.TryGetValue(PairKey(sym[k].Id, sym[k + 1].Id), out var m)) queue.Enqueue(k, ((long)m.Rank << 32) | (uint)k);
+        while (queue.TryDequeue(out var pos, out var priority))
         {
-            var pos = top.Pos;
             if (!sym[pos].Alive || sym[pos].Next < 0) continue;
             var right = sym[pos].Next;
-            if (!_merges.TryGetValue(PairKey(sym[pos].Id, sym[right].Id), out var current) || current.NewId != top.NewId) continue;
-            sym[pos].Id = top.NewId;
+            // A stale entry: the pair at pos changed since it was queued.
+            if (!_merges.TryGetValue(PairKey(sym[pos].Id, sym[right].Id), out var current) || current.Rank != (int)(priority >> 32)) continue;
+            sym[pos].Id = current.NewId;
             sym[right].Alive = false;
             sym[pos].Next = sym[right].Next;
             if (sym[pos].Next >= 0) sym[sym[pos].Next].Prev = pos;
-            if (sym[pos].Prev >= 0 && _merges.TryGetValue(PairKey(sym[sym[pos].Prev].Id, sym[pos].Id), out var left))
-                queue.Enqueue((sym[pos].Prev, left.NewId), (left.Rank, sym[pos].Prev));
+            var prev = sym[pos].Prev;
+            if (prev >= 0 && _merges.TryGetValue(PairKey(sym[prev].Id, sym[pos].Id), out var left))
+                queue.Enqueue(prev, ((long)left.Rank << 32) | (uint)prev);
             if (sym[pos].Next >= 0 && _merges.TryGetValue(PairKey(sym[pos].Id, sym[sym[pos].Next].Id), out var next))
-                queue.Enqueue((pos, next.NewId), (next.Rank, pos));
+                queue.Enqueue(pos, ((long)next.Rank << 32) | (uint)pos);
         }
         var result = new List<int>(n);
         for (var k = 0; k >= 0 && k < n; k = sym[k].Next) result.Add(sym[k].Id);

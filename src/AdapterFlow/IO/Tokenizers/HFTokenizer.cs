@@ -25,7 +25,7 @@ public sealed record TokenizedText(int[] Ids, string[] Tokens);
 /// </remarks>
 public sealed class HFTokenizer : ITokenizer
 {
-    private readonly JsonObject _tokenizerJson;
+    private readonly string _tokenizerJsonText;
     private readonly JsonObject? _config;
     private readonly JsonObject? _specialTokensMap;
     private readonly TextNormalizer? _normalizer;
@@ -65,10 +65,13 @@ public sealed class HFTokenizer : ITokenizer
     /// <summary>Ids of all added tokens flagged special.</summary>
     public IReadOnlyCollection<int> SpecialTokenIds { get; }
 
-    private HFTokenizer(JsonObject tokenizerJson, JsonObject? config, JsonObject? specialTokensMap, string source, string? configSource)
+    private HFTokenizer(string tokenizerJsonText, JsonElement root, JsonObject? config, JsonObject? specialTokensMap, string source, string? configSource)
     {
         Source = source;
-        _tokenizerJson = tokenizerJson;
+        _tokenizerJsonText = tokenizerJsonText;
+        if (root.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"{source}: must hold a JSON object");
+        // A lazy JsonNode view for the small sections; vocab and merges are read from the JsonElement.
+        var tokenizerJson = JsonObject.Create(root)!;
         _config = config;
         _specialTokensMap = specialTokensMap;
         var f = new JsonFields(source);
@@ -77,7 +80,7 @@ public sealed class HFTokenizer : ITokenizer
         var modelType = model["type"] is null ? "BPE" : f.String(model["type"], "model.type");
         if (modelType != "BPE")
             throw f.Error("model.type", $"'{modelType}' is not supported (only BPE models: byte-level BPE and SentencePiece-style BPE)");
-        _model = BpeModel.FromJson(model, f);
+        _model = BpeModel.FromJson(model, root.GetProperty("model"), f);
         _normalizer = TextNormalizer.FromJson(tokenizerJson["normalizer"], f, "normalizer");
         _preTokenizer = PreTokenizer.FromJson(tokenizerJson["pre_tokenizer"], f, "pre_tokenizer");
         _decoder = TokenDecoder.FromJson(tokenizerJson["decoder"], f, "decoder");
@@ -170,8 +173,12 @@ public sealed class HFTokenizer : ITokenizer
         var tokenizerJson = Path.Combine(directory, "tokenizer.json");
         var config = Path.Combine(directory, "tokenizer_config.json");
         var map = Path.Combine(directory, "special_tokens_map.json");
+        var vocab = Path.Combine(directory, "vocab.json");
+        var merges = Path.Combine(directory, "merges.txt");
+        if (!File.Exists(tokenizerJson) && File.Exists(vocab) && File.Exists(merges))
+            return FromVocabAndMerges(vocab, merges, File.Exists(config) ? config : null, File.Exists(map) ? map : null);
         if (!File.Exists(tokenizerJson))
-            throw new FileNotFoundException($"{directory} has no tokenizer.json (a Hugging Face fast tokenizer file is needed)", tokenizerJson);
+            throw new FileNotFoundException($"{directory} has no tokenizer.json (nor vocab.json + merges.txt)", tokenizerJson);
         return FromFile(tokenizerJson, File.Exists(config) ? config : null, File.Exists(map) ? map : null);
     }
 
@@ -192,7 +199,6 @@ public sealed class HFTokenizer : ITokenizer
     public static HFTokenizer FromJson(string tokenizerJson, string? configJson = null, string? specialTokensMapJson = null,
         string source = "tokenizer.json", string? configSource = null, string? specialTokensMapSource = null)
     {
-        var root = JsonFields.Parse(tokenizerJson, source) as JsonObject ?? throw new InvalidDataException($"{source}: must hold a JSON object");
         JsonObject? config = null, map = null;
         if (configJson is not null)
             config = JsonFields.Parse(configJson, configSource ?? "tokenizer_config.json") as JsonObject
@@ -200,11 +206,32 @@ public sealed class HFTokenizer : ITokenizer
         if (specialTokensMapJson is not null)
             map = JsonFields.Parse(specialTokensMapJson, specialTokensMapSource ?? "special_tokens_map.json") as JsonObject
                 ?? throw new InvalidDataException($"{specialTokensMapSource ?? "special_tokens_map.json"}: must hold a JSON object");
-        return new HFTokenizer(root, config, map, source, configSource);
+        using var document = JsonFields.ParseDocument(tokenizerJson, source);
+        return new HFTokenizer(tokenizerJson, document.RootElement, config, map, source, configSource);
     }
 
-    internal static HFTokenizer FromNodes(JsonObject tokenizerJson, JsonObject? config, string source) =>
-        new(tokenizerJson, config, null, source, null);
+    /// <summary>
+    /// A byte-level BPE tokenizer from the "slow" GPT-2 layout (vocab.json + merges.txt, e.g. OPT), converted the
+    /// way transformers' GPT2Converter does; <see cref="Save"/> then writes it as tokenizer.json.
+    /// </summary>
+    public static HFTokenizer FromVocabAndMerges(string vocabJsonPath, string mergesTxtPath, string? configPath = null, string? specialTokensMapPath = null)
+    {
+        foreach (var path in new[] { vocabJsonPath, mergesTxtPath, configPath, specialTokensMapPath })
+            if (path is not null && !File.Exists(path)) throw new FileNotFoundException($"tokenizer file {path} does not exist", path);
+        var config = configPath is null ? null : JsonFields.Parse(File.ReadAllText(configPath), configPath) as JsonObject
+            ?? throw new InvalidDataException($"{configPath}: must hold a JSON object");
+        var map = specialTokensMapPath is null ? null : JsonFields.Parse(File.ReadAllText(specialTokensMapPath), specialTokensMapPath) as JsonObject
+            ?? throw new InvalidDataException($"{specialTokensMapPath}: must hold a JSON object");
+        var json = VocabMergesConverter.Convert(vocabJsonPath, mergesTxtPath, config, configPath ?? "tokenizer_config.json");
+        return FromNodes(json, config, $"{vocabJsonPath} + {Path.GetFileName(mergesTxtPath)}", map, configPath);
+    }
+
+    internal static HFTokenizer FromNodes(JsonObject tokenizerJson, JsonObject? config, string source, JsonObject? specialTokensMap = null, string? configSource = null)
+    {
+        var text = tokenizerJson.ToJsonString(SaveOptions);
+        using var document = JsonDocument.Parse(text);
+        return new HFTokenizer(text, document.RootElement, config, specialTokensMap, source, configSource);
+    }
 
     // ---------------------------------------------------------------- encoding
 
@@ -346,7 +373,7 @@ public sealed class HFTokenizer : ITokenizer
     public void Save(string directory)
     {
         Directory.CreateDirectory(directory);
-        AtomicFile.WriteAllText(Path.Combine(directory, "tokenizer.json"), _tokenizerJson.ToJsonString(SaveOptions));
+        AtomicFile.WriteAllText(Path.Combine(directory, "tokenizer.json"), _tokenizerJsonText);
         var config = _config?.DeepClone().AsObject() ?? new JsonObject { ["tokenizer_class"] = "PreTrainedTokenizerFast" };
         if (_config is null)
         {

@@ -22,6 +22,18 @@ internal sealed class JsonFields(string file)
         }
     }
 
+    public static JsonDocument ParseDocument(string text, string file)
+    {
+        try
+        {
+            return JsonDocument.Parse(text, new JsonDocumentOptions { AllowTrailingCommas = true, CommentHandling = JsonCommentHandling.Skip });
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{file}: not valid JSON ({e.Message.Split('\n')[0].Trim()})");
+        }
+    }
+
     public JsonObject Object(JsonNode? node, string field) =>
         node as JsonObject ?? throw Error(field, node is null ? "is missing" : $"must be an object, not {Kind(node)}");
 

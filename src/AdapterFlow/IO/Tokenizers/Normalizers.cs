@@ -45,7 +45,7 @@ internal abstract class TextNormalizer
 
     private sealed class UnicodeForm(NormalizationForm form) : TextNormalizer
     {
-        public override string Normalize(string text) => text.IsNormalized(form) ? text : text.Normalize(form);
+        public override string Normalize(string text) => UnicodeNormalization.Normalize(text, form);
     }
 
     private sealed class Lowercase : TextNormalizer
@@ -111,7 +111,7 @@ internal abstract class TextNormalizer
             }
             var result = sb.ToString();
             // As in BERT: accents are stripped when asked, or by default when lowercasing.
-            if (stripAccents ?? lowercase) result = RemoveMarks(result.Normalize(NormalizationForm.FormD));
+            if (stripAccents ?? lowercase) result = RemoveMarks(UnicodeNormalization.Normalize(result, NormalizationForm.FormD));
             return lowercase ? result.ToLowerInvariant() : result;
         }
 

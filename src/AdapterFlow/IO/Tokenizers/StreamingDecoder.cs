@@ -45,6 +45,9 @@ public sealed class TokenizerStreamingDecoder
             return "";
         }
         var fresh = text[_emittedWindowText.Length..];
+        // Nothing new (e.g. a skipped special token): keep the window, so that the next token is still decoded
+        // after its real left context (a SentencePiece decoder would otherwise strip its leading space).
+        if (fresh.Length == 0) return "";
         // Slide the window: the next decode starts at the last emitted id, which keeps the context one id long.
         _prefixStart = _emittedUpTo;
         _emittedUpTo = _ids.Count;
