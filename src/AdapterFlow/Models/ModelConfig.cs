@@ -91,8 +91,15 @@ public static class ConfigJson
     public static double? OptionalDouble(JsonObject o, string path, string key)
     {
         if (!o.TryGetPropertyValue(key, out var n) || n is null) return null;
-        try { return n.GetValue<double>(); }
-        catch (Exception) { throw new InvalidDataException($"{path}: '{key}' must be a number, got {n.ToJsonString()}"); }
+        // Parsed JSON converts any number; a JsonObject built in code holds the CLR type it was given (e.g. int).
+        if (n is JsonValue v)
+        {
+            if (v.TryGetValue<double>(out var d)) return d;
+            if (v.TryGetValue<long>(out var l)) return l;
+            if (v.TryGetValue<int>(out var i)) return i;
+            if (v.TryGetValue<float>(out var f)) return f;
+        }
+        throw new InvalidDataException($"{path}: '{key}' must be a number, got {n.ToJsonString()}");
     }
 
     public static bool Bool(JsonObject o, string path, string key, bool fallback)

@@ -141,7 +141,7 @@ public static class ModelPresets
                 json["intermediate_size"] = ffn;
                 json["max_position_embeddings"] = s.Context;
                 json["rotary_pct"] = 0.25;
-                json["rotary_emb_base"] = 10000;
+                json["rotary_emb_base"] = 10000.0;
                 json["hidden_act"] = "gelu";
                 json["layer_norm_eps"] = 1e-5;
                 json["use_parallel_residual"] = true;
