@@ -12,7 +12,7 @@ internal static class InspectCommand
     {
         var directory = new Argument<string>("DIR")
         {
-            Description = "A Hugging Face model folder (config.json + model.safetensors or a sharded set).",
+            Description = "A Hugging Face model folder (config.json + model.safetensors or a sharded set), or a GGUF or llama2.c file.",
         };
         var json = CommonOptions.Json("Print the summary as one JSON object instead of a table.");
         var command = new Command("inspect",
@@ -39,7 +39,7 @@ internal static class InspectCommand
         Row("architecture", s.Architecture);
         Row("parameters", $"{Format.Count(s.Parameters)} ({s.Parameters.ToString("N0", CultureInfo.InvariantCulture)})");
         Row("dtype", s.DTypes.Count > 0 ? string.Join(", ", s.DTypes) : s.ConfigDType ?? "?");
-        Row("checkpoint size", Format.Bytes(s.CheckpointBytes) + $" in {s.Tensors} tensors");
+        Row("checkpoint", $"{s.Format}, {Format.Bytes(s.CheckpointBytes)} in {s.Tensors} tensors");
         Row("layers", s.Layers.ToString(CultureInfo.InvariantCulture));
         Row("attention heads", s.KeyValueHeads == s.Heads
             ? $"{s.Heads} (head dim {s.HeadDim})"

@@ -39,8 +39,10 @@ public sealed record ModelSummary
     /// <summary>Reads config.json and the safetensors header(s) of a Hugging Face model folder.</summary>
     public static ModelSummary Read(string directory)
     {
+        if (File.Exists(directory) || (Directory.Exists(directory) && !File.Exists(System.IO.Path.Combine(directory, "config.json"))))
+            return ReadImported(directory);
         if (!Directory.Exists(directory))
-            throw new DirectoryNotFoundException($"{directory}: model folder not found");
+            throw new DirectoryNotFoundException($"{directory}: model folder or file not found");
         var config = AutoModel.LoadConfig(directory);
         long parameters = 0, bytes = 0;
         int tensors = 0;
@@ -84,10 +86,59 @@ public sealed record ModelSummary
         };
     }
 
+    /// <summary>Where the weights came from: "safetensors", "gguf" or "llama2.c".</summary>
+    public string Format { get; init; } = "safetensors";
+
+    /// <summary>
+    /// A GGUF or llama2.c file (or a folder holding one): these carry no safetensors header, so each tensor is
+    /// read once (and dequantised) to count parameters; dtypes are those of the loaded tensors.
+    /// </summary>
+    private static ModelSummary ReadImported(string path)
+    {
+        using var imported = ModelFiles.Open(path);
+        var config = AutoModel.ParseConfig(imported.Config, imported.Path);
+        long parameters = 0;
+        var dtypeCounts = new Dictionary<string, long>();
+        foreach (var name in imported.Tensors.Names)
+        {
+            using var t = imported.Tensors.Load(name);
+            parameters += t.numel();
+            var dtype = Devices.DTypeName(t.dtype);
+            dtypeCounts[dtype] = dtypeCounts.GetValueOrDefault(dtype) + t.numel();
+        }
+        var folder = Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!;
+        return new ModelSummary
+        {
+            Path = System.IO.Path.GetFullPath(path),
+            Format = imported.Format,
+            ModelType = config.ModelType,
+            Architecture = config.Architecture,
+            Parameters = parameters,
+            DTypes = dtypeCounts.OrderByDescending(kv => kv.Value).Select(kv => kv.Key).ToList(),
+            ConfigDType = config.DType,
+            CheckpointBytes = File.Exists(path) ? new FileInfo(path).Length : Directory.GetFiles(path).Sum(f => new FileInfo(f).Length),
+            Tensors = imported.Tensors.Names.Count,
+            Layers = config.NumHiddenLayers,
+            Heads = config.NumAttentionHeads,
+            KeyValueHeads = config.NumKeyValueHeads,
+            HeadDim = config.HeadDim,
+            HiddenSize = config.HiddenSize,
+            IntermediateSize = config.IntermediateSize,
+            VocabSize = config.VocabSize,
+            ContextLength = config.MaxPositionEmbeddings > 0 ? config.MaxPositionEmbeddings : null,
+            TiedEmbeddings = config.TieWordEmbeddings,
+            BosTokenId = config.BosTokenId,
+            EosTokenIds = config.EosTokenIds,
+            PadTokenId = config.PadTokenId,
+            HasTokenizer = File.Exists(System.IO.Path.Combine(folder, "tokenizer.json")),
+        };
+    }
+
     /// <summary>One JSON object with every field (snake_case keys), for scripts.</summary>
     public JsonObject ToJson() => new()
     {
         ["path"] = Path,
+        ["format"] = Format,
         ["model_type"] = ModelType,
         ["architecture"] = Architecture,
         ["parameters"] = Parameters,

@@ -54,6 +54,28 @@ public class CliReferenceTests
     }
 
     [SkippableFact]
+    public void Inspect_agrees_across_the_safetensors_gguf_and_llama2c_layouts_of_stories260K()
+    {
+        var hf = SharedFiles.Require("models", "stories260K-hf");
+        var gguf = SharedFiles.Require("models", "stories260K-gguf", "stories260K.gguf");
+        var llama2c = SharedFiles.Require("models", "stories260K", "stories260K.bin");
+        var summaries = new[] { hf, gguf, llama2c }.Select(p => CliRunner.Run("inspect", p, "--json").AssertSuccess().LastJson()).ToArray();
+        Assert.Equal(["safetensors", "gguf", "llama2.c"], summaries.Select(s => s.GetProperty("format").GetString()));
+        foreach (var s in summaries)
+        {
+            Assert.Equal("LlamaForCausalLM", s.GetProperty("architecture").GetString());
+            Assert.Equal(summaries[0].GetProperty("parameters").GetInt64(), s.GetProperty("parameters").GetInt64());
+            Assert.Equal(5, s.GetProperty("layers").GetInt32());
+            Assert.Equal(4, s.GetProperty("kv_heads").GetInt32());
+            Assert.Equal(512, s.GetProperty("vocab_size").GetInt32());
+        }
+        // The real model (with its tokenizer.json) generates its well-known greedy story.
+        var story = CliRunner.Run("generate", "--model", hf, "--prompt", "Once upon a time", "--max-new-tokens", "20", "--temperature", "0", "--json")
+            .AssertSuccess().LastJson().GetProperty("text").GetString();
+        Assert.StartsWith(", there was a little girl", story);
+    }
+
+    [SkippableFact]
     public void Forward_rejects_bad_inputs_with_one_line_naming_the_file()
     {
         var folder = SharedFiles.Require("reference", "llama");
