@@ -145,6 +145,28 @@ public class LlamaCacheTests
     }
 
     [Fact]
+    public void Early_exit_drafting_then_truncating_the_cache_resumes_the_full_model()
+    {
+        // Self-speculative pattern: draft with the first layer only, then roll the cache back and verify.
+        using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 8);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.tensor(new long[] { 5, 7, 11, 13, 17, 19 }).unsqueeze(0);
+        var full = model.Logits(ids);
+        using var cache = model.CreateCache();
+        model.forward(new ForwardInput { InputIds = ids.narrow(1, 0, 3), Cache = cache });
+        model.forward(new ForwardInput { InputIds = ids.narrow(1, 3, 2), Cache = cache, ExitLayer = 1 });
+        Assert.Equal(5, cache.LayerLength(0));
+        Assert.Equal(3, cache.LayerLength(1));
+        // Misaligned layers are refused with a clear message rather than attending to the wrong keys.
+        var e = Assert.Throws<InvalidOperationException>(() => model.forward(new ForwardInput { InputIds = ids.narrow(1, 5, 1), Cache = cache }));
+        Assert.Contains("truncate", e.Message);
+        cache.Truncate(3);
+        var verified = model.forward(new ForwardInput { InputIds = ids.narrow(1, 3, 3), Cache = cache }).Logits;
+        Assert.True((verified - full.narrow(1, 3, 3)).abs().max().item<float>() < 1e-4);
+    }
+
+    [Fact]
     public void Last_position_only_and_hidden_states_are_consistent()
     {
         using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 3);
