@@ -45,7 +45,11 @@ internal sealed class AddedTokenMatcher
             if (!_byFirstChar.TryGetValue(text[i], out var candidates)) { i++; continue; }
             (string Pattern, AddedToken Token)? hit = null;
             foreach (var c in candidates)
+            {
+                // Cheap second-character test first: runs of spaces are added tokens in some vocabularies.
+                if (c.Pattern.Length > 1 && (i + 1 >= text.Length || text[i + 1] != c.Pattern[1])) continue;
                 if (string.CompareOrdinal(text, i, c.Pattern, 0, c.Pattern.Length) == 0) { hit = c; break; }
+            }
             if (hit is null) { i++; continue; }
             var (pattern, token) = hit.Value;
             var start = i;

@@ -171,7 +171,7 @@ internal sealed record PostProcessor(int[] PrefixIds, string[] PrefixTokens, int
 
     public bool AddsNothing => PrefixIds.Length == 0 && SuffixIds.Length == 0;
 
-    public static PostProcessor? FromJson(JsonNode? node, JsonFields f, string field, Func<string, int?> tokenToId)
+    public static PostProcessor? FromJson(JsonNode? node, JsonFields f, string field)
     {
         if (node is null) return null;
         var obj = f.Object(node, field);
@@ -193,7 +193,7 @@ internal sealed record PostProcessor(int[] PrefixIds, string[] PrefixTokens, int
                 var result = None;
                 for (var i = 0; i < items.Count; i++)
                 {
-                    var p = FromJson(items[i], f, $"{field}.processors[{i}]", tokenToId) ?? None;
+                    var p = FromJson(items[i], f, $"{field}.processors[{i}]") ?? None;
                     result = new PostProcessor([.. p.PrefixIds, .. result.PrefixIds], [.. p.PrefixTokens, .. result.PrefixTokens],
                         [.. result.SuffixIds, .. p.SuffixIds], [.. result.SuffixTokens, .. p.SuffixTokens]);
                 }

@@ -135,7 +135,7 @@ public sealed class HFTokenizer : ITokenizer
         EosTokenId = EosToken is null ? null : TokenToId(EosToken);
         PadTokenId = PadToken is null ? null : TokenToId(PadToken);
 
-        var post = PostProcessor.FromJson(tokenizerJson["post_processor"], f, "post_processor", TokenToId);
+        var post = PostProcessor.FromJson(tokenizerJson["post_processor"], f, "post_processor");
         if (post is null || ReferenceEquals(post, PostProcessor.None))
         {
             // No template in tokenizer.json: honour add_bos_token / add_eos_token of tokenizer_config.json.

@@ -28,6 +28,10 @@ internal abstract partial class PreTokenizer
                 return new Metaspace(ReadReplacement(obj, f, field), Metaspace.ReadScheme(obj, f, field), f.Bool(obj["split"], field + ".split", true));
             case "Split":
                 var behavior = ReadBehavior(obj["behavior"], f, field + ".behavior");
+                // GPT-2's own pattern as a Split: use the exact, faster hand-written splitter.
+                if (behavior == SplitBehavior.Isolated && !f.Bool(obj["invert"], field + ".invert", false)
+                    && obj["pattern"] is JsonObject p && p["Regex"] is JsonValue r && r.TryGetValue<string>(out var regex) && regex == Gpt2Split.Pattern)
+                    return new Gpt2Pieces();
                 return new SplitByPattern(TextPattern.FromJson(obj["pattern"], f, field + ".pattern"), behavior, f.Bool(obj["invert"], field + ".invert", false));
             case "Digits":
                 return new CharClass(c => IsNumber(c), f.Bool(obj["individual_digits"], field + ".individual_digits", false) ? SplitBehavior.Isolated : SplitBehavior.Contiguous);
@@ -256,6 +260,16 @@ internal abstract partial class PreTokenizer
         }
     }
 
+    private sealed class Gpt2Pieces : PreTokenizer
+    {
+        public override void Split(Piece piece, List<Piece> output)
+        {
+            var words = new List<(int Start, int Length)>();
+            Gpt2Split.Split(piece.Text, words);
+            foreach (var (start, length) in words) output.Add(new Piece(piece.Text.Substring(start, length), piece.AtStart && start == 0));
+        }
+    }
+
     private sealed class Sequence(PreTokenizer[] items) : PreTokenizer
     {
         public override void Split(Piece piece, List<Piece> output)
@@ -277,9 +291,13 @@ internal abstract partial class PreTokenizer
 /// GPT-2's pre-tokenization regex <c>'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+</c>,
 /// written out by hand: it classifies Unicode scalar values (a .NET Regex sees UTF-16 halves and would call a
 /// supplementary-plane letter "not a letter", unlike the Oniguruma regex HF uses), and it is several times faster.
+/// (Other Split regexes, e.g. Llama-3's or Qwen2's, run on .NET Regex: identical except for letters and digits
+/// outside the Basic Multilingual Plane, which .NET's \p{L}/\p{N} do not see.)
 /// </summary>
 internal static class Gpt2Split
 {
+    public const string Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
     private enum Kind : byte { Letter, Number, Space, Other }
 
     private static Kind Classify(string s, int i, out int length)
