@@ -34,6 +34,8 @@ public sealed class DecodingSession : IDisposable
     private readonly Tensor _unfinished;  // bool [N]
     private readonly Stopwatch _clock = new();
     private TimeSpan _prefillTime;
+    private TimeSpan _decodeTime;
+    private TimeSpan _stepStart;
     private long _decodeTokens;
     private int _decodeSteps;
     private bool _disposed;
@@ -97,6 +99,7 @@ public sealed class DecodingSession : IDisposable
             last[r] = PastLength + prompt.Count - 1;
         }
         PromptTokenCount = prompts.Sum(p => (long)p.Count) * rowsPerPrompt;
+        HasPadding = prompts.Any(p => p.Count != l);
 
         _sequences = torch.tensor(ids, [n, width], ScalarType.Int64, Device).DetachFromDisposeScope();
         _mask = torch.tensor(mask, [n, maskWidth], ScalarType.Int64, Device).DetachFromDisposeScope();
@@ -146,6 +149,12 @@ public sealed class DecodingSession : IDisposable
     /// <summary>The attention mask for a forward pass over keys 0..<paramref name="keys"/> − 1 (cached + new), a view.</summary>
     public Tensor MaskView(int keys) => _mask.narrow(1, 0, keys);
 
+    /// <summary>
+    /// True when some prompt is padded. Without padding the mask is all ones and forward passes get none, which
+    /// lets the model use plain causal attention (SDPA's fast path) and skip building a mask every step.
+    /// </summary>
+    public bool HasPadding { get; }
+
     /// <summary>Bool [N]: rows still generating.</summary>
     public Tensor Unfinished => _unfinished;
 
@@ -161,7 +170,7 @@ public sealed class DecodingSession : IDisposable
         var output = Model.forward(new ForwardInput
         {
             InputIds = _promptIds,
-            AttentionMask = MaskView(PastLength + PromptLength),
+            AttentionMask = HasPadding ? MaskView(PastLength + PromptLength) : null,
             PositionIds = _promptPositions,
             Cache = Cache,
             LastPositionOnly = true,
@@ -174,11 +183,12 @@ public sealed class DecodingSession : IDisposable
     public Tensor StepLogits()
     {
         if (GeneratedLength == 0) throw new InvalidOperationException("run the prompt first");
+        _stepStart = _clock.Elapsed;
         _positions.add_(1);
         var output = Model.forward(new ForwardInput
         {
             InputIds = _sequences.narrow(1, PromptLength + GeneratedLength - 1, 1),
-            AttentionMask = MaskView(PastLength + PromptLength + GeneratedLength),
+            AttentionMask = HasPadding ? MaskView(PastLength + PromptLength + GeneratedLength) : null,
             PositionIds = _positions,
             Cache = Cache,
             LastPositionOnly = true,
@@ -220,6 +230,7 @@ public sealed class DecodingSession : IDisposable
         if (first) _prefillTime = _clock.Elapsed;
         else
         {
+            _decodeTime += _clock.Elapsed - _stepStart;
             _decodeTokens += events.Count;
             _decodeSteps++;
         }
@@ -243,6 +254,7 @@ public sealed class DecodingSession : IDisposable
         if (GeneratedLength == 0) _prefillTime = _clock.Elapsed;
         else
         {
+            _decodeTime += _clock.Elapsed - _stepStart;
             _decodeTokens += BatchSize;
             _decodeSteps++;
         }
@@ -258,13 +270,12 @@ public sealed class DecodingSession : IDisposable
     /// <summary>The outcome so far (every row should be finished).</summary>
     public GenerationResult Result()
     {
-        var total = _clock.Elapsed;
         var stats = new GenerationStats
         {
             PromptTokens = PromptTokenCount,
             GeneratedTokens = _rows.Sum(r => (long)r.Tokens.Count),
             PrefillTime = _prefillTime,
-            DecodeTime = total - _prefillTime,
+            DecodeTime = _decodeTime,
             DecodeTokens = _decodeTokens,
             DecodeSteps = _decodeSteps,
         };

@@ -47,6 +47,12 @@ public sealed record GenerationOptions
     /// <summary>Fills left padding and rows that finished early. Null: config pad id, tokenizer pad id, else the first stop token.</summary>
     public int? PadTokenId { get; init; }
 
+    /// <summary>
+    /// Sequences per prompt (e.g. several samples for pass@k). Results are ordered prompt by prompt: sequences
+    /// r·N .. r·N + N − 1 belong to prompt r, as in transformers. Not supported with beam search.
+    /// </summary>
+    public int NumReturnSequences { get; init; } = 1;
+
     /// <summary>Beam search with this many beams (1 = no beam search). Deterministic: ignores sampling settings.</summary>
     public int NumBeams { get; init; } = 1;
 
@@ -73,6 +79,8 @@ public sealed record GenerationOptions
         if (!(MinP >= 0 && MinP <= 1)) throw new ArgumentException($"MinP must be in [0, 1], got {MinP}");
         if (!(RepetitionPenalty > 0) || double.IsInfinity(RepetitionPenalty)) throw new ArgumentException($"RepetitionPenalty must be a positive number, got {RepetitionPenalty}");
         if (NumBeams < 1) throw new ArgumentException($"NumBeams must be at least 1, got {NumBeams}");
+        if (NumReturnSequences < 1) throw new ArgumentException($"NumReturnSequences must be at least 1, got {NumReturnSequences}");
+        if (NumReturnSequences > 1 && NumBeams > 1) throw new ArgumentException("NumReturnSequences > 1 is not supported with beam search");
         if (NumBeams > 1 && DoSample) throw new ArgumentException("beam search with sampling (NumBeams > 1 and DoSample) is not supported");
         if (ExitLayer is < 1) throw new ArgumentException($"ExitLayer must be at least 1, got {ExitLayer}");
         if (StopStrings is not null && StopStrings.Any(string.IsNullOrEmpty)) throw new ArgumentException("StopStrings must not contain an empty string");
@@ -114,6 +122,7 @@ public sealed record GenerationOptions
             MaxNewTokens = ConfigJson.Int(json, path, "max_new_tokens", o.MaxNewTokens),
             MinNewTokens = ConfigJson.Int(json, path, "min_new_tokens", o.MinNewTokens),
             NumBeams = ConfigJson.Int(json, path, "num_beams", o.NumBeams),
+            NumReturnSequences = ConfigJson.Int(json, path, "num_return_sequences", o.NumReturnSequences),
             LengthPenalty = ConfigJson.Double(json, path, "length_penalty", o.LengthPenalty),
             EarlyStopping = earlyStopping,
         };

@@ -52,7 +52,7 @@ public sealed record GenerationStats
     /// <summary>Time of the prompt forward pass, up to and including choosing the first new token.</summary>
     public TimeSpan PrefillTime { get; init; }
 
-    /// <summary>Time of all later steps.</summary>
+    /// <summary>Time of all later steps (model, logits processing and token choice; not a stream consumer's time between tokens).</summary>
     public TimeSpan DecodeTime { get; init; }
 
     /// <summary>Tokens produced by the decode steps (all but the first token of each row).</summary>
@@ -68,7 +68,7 @@ public sealed record GenerationStats
     public double GenerationTokensPerSecond => DecodeTime > TimeSpan.Zero ? DecodeTokens / DecodeTime.TotalSeconds : 0;
 }
 
-/// <summary>The outcome of <see cref="Generator.Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?)"/>: one sequence per prompt, in order.</summary>
+/// <summary>The outcome of <see cref="Generator.Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?, CancellationToken)"/>: one sequence per prompt (N per prompt with NumReturnSequences = N), in order.</summary>
 public sealed class GenerationResult
 {
     public GenerationResult(IReadOnlyList<GeneratedSequence> sequences, GenerationStats stats)
@@ -94,7 +94,7 @@ public sealed class GenerationResult
 }
 
 /// <summary>One streamed token of one prompt.</summary>
-/// <param name="Row">Index of the prompt.</param>
+/// <param name="Row">Index of the sequence: the prompt, or with NumReturnSequences = N, prompt · N + sample.</param>
 /// <param name="TokenId">The new token.</param>
 /// <param name="Text">
 /// Text that became final with this token (null without a tokenizer; may be empty: an incomplete UTF-8 character,

@@ -32,11 +32,15 @@ public sealed class Generator
     public IDecodingStrategy? Strategy { get; init; }
 
     /// <summary>Continues every prompt (token ids, without padding); returns one sequence per prompt.</summary>
-    public GenerationResult Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions? options = null)
+    /// <param name="prompts">Token ids of each prompt (BOS included if the model expects one).</param>
+    /// <param name="options">Null uses <see cref="Defaults"/>.</param>
+    /// <param name="cancellationToken">Checked between steps.</param>
+    public GenerationResult Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions? options = null,
+        CancellationToken cancellationToken = default)
     {
         options ??= Defaults;
-        using var session = new DecodingSession(Model, prompts, options, Tokenizer, RowsPerPrompt(options));
-        foreach (var _ in StrategyFor(options).Run(session)) { }
+        using var session = new DecodingSession(Model, Expand(prompts, options), options, Tokenizer, RowsPerPrompt(options));
+        foreach (var _ in StrategyFor(options).Run(session)) cancellationToken.ThrowIfCancellationRequested();
         return session.Result();
     }
 
@@ -54,13 +58,13 @@ public sealed class Generator
 
     /// <summary>
     /// Streams new tokens as they are chosen (with their text when a tokenizer is given). After the enumeration
-    /// ends, <see cref="GenerationStream.Result"/> holds the same result <see cref="Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?)"/> returns.
+    /// ends, <see cref="GenerationStream.Result"/> holds the same result <see cref="Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?, CancellationToken)"/> returns.
     /// </summary>
     public GenerationStream StreamAsync(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions? options = null)
     {
         options ??= Defaults;
         var chosen = options;
-        return new GenerationStream(() => new DecodingSession(Model, prompts, chosen, Tokenizer, RowsPerPrompt(chosen)), StrategyFor(options));
+        return new GenerationStream(() => new DecodingSession(Model, Expand(prompts, chosen), chosen, Tokenizer, RowsPerPrompt(chosen)), StrategyFor(options));
     }
 
     /// <summary>Streams the continuation of one text.</summary>
@@ -72,6 +76,10 @@ public sealed class Generator
         if (Tokenizer is null) throw new InvalidOperationException("text prompts need a tokenizer (pass one to the Generator)");
         return prompts.Select(p => Tokenizer.Encode(p, addSpecialTokens)).ToArray();
     }
+
+    /// <summary>Each prompt repeated NumReturnSequences times (one batch row per returned sequence).</summary>
+    private static IReadOnlyList<IReadOnlyList<int>> Expand(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options) =>
+        options.NumReturnSequences == 1 || prompts is null ? prompts! : prompts.SelectMany(p => Enumerable.Repeat(p, options.NumReturnSequences)).ToArray();
 
     private static int RowsPerPrompt(GenerationOptions options) => options.NumBeams;
 

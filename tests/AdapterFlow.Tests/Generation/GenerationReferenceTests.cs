@@ -102,6 +102,28 @@ public class GenerationReferenceTests
 
     [SkippableTheory]
     [MemberData(nameof(Architectures))]
+    public void EarlyExitDecodingEqualsAnEarlyExitLoopWithoutCache(string arch)
+    {
+        using var reference = ReferenceCase.Open(arch);
+        using var model = Load(reference);
+        var prompts = UnpaddedPrompts(reference);
+        var result = new Generator(model).Generate(prompts, new GenerationOptions { MaxNewTokens = 8, StopTokenIds = [], ExitLayer = 1 });
+        for (int r = 0; r < prompts.Length; r++)
+        {
+            var tokens = prompts[r].Select(i => (long)i).ToList();
+            for (int step = 0; step < 8; step++)
+            {
+                using var scope = torch.NewDisposeScope();
+                using var no = torch.no_grad();
+                var logits = model.forward(new ForwardInput { InputIds = torch.tensor(tokens.ToArray()).unsqueeze(0), ExitLayer = 1 }).Logits;
+                tokens.Add(logits[0, -1].argmax().item<long>());
+            }
+            Assert.Equal(tokens.Skip(prompts[r].Length).Select(i => (int)i), result.Sequences[r].Tokens);
+        }
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(Architectures))]
     public void BeamSearchMatchesAPlainBeamSearchWithoutCache(string arch)
     {
         using var reference = ReferenceCase.Open(arch);

@@ -123,6 +123,28 @@ public class GeneratorTests
     }
 
     [Fact]
+    public void SeveralSamplesPerPromptComeInPromptOrder()
+    {
+        using var model = new TinyLM();
+        var generator = new Generator(model);
+        var options = Plain(10) with { DoSample = true, TopK = 0, Seed = 11, NumReturnSequences = 3 };
+        var result = generator.Generate([PromptA, PromptB], options);
+        Assert.Equal(6, result.Sequences.Count);
+        // Samples of one prompt differ from each other.
+        Assert.NotEqual(result.Sequences[0].Tokens, result.Sequences[1].Tokens);
+        // Greedy "samples" of one prompt are identical and equal that prompt's greedy output.
+        var greedy = generator.Generate([PromptA, PromptB], Plain(10) with { NumReturnSequences = 2 });
+        Assert.Equal(4, greedy.Sequences.Count);
+        var aloneA = generator.Generate(PromptA, Plain(10)).Tokens;
+        var aloneB = generator.Generate(PromptB, Plain(10)).Tokens;
+        Assert.Equal(aloneA, greedy.Sequences[0].Tokens);
+        Assert.Equal(aloneA, greedy.Sequences[1].Tokens);
+        Assert.Equal(aloneB, greedy.Sequences[2].Tokens);
+        Assert.Equal(aloneB, greedy.Sequences[3].Tokens);
+        Assert.Throws<ArgumentException>(() => generator.Generate(PromptA, Plain() with { NumBeams = 2, NumReturnSequences = 2 }));
+    }
+
+    [Fact]
     public void TopKOneSamplingEqualsGreedy()
     {
         using var model = new TinyLM();
@@ -209,6 +231,15 @@ public class GeneratorTests
                 if (++seen == 2) cancel.Cancel();
         });
         Assert.Equal(2, seen);
+    }
+
+    [Fact]
+    public void GenerateStopsWhenCancelled()
+    {
+        using var model = new TinyLM();
+        using var cancel = new CancellationTokenSource();
+        cancel.Cancel();
+        Assert.Throws<OperationCanceledException>(() => new Generator(model).Generate([PromptA], Plain(), cancel.Token));
     }
 
     [Fact]
