@@ -54,11 +54,11 @@ public static class AutoModel
     /// <summary>A randomly initialised model (for training from scratch), deterministic for a seed.</summary>
     public static CausalLM FromConfig(ModelConfig config, long seed = 0, ScalarType dtype = ScalarType.Float32, Device? device = null)
     {
-        torch.manual_seed(seed);
-        var model = ModelRegistry.ForModelType(config.ModelType).Create(config);
-        // A private generator keeps the weights a function of the seed alone, even when other threads draw
-        // random numbers from the global generator meanwhile (tests run in parallel, for one).
+        // A private generator, not torch.manual_seed: the global one may be drawn from by other threads meanwhile,
+        // which would make "same seed, same weights" fail under concurrency. (Tensor.normal_ is used for the draws
+        // because TorchSharp 0.107's nn.init.normal_ ignores its generator argument.)
         using var generator = new torch.Generator((ulong)seed);
+        var model = ModelRegistry.ForModelType(config.ModelType).Create(config);
         InitializeWeights(model, config, generator);
         model.eval();
         if (dtype != ScalarType.Float32) model.to(dtype);

@@ -74,7 +74,15 @@ public sealed class LlamaAttention : nn.Module
         var v = v_proj.forward(x).view(batch, time, _kvHeads, _headDim).transpose(1, 2);
         q = _rotary.Apply(q, context.Cos, context.Sin);
         k = _rotary.Apply(k, context.Cos, context.Sin);
-        if (context.Cache is { } cache) (k, v) = cache.Append(layer, k, v);
+        if (context.Cache is { } cache)
+        {
+            // The mask and positions were built for layer 0's length; a layer left behind or ahead (early-exit
+            // drafting) must be truncated by the caller first, or attention would silently misalign.
+            if (cache.LayerLength(layer) != context.PastLength)
+                throw new InvalidOperationException(
+                    $"KV cache layer {layer} holds {cache.LayerLength(layer)} tokens but layer 0 holds {context.PastLength}; truncate the cache to a common length first");
+            (k, v) = cache.Append(layer, k, v);
+        }
         var attended = sliding
             ? Attention.Sdpa(q, k, v, context.SlidingMask, context.SlidingIsCausal)
             : Attention.Sdpa(q, k, v, context.Mask, context.IsCausal);
@@ -213,7 +221,18 @@ public class LlamaForCausalLM : CausalLM
     /// <summary>The typed configuration.</summary>
     public LlamaConfig LlamaConfig => _config;
 
-    public override Tensor EmbedTokens(Tensor inputIds) => model.embed_tokens.forward(inputIds);
+    public override Tensor EmbedTokens(Tensor inputIds)
+    {
+        try
+        {
+            return model.embed_tokens.forward(inputIds);
+        }
+        catch (System.Runtime.InteropServices.ExternalException e) when (e.Message.StartsWith("index out of range"))
+        {
+            // Checking ids up front would cost a host sync per step; translating libtorch's multi-line error is free.
+            throw new ArgumentException($"a token id is outside the vocabulary 0..{_config.VocabSize - 1} of this {_config.Architecture}");
+        }
+    }
 
     protected override LayerContext Prepare(ForwardInput input, out Tensor hidden)
     {

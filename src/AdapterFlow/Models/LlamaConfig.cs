@@ -179,6 +179,7 @@ public class LlamaConfig : ModelConfig
 
     public override JsonObject ToJson()
     {
+        Validate(Architecture); // fills derived keys of a config built in code, refuses to write an unbuildable one
         var json = WriteCommon();
         json["hidden_size"] = HiddenSize;
         json["intermediate_size"] = IntermediateSize;
@@ -355,6 +356,8 @@ public sealed class Qwen2Config : LlamaConfig
         json["sliding_window"] = EffectiveSlidingWindow;
         json["max_window_layers"] = MaxWindowLayers;
         json["layer_types"] = new JsonArray(LayerTypes.Select(t => (JsonNode?)t).ToArray());
+        // Qwen2Config has no head_dim key (the attention derives it); write it only when it is not the derived value.
+        if (HeadDim == HiddenSize / NumAttentionHeads) json.Remove("head_dim");
         json.Remove("attention_bias");
         json.Remove("mlp_bias");
         json.Remove("pretraining_tp");

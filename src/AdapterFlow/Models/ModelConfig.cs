@@ -61,7 +61,12 @@ public abstract class ModelConfig
         json["vocab_size"] = VocabSize;
         json["bos_token_id"] = BosTokenId;
         json["pad_token_id"] = PadTokenId;
-        json["eos_token_id"] = EosTokenIds.Length == 1 ? JsonValue.Create(EosTokenIds[0]) : new JsonArray(EosTokenIds.Select(e => (JsonNode?)e).ToArray());
+        json["eos_token_id"] = EosTokenIds.Length switch
+        {
+            0 => null, // transformers writes null, not [], when a model has no eos token
+            1 => JsonValue.Create(EosTokenIds[0]),
+            _ => new JsonArray(EosTokenIds.Select(e => (JsonNode?)e).ToArray()),
+        };
         json["tie_word_embeddings"] = TieWordEmbeddings;
         json["dtype"] = DType ?? "float32";
         json.Remove("torch_dtype");
@@ -86,8 +91,15 @@ public static class ConfigJson
     public static double? OptionalDouble(JsonObject o, string path, string key)
     {
         if (!o.TryGetPropertyValue(key, out var n) || n is null) return null;
-        try { return n.GetValue<double>(); }
-        catch (Exception) { throw new InvalidDataException($"{path}: '{key}' must be a number, got {n.ToJsonString()}"); }
+        // Parsed JSON converts any number; a JsonObject built in code holds the CLR type it was given (e.g. int).
+        if (n is JsonValue v)
+        {
+            if (v.TryGetValue<double>(out var d)) return d;
+            if (v.TryGetValue<long>(out var l)) return l;
+            if (v.TryGetValue<int>(out var i)) return i;
+            if (v.TryGetValue<float>(out var f)) return f;
+        }
+        throw new InvalidDataException($"{path}: '{key}' must be a number, got {n.ToJsonString()}");
     }
 
     public static bool Bool(JsonObject o, string path, string key, bool fallback)

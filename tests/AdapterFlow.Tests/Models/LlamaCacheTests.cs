@@ -14,14 +14,14 @@ public class LlamaCacheTests
     /// Runs <paramref name="ids"/> [batch, time] as a prefill of <paramref name="prefill"/> tokens and then one token
     /// per call, passing the growing attention mask and the matching slice of positions; returns all logits.
     /// </summary>
-    internal static Tensor DecodeWithCache(CausalLM model, Tensor ids, Tensor? mask, Tensor? positions, int prefill, int? exitLayer = null)
+    internal static Tensor DecodeWithCache(CausalLM model, Tensor ids, Tensor? mask, Tensor? positions, int prefill, int? exitLayer = null, int chunk = 1)
     {
         using var cache = model.CreateCache();
         long time = ids.shape[1];
         var pieces = new List<Tensor>();
         for (long start = 0; start < time;)
         {
-            long length = start == 0 ? prefill : 1;
+            long length = Math.Min(start == 0 ? prefill : chunk, time - start);
             var output = model.forward(new ForwardInput
             {
                 InputIds = ids.narrow(1, start, length),
@@ -52,6 +52,25 @@ public class LlamaCacheTests
         // The cached path reproduces the transformers logits too, not just our own full pass.
         var expected = reference.Tensor("logits")[0..1];
         Assert.True(ReferenceCase.MaxDiffWhereReal(decoded, expected, null) < ReferenceCase.LogitTolerance);
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(Architectures))]
+    public void Chunked_prefill_into_a_filled_cache_matches_full_forward(string arch)
+    {
+        // Several new tokens on top of cached ones (speculative verification, chunked prompts): the causal mask
+        // must be offset by the past length, with and without padding.
+        using var reference = ReferenceCase.Open(arch);
+        using var model = AutoModel.FromPretrained(reference.Folder);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = reference.Tensor("input_ids");
+        var mask = reference.Tensor("attention_mask");
+        var positions = reference.Tensor("position_ids_from_mask");
+        var plain = DecodeWithCache(model, ids[0..1], null, null, prefill: 3, chunk: 4);
+        Assert.True(ReferenceCase.MaxDiffWhereReal(plain, reference.Tensor("logits")[0..1], null) < ReferenceCase.LogitTolerance);
+        var padded = DecodeWithCache(model, ids, mask, positions, prefill: 2, chunk: 5);
+        Assert.True(ReferenceCase.MaxDiffWhereReal(padded, reference.Tensor("logits_position_ids_from_mask"), mask) < ReferenceCase.LogitTolerance);
     }
 
     [SkippableTheory]
@@ -91,6 +110,60 @@ public class LlamaCacheTests
         Assert.True(ReferenceCase.MaxDiffWhereReal(decoded, full, mask) < ReferenceCase.LogitTolerance);
         // Exiting after layer 1 of 2 really skips a layer.
         Assert.True(ReferenceCase.MaxDiffWhereReal(full, reference.Tensor("logits_position_ids_from_mask"), mask) > 1e-2);
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(Architectures))]
+    public void Batched_greedy_decoding_with_cache_matches_transformers_generate(string arch)
+    {
+        // What generate() does for a left-padded batch: positions from the mask, the mask grows by one real column
+        // per step, logits only for the last position.
+        using var reference = ReferenceCase.Open(arch);
+        using var model = AutoModel.FromPretrained(reference.Folder);
+        using var no = torch.no_grad();
+        using var cache = model.CreateCache();
+        var mask = reference.Tensor("attention_mask");
+        var positions = reference.Tensor("position_ids_from_mask");
+        var input = reference.Tensor("input_ids");
+        var expected = reference.GreedyBatchNewTokens;
+        var generated = new List<long[]>();
+        for (int step = 0; step < expected[0].Length; step++)
+        {
+            using var scope = torch.NewDisposeScope();
+            var logits = model.forward(new ForwardInput
+            {
+                InputIds = input, AttentionMask = mask, PositionIds = positions, Cache = cache, LastPositionOnly = true,
+            }).Logits;
+            var next = logits.select(1, -1).argmax(-1);
+            generated.Add(next.data<long>().ToArray());
+            input = next.unsqueeze(1).MoveToOuterDisposeScope();
+            mask = torch.cat([mask, torch.ones([mask.shape[0], 1], dtype: mask.dtype)], 1).MoveToOuterDisposeScope();
+            positions = (positions.narrow(1, positions.shape[1] - 1, 1) + 1).MoveToOuterDisposeScope();
+        }
+        for (int row = 0; row < expected.Length; row++)
+            Assert.Equal(expected[row], generated.Select(g => g[row]).ToArray());
+    }
+
+    [Fact]
+    public void Early_exit_drafting_then_truncating_the_cache_resumes_the_full_model()
+    {
+        // Self-speculative pattern: draft with the first layer only, then roll the cache back and verify.
+        using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 8);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.tensor(new long[] { 5, 7, 11, 13, 17, 19 }).unsqueeze(0);
+        var full = model.Logits(ids);
+        using var cache = model.CreateCache();
+        model.forward(new ForwardInput { InputIds = ids.narrow(1, 0, 3), Cache = cache });
+        model.forward(new ForwardInput { InputIds = ids.narrow(1, 3, 2), Cache = cache, ExitLayer = 1 });
+        Assert.Equal(5, cache.LayerLength(0));
+        Assert.Equal(3, cache.LayerLength(1));
+        // Misaligned layers are refused with a clear message rather than attending to the wrong keys.
+        var e = Assert.Throws<InvalidOperationException>(() => model.forward(new ForwardInput { InputIds = ids.narrow(1, 5, 1), Cache = cache }));
+        Assert.Contains("truncate", e.Message);
+        cache.Truncate(3);
+        var verified = model.forward(new ForwardInput { InputIds = ids.narrow(1, 3, 3), Cache = cache }).Logits;
+        Assert.True((verified - full.narrow(1, 3, 3)).abs().max().item<float>() < 1e-4);
     }
 
     [Fact]

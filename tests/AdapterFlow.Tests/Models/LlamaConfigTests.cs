@@ -160,6 +160,26 @@ public class LlamaConfigTests
     }
 
     [Fact]
+    public void Out_of_vocabulary_token_is_a_one_line_error()
+    {
+        using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 1);
+        var e = Assert.Throws<ArgumentException>(() => model.Logits(TorchSharp.torch.tensor(new long[] { 3, 97 }).unsqueeze(0)));
+        Assert.Contains("0..96", e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+    }
+
+    [Fact]
+    public void Qwen2_without_eos_writes_null_and_omits_a_derived_head_dim()
+    {
+        var json = new Qwen2Config().ToJson();
+        Assert.True(json.ContainsKey("eos_token_id"));
+        Assert.Null(json["eos_token_id"]);
+        Assert.False(json.ContainsKey("head_dim"));
+        var custom = (Qwen2Config)Parse("""{"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}""");
+        Assert.Equal(32, custom.ToJson()["head_dim"]!.GetValue<int>());
+    }
+
+    [Fact]
     public void Module_names_match_hugging_face()
     {
         using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("qwen2"), seed: 1);
@@ -176,5 +196,55 @@ public class LlamaConfigTests
             Assert.Contains(expected, names);
         Assert.DoesNotContain("model.layers.1.self_attn.o_proj.bias", names);
         Assert.Equal(3 + 2 * 12, names.Count);
+    }
+}
+
+/// <summary>The in-place replacement convention the adapters rely on.</summary>
+public class LlamaModuleSurgeryTests
+{
+    /// <summary>A stand-in for an adapter: keeps the original as base_layer and scales its output.</summary>
+    private sealed class Scaled : TorchSharp.torch.nn.Module<TorchSharp.torch.Tensor, TorchSharp.torch.Tensor>
+    {
+        public TorchSharp.torch.nn.Module<TorchSharp.torch.Tensor, TorchSharp.torch.Tensor> base_layer;
+
+        public Scaled(TorchSharp.torch.nn.Module<TorchSharp.torch.Tensor, TorchSharp.torch.Tensor> inner) : base(nameof(Scaled))
+        {
+            base_layer = inner;
+            register_module("base_layer", base_layer);
+        }
+
+        public override TorchSharp.torch.Tensor forward(TorchSharp.torch.Tensor x) => base_layer.forward(x) * 0.5;
+    }
+
+    [Theory]
+    [InlineData("model.layers.1.self_attn.v_proj")]
+    [InlineData("model.layers.0.mlp.down_proj")]
+    [InlineData("lm_head")]
+    public void Wrapping_a_target_changes_the_forward_and_nests_its_weights(string target)
+    {
+        using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("qwen2"), seed: 6);
+        using var scope = TorchSharp.torch.NewDisposeScope();
+        using var no = TorchSharp.torch.no_grad();
+        var ids = TorchSharp.torch.tensor(new long[] { 5, 8, 13, 21 }).unsqueeze(0);
+        var before = model.Logits(ids);
+        var original = ModuleSurgery.Get(model, target);
+        var old = ModuleSurgery.Replace(model, target, new Scaled((TorchSharp.torch.nn.Module<TorchSharp.torch.Tensor, TorchSharp.torch.Tensor>)original));
+        Assert.Same(original, old);
+        Assert.IsType<Scaled>(ModuleSurgery.Get(model, target));
+        Assert.Contains(target + ".base_layer.weight", model.state_dict().Keys);
+        Assert.DoesNotContain(target + ".weight", model.state_dict().Keys);
+        Assert.True((model.Logits(ids) - before).abs().max().item<float>() > 1e-4);
+        ModuleSurgery.Replace(model, target, old);
+        Assert.True((model.Logits(ids) - before).abs().max().item<float>() == 0);
+    }
+
+    [Fact]
+    public void Unknown_or_unreplaceable_paths_are_errors()
+    {
+        using var model = AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 6);
+        Assert.Throws<ArgumentException>(() => ModuleSurgery.Get(model, "model.layers.7.self_attn"));
+        var norm = (TorchSharp.torch.nn.Module<TorchSharp.torch.Tensor, TorchSharp.torch.Tensor>)ModuleSurgery.Get(model, "model.norm");
+        var e = Assert.Throws<ArgumentException>(() => ModuleSurgery.Replace(model, "model.norm", norm));
+        Assert.Contains("model.norm", e.Message);
     }
 }
