@@ -1,4 +1,5 @@
 using System.Globalization;
+using AdapterFlow.Adapters.Bottleneck;
 using AdapterFlow.Adapters.IA3;
 using AdapterFlow.Adapters.Lora;
 using AdapterFlow.Adapters.PrefixTuning;
@@ -109,6 +110,7 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
             {
                 case LoraConfig lora: InjectLora(adapterName, lora); break;
                 case IA3Config ia3: InjectIA3(adapterName, ia3); break;
+                case BottleneckConfig bottleneck: InjectBottleneck(adapterName, bottleneck); break;
                 case PromptTuningConfig prompt: AddPromptTuning(adapterName, prompt, tokenizer); break;
                 case PrefixTuningConfig prefix: AddPrefixTuning(adapterName, prefix); break;
                 default: throw new NotSupportedException($"{config.PeftType} adapters are not supported");
@@ -209,6 +211,23 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
                 throw new ArgumentException($"{config.Source}: module '{path}' is a feed-forward module in one IA3 adapter and not in another");
             config.FanInFanOut |= LinearParts.FanInFanOut(layer.BaseLayer);
             layer.AddAdapter(adapter, config.InitIA3Weights);
+        }
+    }
+
+    private void InjectBottleneck(string adapter, BottleneckConfig config)
+    {
+        config.Validate();
+        var modelType = Model.Config.ModelType;
+        config.TargetModules ??= ModuleSelector.Names(BottleneckDefaults.DefaultTargets(modelType));
+        var targets = SelectTargets(config.TargetModules, null, null, null, config.Source);
+        if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
+        foreach (var path in targets)
+        {
+            var placement = config.UseParallelAdapter ? BottleneckPlacement.Parallel : BottleneckDefaults.SeriesPlacement(modelType, path);
+            var layer = Wrap(path, b => new BottleneckLinear(b, placement));
+            if (layer.Placement != placement)
+                throw new ArgumentException($"{config.Source}: module '{path}' already has a {layer.Placement} bottleneck adapter; a {placement} one cannot join it");
+            layer.AddAdapter(adapter, config);
         }
     }
 
@@ -500,6 +519,12 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
                     map[module + ".lora_B.weight"] = lora.B(adapterName).weight!;
                     if (lora.IsDora(adapterName)) map[module + ".lora_magnitude_vector"] = lora.Magnitude(adapterName);
                     break;
+                case BottleneckLinear bn when bn.adapter_down.Contains(adapterName):
+                    // LLM-Adapters' names: the adapter's tensors sit directly under the adapted module.
+                    map[module + ".adapter_down.weight"] = bn.Down(adapterName).weight!;
+                    map[module + ".adapter_up.weight"] = bn.Up(adapterName).weight!;
+                    if (bn.adapter_scaling.Contains(adapterName)) map[module + ".adapter_scaling"] = bn.adapter_scaling[adapterName];
+                    break;
                 case IA3Linear ia3 when ia3.ia3_l.Contains(adapterName):
                     map[module + ".ia3_l"] = ia3.Vector(adapterName);
                     break;
@@ -580,7 +605,7 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
     private static string ModuleOf(string tensorName)
     {
         var n = tensorName.StartsWith(Prefix, StringComparison.Ordinal) ? tensorName[Prefix.Length..] : tensorName;
-        foreach (var suffix in new[] { ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".ia3_l", ".lora_embedding_A", ".lora_embedding_B" })
+        foreach (var suffix in new[] { ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".ia3_l", ".adapter_down.weight", ".adapter_up.weight", ".adapter_scaling", ".lora_embedding_A", ".lora_embedding_B" })
             if (n.EndsWith(suffix, StringComparison.Ordinal)) return n[..^suffix.Length];
         return n;
     }

@@ -1,5 +1,6 @@
 using System.Globalization;
 using AdapterFlow.Adapters;
+using AdapterFlow.Adapters.Bottleneck;
 using AdapterFlow.Adapters.IA3;
 using AdapterFlow.Adapters.Lora;
 using AdapterFlow.Adapters.PrefixTuning;
@@ -21,7 +22,7 @@ public class PeftBehaviourTests
     {
         var data = new TheoryData<string, string>();
         foreach (var arch in new[] { "llama", "qwen2", "gpt2", "bloom" })
-            foreach (var method in new[] { "lora", "dora", "ia3", "lora_gaussian" }) data.Add(arch, method);
+            foreach (var method in new[] { "lora", "dora", "ia3", "lora_gaussian", "series", "parallel" }) data.Add(arch, method);
         return data;
     }
 
@@ -34,6 +35,9 @@ public class PeftBehaviourTests
         "prompt" => new PromptTuningConfig { NumVirtualTokens = 3 },
         "prefix" => new PrefixTuningConfig { NumVirtualTokens = 3 },
         "prefix_projection" => new PrefixTuningConfig { NumVirtualTokens = 3, PrefixProjection = true, EncoderHiddenSize = 16 },
+        "series" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "mam_adapter", NonLinearity = "relu" },
+        "series_all" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "bert", Scaling = null, TargetModules = ModuleSelector.Pattern(".*(mlp|attn|attention)\\.[^.]*") },
+        "parallel" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "mam_adapter", UseParallelAdapter = true, NonLinearity = "gelu", Scaling = 2.0 },
         _ => throw new ArgumentException(method),
     };
 
@@ -58,7 +62,7 @@ public class PeftBehaviourTests
     public static TheoryData<string, string> StepCases()
     {
         var data = new TheoryData<string, string>();
-        foreach (var method in new[] { "lora", "dora", "ia3", "prompt", "prefix", "prefix_projection" }) data.Add("llama", method);
+        foreach (var method in new[] { "lora", "dora", "ia3", "prompt", "prefix", "prefix_projection", "series_all", "parallel" }) data.Add("llama", method);
         foreach (var method in new[] { "lora", "ia3", "prefix" }) data.Add("gpt2", method);
         return data;
     }
@@ -96,7 +100,7 @@ public class PeftBehaviourTests
     }
 
     private static bool IsAdapterTensor(string name) =>
-        name.Contains(".lora_") || name.Contains(".ia3_l.");
+        name.Contains(".lora_") || name.Contains(".ia3_l.") || name.Contains(".adapter_");
 
     [SkippableFact]
     public void Trainable_parameter_line_counts_adapter_and_base_as_peft()
@@ -281,5 +285,56 @@ public class PeftBehaviourTests
         var rest = peft.Forward(new ForwardInput { InputIds = ids.narrow(1, 5, 3), Cache = cache }, null).Logits;
         var stepwise = torch.cat([first, rest], 1);
         Assert.True((stepwise - full).abs().max().item<float>() < 1e-4);
+    }
+
+    [SkippableFact]
+    public void Bottleneck_adapters_compute_llm_adapters_formulas_and_round_trip_with_its_names()
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-bottleneck-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var config = new BottleneckConfig { BottleneckSize = 8, NonLinearity = "tanh", Scaling = 0.5, TargetModules = ModuleSelector.Names("up_proj", "down_proj", "o_proj") };
+            var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), config);
+            var up = (BottleneckLinear)peft.AdapterLayers["model.layers.0.mlp.up_proj"];
+            var down = (BottleneckLinear)peft.AdapterLayers["model.layers.0.mlp.down_proj"];
+            var o = (BottleneckLinear)peft.AdapterLayers["model.layers.0.self_attn.o_proj"];
+            Assert.Equal(BottleneckPlacement.Input, up.Placement);   // LLM-Adapters' mh_adapter
+            Assert.Equal(BottleneckPlacement.Output, down.Placement); // output_adapter
+            Assert.Equal(BottleneckPlacement.Output, o.Placement);    // after attention
+            Assert.Equal(up.InFeatures, up.Down("default").weight!.shape[1]);
+
+            var x = torch.randn(2, 3, up.InFeatures);
+            var series = up.BaseLayer.forward(x + 0.5 * up.Up("default").forward(torch.tanh(up.Down("default").forward(x))));
+            Assert.True((up.forward(x) - series).abs().max().item<float>() < 1e-5, "series (input) formula");
+            var h = torch.randn(2, 3, down.InFeatures);
+            var y = down.BaseLayer.forward(h);
+            var after = y + 0.5 * down.Up("default").forward(torch.tanh(down.Down("default").forward(y)));
+            Assert.True((down.forward(h) - after).abs().max().item<float>() < 1e-5, "series (output) formula");
+
+            var parallel = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new BottleneckConfig { BottleneckSize = 4, UseParallelAdapter = true, Scaling = 3, NonLinearity = "relu" });
+            var p = (BottleneckLinear)parallel.AdapterLayers["model.layers.1.mlp.down_proj"];
+            var z = torch.randn(2, 3, p.InFeatures);
+            var expected = p.BaseLayer.forward(z) + 3 * p.Up("default").forward(nn.functional.relu(p.Down("default").forward(z)));
+            Assert.True((p.forward(z) - expected).abs().max().item<float>() < 1e-5, "parallel formula");
+
+            var before = peft.Logits(Ids());
+            peft.SavePretrained(output);
+            using (var file = AdapterFlow.IO.SafetensorsFile.Open(Path.Combine(output, "adapter_model.safetensors")))
+            {
+                Assert.Contains("base_model.model.model.layers.0.mlp.up_proj.adapter_down.weight", file.Names);
+                Assert.Contains("base_model.model.model.layers.1.self_attn.o_proj.adapter_up.weight", file.Names);
+                Assert.Equal(2 * 3 * 2, file.Names.Count);
+            }
+            Assert.Equal("BOTTLENECK", PeftConfig.Load(output).PeftType);
+            var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output);
+            Assert.True(reloaded.Logits(Ids()).eq(before).all().item<bool>(), "reloaded bottleneck adapter differs");
+            Assert.Throws<NotSupportedException>(() => peft.Merge());
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
     }
 }
