@@ -337,4 +337,29 @@ public class PeftBehaviourTests
             if (Directory.Exists(output)) Directory.Delete(output, true);
         }
     }
+
+    [SkippableFact]
+    public void Weighted_lora_combinations_give_the_weighted_update()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 4, LoraAlpha = 8, InitLoraWeights = LoraInit.Random });
+        peft.AddAdapter("b", new LoraConfig { R = 2, LoraAlpha = 2, UseRslora = true, InitLoraWeights = LoraInit.Random });
+        peft.AddAdapter("c", new LoraConfig { R = 4, LoraAlpha = 16, InitLoraWeights = LoraInit.Random });
+        peft.AddWeightedAdapter(["default", "b"], [0.7, -1.5], "cat", LoraCombinationType.Cat);
+        peft.AddWeightedAdapter(["default", "b"], [0.7, -1.5], "svd", LoraCombinationType.Svd, svdRank: 6);
+        peft.AddWeightedAdapter(["default"], [0.25], "linear", LoraCombinationType.Linear);
+        Assert.Throws<ArgumentException>(() => peft.AddWeightedAdapter(["default", "b"], [1, 1], "bad", LoraCombinationType.Linear));
+        foreach (var layer in peft.AdapterLayers.Values.Cast<LoraLinear>())
+        {
+            var expected = layer.DeltaWeight("default") * 0.7 - layer.DeltaWeight("b") * 1.5;
+            Assert.True((layer.DeltaWeight("cat") - expected).abs().max().item<float>() < 1e-5, "cat");
+            Assert.True((layer.DeltaWeight("svd") - expected).abs().max().item<float>() < 1e-4, "svd at full rank");
+            Assert.True((layer.DeltaWeight("linear") - layer.DeltaWeight("default") * 0.25).abs().max().item<float>() < 1e-5, "linear of one adapter");
+            Assert.Equal(6, layer.A("cat").weight!.shape[0]);
+        }
+        // The combined adapter is an ordinary adapter: it runs and saves.
+        peft.SetAdapter("cat");
+        Assert.False(peft.Logits(Ids()).isnan().any().item<bool>());
+    }
 }
