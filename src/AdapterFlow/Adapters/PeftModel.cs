@@ -115,6 +115,7 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
                 case PrefixTuningConfig prefix: AddPrefixTuning(adapterName, prefix); break;
                 default: throw new NotSupportedException($"{config.PeftType} adapters are not supported");
             }
+            AddModulesToSave(adapterName, config);
         }
         _configs[adapterName] = config;
         if (activate ?? _configs.Count == 1) SetAdapter(adapterName);
@@ -175,6 +176,38 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         ModuleSurgery.Replace(Model, path, wrapper);
         _layers[path] = wrapper;
         return wrapper;
+    }
+
+    private void AddModulesToSave(string adapter, PeftConfig config)
+    {
+        if (config.ModulesToSave is not { Count: > 0 } names) return;
+        var selector = ModuleSelector.Names(names);
+        var paths = ModuleSurgery.Modules(Model).Select(m => m.Path)
+            .Where(p => selector.Matches(p) && !_layers.Keys.Any(l => p.StartsWith(l + ".", StringComparison.Ordinal)))
+            .ToArray();
+        if (paths.Length == 0)
+            throw new ArgumentException($"{config.Source}: modules_to_save [{string.Join(", ", names)}] match no module of {Model.GetType().Name}");
+        foreach (var path in paths)
+        {
+            if (ModuleSurgery.Find(Model, path) is TiedLMHead)
+                throw new NotSupportedException($"{config.Source}: '{path}' is tied to the input embedding; training it separately is not supported");
+            nn.Module<Tensor, Tensor> module;
+            ModulesToSaveWrapper wrapper;
+            if (_layers.TryGetValue(path, out var existing))
+            {
+                wrapper = existing as ModulesToSaveWrapper
+                          ?? throw new InvalidOperationException($"module '{path}' holds a {existing.GetType().Name} and cannot also be in modules_to_save");
+            }
+            else
+            {
+                module = ModuleSurgery.Find(Model, path) as nn.Module<Tensor, Tensor>
+                         ?? throw new NotSupportedException($"{config.Source}: module '{path}' cannot be in modules_to_save");
+                wrapper = new ModulesToSaveWrapper(module);
+                ModuleSurgery.Replace(Model, path, wrapper);
+                _layers[path] = wrapper;
+            }
+            wrapper.AddAdapter(adapter);
+        }
     }
 
     private void InjectLora(string adapter, LoraConfig config)
@@ -525,6 +558,11 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
                     map[module + ".adapter_up.weight"] = bn.Up(adapterName).weight!;
                     if (bn.adapter_scaling.Contains(adapterName)) map[module + ".adapter_scaling"] = bn.adapter_scaling[adapterName];
                     break;
+                case ModulesToSaveWrapper saved when saved.modules_to_save.Contains(adapterName):
+                    // PEFT writes the trained copy under the module's own name.
+                    foreach (var (n, p) in ((nn.Module)saved.Copy(adapterName)).named_parameters())
+                        map[module + "." + n] = p;
+                    break;
                 case IA3Linear ia3 when ia3.ia3_l.Contains(adapterName):
                     map[module + ".ia3_l"] = ia3.Vector(adapterName);
                     break;
@@ -660,7 +698,11 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         EnsureUsable();
         foreach (var (path, layer) in _layers)
         {
-            ModuleSurgery.Replace(Model, path, (nn.Module)layer.BaseLayer);
+            // A module trained in full comes back as its trained copy (PEFT's unload does the same).
+            var restored = layer is ModulesToSaveWrapper { ActiveAdapters.Count: > 0 } saved && !AdaptersDisabled
+                ? saved.Copy(saved.ActiveAdapters[0])
+                : layer.BaseLayer;
+            ModuleSurgery.Replace(Model, path, (nn.Module)restored);
         }
         _layers.Clear();
         _unloaded = true;

@@ -38,6 +38,7 @@ public class PeftBehaviourTests
         "series" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "mam_adapter", NonLinearity = "relu" },
         "series_all" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "bert", Scaling = null, TargetModules = ModuleSelector.Pattern(".*(mlp|attn|attention)\\.[^.]*") },
         "parallel" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "mam_adapter", UseParallelAdapter = true, NonLinearity = "gelu", Scaling = 2.0 },
+        "lora_head" => new LoraConfig { R = 4, ModulesToSave = ["lm_head"] },
         _ => throw new ArgumentException(method),
     };
 
@@ -64,6 +65,7 @@ public class PeftBehaviourTests
         var data = new TheoryData<string, string>();
         foreach (var method in new[] { "lora", "dora", "ia3", "prompt", "prefix", "prefix_projection", "series_all", "parallel" }) data.Add("llama", method);
         foreach (var method in new[] { "lora", "ia3", "prefix" }) data.Add("gpt2", method);
+        data.Add("qwen2", "lora_head");
         return data;
     }
 
@@ -100,7 +102,7 @@ public class PeftBehaviourTests
     }
 
     private static bool IsAdapterTensor(string name) =>
-        name.Contains(".lora_") || name.Contains(".ia3_l.") || name.Contains(".adapter_");
+        name.Contains(".lora_") || name.Contains(".ia3_l.") || name.Contains(".adapter_") || name.Contains(".modules_to_save.");
 
     [SkippableFact]
     public void Trainable_parameter_line_counts_adapter_and_base_as_peft()
@@ -362,4 +364,38 @@ public class PeftBehaviourTests
         peft.SetAdapter("cat");
         Assert.False(peft.Logits(Ids()).isnan().any().item<bool>());
     }
+
+    [SkippableFact]
+    public void Modules_to_save_train_a_copy_that_is_saved_under_the_module_name_and_survives_unload()
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-mts-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            var peft = PeftModel.Create(PeftReferenceTests.LoadBase("qwen2"), new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random, ModulesToSave = ["lm_head"] });
+            var wrapper = Assert.IsType<ModulesToSaveWrapper>(peft.AdapterLayers["lm_head"]);
+            Assert.Contains("base_model.model.lm_head.modules_to_save.default.weight", peft.state_dict().Keys);
+            Assert.Contains("base_model.model.lm_head.original_module.weight", peft.state_dict().Keys);
+            using (torch.no_grad()) LinearParts(wrapper).add_(0.05);
+            Tensor before;
+            using (torch.no_grad()) before = peft.Logits(Ids());
+            peft.SavePretrained(output);
+            using (var file = AdapterFlow.IO.SafetensorsFile.Open(Path.Combine(output, "adapter_model.safetensors")))
+                Assert.Contains("base_model.model.lm_head.weight", file.Names);
+            var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("qwen2"), output);
+            using (torch.no_grad())
+            {
+                Assert.True(reloaded.Logits(Ids()).eq(before).all().item<bool>(), "reloaded modules_to_save differ");
+                var plain = peft.MergeAndUnload();
+                Assert.True((plain.Logits(Ids()) - before).abs().max().item<float>() < 1e-4, "unloaded model lost the trained head");
+            }
+            Assert.Throws<NotSupportedException>(() => PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 4, ModulesToSave = ["lm_head"] }));
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
+    }
+
+    private static Tensor LinearParts(ModulesToSaveWrapper wrapper) => ((Linear)wrapper.Copy("default")).weight!;
 }

@@ -63,7 +63,6 @@ public sealed class BottleneckConfig : PeftConfig
             throw new InvalidDataException($"{Source}: init_weights '{InitWeights}' is not supported (bert, mam_adapter)");
         if (Bias != "none") throw new InvalidDataException($"{Source}: bias '{Bias}' is not supported yet (none)");
         if (AdapterDropout is < 0 or >= 1) throw new InvalidDataException($"{Source}: 'adapter_dropout' must be in [0, 1), got {AdapterDropout}");
-        if (ModulesToSave is { Count: > 0 }) throw new NotSupportedException($"{Source}: modules_to_save is not supported yet");
     }
 
     protected override void WriteFields(JsonObject o)

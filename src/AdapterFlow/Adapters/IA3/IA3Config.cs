@@ -33,8 +33,6 @@ public sealed class IA3Config : PeftConfig
 
     public void Validate()
     {
-        if (ModulesToSave is { Count: > 0 })
-            throw new NotSupportedException($"{Source}: modules_to_save is not supported yet");
     }
 
     protected override void WriteFields(JsonObject o)

@@ -71,8 +71,6 @@ public sealed class LoraConfig : PeftConfig
             throw new ArgumentException($"{Source}: 'bias' must be none, all or lora_only, got '{Bias}'");
         foreach (var (p, v) in RankPattern)
             if (v <= 0 || v != Math.Floor(v)) throw new ArgumentException($"{Source}: rank_pattern '{p}' must be a positive integer, got {v}");
-        if (ModulesToSave is { Count: > 0 })
-            throw new NotSupportedException($"{Source}: modules_to_save is not supported yet");
     }
 
     public static LoraConfig Read(JsonObject json, string path)
