@@ -84,8 +84,9 @@ public abstract class PeftConfig
             "IA3" => IA3.IA3Config.Read(json, path),
             "PROMPT_TUNING" => PromptTuning.PromptTuningConfig.Read(json, path),
             "PREFIX_TUNING" => PrefixTuning.PrefixTuningConfig.Read(json, path),
+            "P_TUNING" => PTuning.PromptEncoderConfig.Read(json, path),
             "BOTTLENECK" => Bottleneck.BottleneckConfig.Read(json, path),
-            _ => throw new InvalidDataException($"{path}: peft_type '{type}' is not supported (supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, BOTTLENECK)"),
+            _ => throw new InvalidDataException($"{path}: peft_type '{type}' is not supported (supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, P_TUNING, BOTTLENECK)"),
         };
     }
 

@@ -3,6 +3,7 @@ using AdapterFlow.Adapters.Bottleneck;
 using AdapterFlow.Adapters.IA3;
 using AdapterFlow.Adapters.Lora;
 using AdapterFlow.Adapters.PrefixTuning;
+using AdapterFlow.Adapters.PTuning;
 using AdapterFlow.Adapters.PromptTuning;
 using AdapterFlow.IO;
 using AdapterFlow.Models;
@@ -112,6 +113,7 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
                 case IA3Config ia3: InjectIA3(adapterName, ia3); break;
                 case BottleneckConfig bottleneck: InjectBottleneck(adapterName, bottleneck); break;
                 case PromptTuningConfig prompt: AddPromptTuning(adapterName, prompt, tokenizer); break;
+                case PromptEncoderConfig ptuning: AddPTuning(adapterName, ptuning); break;
                 case PrefixTuningConfig prefix: AddPrefixTuning(adapterName, prefix); break;
                 default: throw new NotSupportedException($"{config.PeftType} adapters are not supported");
             }
@@ -275,6 +277,17 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         prompt_encoder.Add(adapter, new PromptEmbedding(config, words, tokenizer));
     }
 
+    private void AddPTuning(string adapter, PromptEncoderConfig config)
+    {
+        var words = WordEmbeddingWeight();
+        if (config.TokenDim == 0) config.TokenDim = (int)words.shape[1];
+        if (config.TokenDim != words.shape[1])
+            throw new ArgumentException($"{config.Source}: token_dim {config.TokenDim} differs from the model's embedding width {words.shape[1]}");
+        if (config.NumLayers == 0) config.NumLayers = Model.NumLayers;
+        if (config.NumAttentionHeads == 0) config.NumAttentionHeads = Model.Config.NumAttentionHeads;
+        prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype));
+    }
+
     private void AddPrefixTuning(string adapter, PrefixTuningConfig config)
     {
         var mc = Model.Config;
@@ -372,7 +385,8 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         if (AdaptersDisabled || _configs.Count == 0) return Model.forward(input);
         return _configs[_active] switch
         {
-            PromptTuningConfig => ForwardPromptTuning(input, (PromptEmbedding)prompt_encoder[_active]),
+            PromptTuningConfig => ForwardPromptTuning(input, ((PromptEmbedding)prompt_encoder[_active]).embedding.weight!),
+            PromptEncoderConfig => ForwardPromptTuning(input, ((PromptEncoder)prompt_encoder[_active]).Tokens()),
             PrefixTuningConfig c => ForwardPrefixTuning(input, c, (PrefixEncoder)prompt_encoder[_active]),
             _ => Model.forward(input),
         };
@@ -409,13 +423,13 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         }
     }
 
-    private ForwardOutput ForwardPromptTuning(ForwardInput input, PromptEmbedding prompt)
+    private ForwardOutput ForwardPromptTuning(ForwardInput input, Tensor tokens)
     {
         // Only the first pass of a generation sees the virtual tokens; later steps find them in the cache.
         if (input.Cache is { Length: > 0 }) return Model.forward(input);
         var embeds = input.InputsEmbeds ?? Model.EmbedTokens(input.InputIds ?? throw new ArgumentException("give InputIds or InputsEmbeds"));
         long batch = embeds.shape[0];
-        var virtualTokens = prompt.ForBatch(batch).to_type(embeds.dtype);
+        var virtualTokens = tokens.unsqueeze(0).expand(batch, -1, -1).to_type(embeds.dtype);
         var mask = input.AttentionMask is { } m
             ? torch.cat([torch.ones(batch, virtualTokens.shape[1], dtype: m.dtype, device: m.device), m], 1)
             : null;
@@ -579,6 +593,8 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
             }
         }
         if (config is PromptTuningConfig) map["prompt_embeddings"] = ((PromptEmbedding)prompt_encoder[adapterName]).embedding.weight!;
+        if (config is PromptEncoderConfig && !((PromptEncoder)prompt_encoder[adapterName]).Projected)
+            map["prompt_embeddings"] = ((PromptEncoder)prompt_encoder[adapterName]).embedding.weight!;
         if (config is PrefixTuningConfig && !((PrefixEncoder)prompt_encoder[adapterName]).Projected)
             map["prompt_embeddings"] = ((PrefixEncoder)prompt_encoder[adapterName]).embedding.weight!;
         return map;
@@ -592,6 +608,11 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
             // PEFT saves a projected prefix as the table the MLP computes.
             using var no = torch.no_grad();
             list.Add(new("prompt_embeddings", enc.Table().detach()));
+        }
+        if (_configs[adapterName] is PromptEncoderConfig && prompt_encoder[adapterName] is PromptEncoder { Projected: true } pt)
+        {
+            using var no = torch.no_grad();
+            list.Add(new("prompt_embeddings", pt.Tokens().detach()));
         }
         return list;
     }

@@ -38,6 +38,7 @@ public class PeftBehaviourTests
         "series" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "mam_adapter", NonLinearity = "relu" },
         "series_all" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "bert", Scaling = null, TargetModules = ModuleSelector.Pattern(".*(mlp|attn|attention)\\.[^.]*") },
         "parallel" => new BottleneckConfig { BottleneckSize = 8, InitWeights = "mam_adapter", UseParallelAdapter = true, NonLinearity = "gelu", Scaling = 2.0 },
+        "ptuning" => new AdapterFlow.Adapters.PTuning.PromptEncoderConfig { NumVirtualTokens = 4, EncoderHiddenSize = 32 },
         "lora_head" => new LoraConfig { R = 4, ModulesToSave = ["lm_head"] },
         _ => throw new ArgumentException(method),
     };
@@ -63,7 +64,7 @@ public class PeftBehaviourTests
     public static TheoryData<string, string> StepCases()
     {
         var data = new TheoryData<string, string>();
-        foreach (var method in new[] { "lora", "dora", "ia3", "prompt", "prefix", "prefix_projection", "series_all", "parallel" }) data.Add("llama", method);
+        foreach (var method in new[] { "lora", "dora", "ia3", "prompt", "prefix", "prefix_projection", "series_all", "parallel", "ptuning" }) data.Add("llama", method);
         foreach (var method in new[] { "lora", "ia3", "prefix" }) data.Add("gpt2", method);
         data.Add("qwen2", "lora_head");
         return data;
@@ -398,4 +399,30 @@ public class PeftBehaviourTests
     }
 
     private static Tensor LinearParts(ModulesToSaveWrapper wrapper) => ((Linear)wrapper.Copy("default")).weight!;
+
+    [SkippableTheory]
+    [InlineData("ptuning")]
+    [InlineData("prefix_projection")]
+    public void Reparameterised_prompts_save_their_computed_table_and_reload_for_inference(string method)
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-reparam-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), NewConfig(method));
+            var ids = Ids();
+            var before = peft.Logits(ids);
+            using (peft.DisableAdapters())
+                Assert.True(before.shape[1] != ids.shape[1] || (peft.Logits(ids) - before).abs().max().item<float>() > 1e-3, "the virtual tokens did nothing");
+            peft.SavePretrained(output);
+            var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output);
+            Assert.True((reloaded.Logits(ids) - before).abs().max().item<float>() < 1e-5, "reloaded table differs from the trained encoder");
+            Assert.Equal(0, reloaded.CountParameters().Trainable);
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
+    }
 }
