@@ -320,6 +320,8 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
     {
         EnsureUsable();
         if (!_configs.ContainsKey(adapterName)) throw new ArgumentException($"no adapter named '{adapterName}' (have: {string.Join(", ", _configs.Keys)})");
+        // As PEFT: switching adapters on a merged model unmerges it first.
+        if (adapterName != _active) Unmerge();
         _active = adapterName;
         foreach (var layer in _layers.Values) layer.ActiveAdapters = [adapterName];
         MarkTrainable();
@@ -329,6 +331,8 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
     public IDisposable DisableAdapters()
     {
         EnsureUsable();
+        // Merged weights would keep the adapter in the "base" output: unmerge first, as PEFT does.
+        Unmerge();
         AdaptersDisabled = true;
         foreach (var layer in _layers.Values) layer.Disabled = true;
         return new Restore(() =>

@@ -425,4 +425,23 @@ public class PeftBehaviourTests
             if (Directory.Exists(output)) Directory.Delete(output, true);
         }
     }
+
+    [SkippableFact]
+    public void Disabling_or_switching_a_merged_model_unmerges_it_first()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var model = PeftReferenceTests.LoadBase("llama");
+        var plain = model.Logits(Ids());
+        var peft = PeftModel.Create(model, new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random });
+        peft.AddAdapter("ia", new LoraConfig { R = 2, InitLoraWeights = LoraInit.Random });
+        var adapted = peft.Logits(Ids());
+        peft.Merge();
+        using (peft.DisableAdapters())
+            Assert.True((peft.Logits(Ids()) - plain).abs().max().item<float>() < 1e-5, "disabled merged model still carries the adapter");
+        peft.Merge();
+        peft.SetAdapter("ia");
+        peft.SetAdapter("default");
+        Assert.True((peft.Logits(Ids()) - adapted).abs().max().item<float>() < 1e-5, "switching adapters on a merged model went wrong");
+    }
 }
