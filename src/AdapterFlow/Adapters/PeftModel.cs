@@ -304,12 +304,21 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         prompt_encoder.Add(adapter, new PrefixEncoder(config, weight.device, weight.dtype));
     }
 
+    /// <summary>The token-embedding matrix: the Embedding whose rows EmbedTokens returns (GPT-2's position table can have the same shape).</summary>
     private Tensor WordEmbeddingWeight()
     {
-        using var probe = torch.zeros(1, 1, dtype: ScalarType.Int64, device: Model.Device);
-        // The embedding matrix itself: find the Embedding whose lookup EmbedTokens performs.
+        using var no = torch.no_grad();
+        using var probe = torch.tensor(new long[] { 1 }, device: Model.Device).unsqueeze(0);
+        using var embedded = Model.EmbedTokens(probe);
         foreach (var (_, m) in ModuleSurgery.Modules(Model))
-            if (m is TorchSharp.Modules.Embedding e && e.weight!.shape[0] == Model.Config.VocabSize) return e.weight!;
+        {
+            if (m is not TorchSharp.Modules.Embedding e || e.weight!.shape[0] != Model.Config.VocabSize) continue;
+            // A scope here would dispose the returned Parameter; the comparison's temporaries go in their own.
+            bool same;
+            using (var scope = torch.NewDisposeScope())
+                same = e.weight[1].eq(embedded[0, 0]).all().item<bool>();
+            if (same) return e.weight!;
+        }
         throw new NotSupportedException($"{Model.GetType().Name} has no token embedding of vocabulary size {Model.Config.VocabSize}");
     }
 

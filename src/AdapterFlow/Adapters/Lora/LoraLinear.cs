@@ -150,7 +150,6 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IAdapterLayer
         if (_merged.Contains(adapter)) return;
         using var scope = torch.NewDisposeScope();
         using var no = torch.no_grad();
-        var stored = LinearParts.Weight(base_layer);
         var weight = LinearParts.WeightOutIn(base_layer); // a view into the stored weight
         var delta = DeltaWeight(adapter);
         if (IsDora(adapter))
@@ -165,7 +164,6 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IAdapterLayer
         {
             weight.add_(delta);
         }
-        _ = stored;
         _merged.Add(adapter);
     }
 
