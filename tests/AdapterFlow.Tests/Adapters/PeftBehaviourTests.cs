@@ -444,4 +444,32 @@ public class PeftBehaviourTests
         peft.SetAdapter("default");
         Assert.True((peft.Logits(Ids()) - adapted).abs().max().item<float>() < 1e-5, "switching adapters on a merged model went wrong");
     }
+
+    [SkippableFact]
+    public void Lora_bias_modes_and_dropout_behave_as_peft()
+    {
+        using var scope = torch.NewDisposeScope();
+        var all = PeftModel.Create(PeftReferenceTests.LoadBase("qwen2"), new LoraConfig { R = 4, Bias = "all" });
+        var trainableNames = all.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).ToArray();
+        Assert.Contains("base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias", trainableNames);
+        Assert.Contains("base_model.model.model.layers.0.self_attn.k_proj.bias", trainableNames); // not wrapped, still trained
+        Assert.Contains("base_model.model.model.layers.0.self_attn.k_proj.bias", all.AdapterTensors("default").Keys);
+
+        var only = PeftModel.Create(PeftReferenceTests.LoadBase("qwen2"), new LoraConfig { R = 4, Bias = "lora_only" });
+        var onlyNames = only.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).ToArray();
+        Assert.Contains("base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias", onlyNames);
+        Assert.DoesNotContain("base_model.model.model.layers.0.self_attn.k_proj.bias", onlyNames);
+
+        var none = PeftModel.Create(PeftReferenceTests.LoadBase("qwen2"), new LoraConfig { R = 4 });
+        Assert.DoesNotContain(none.named_parameters(), p => p.parameter.requires_grad && p.name.EndsWith("bias"));
+
+        var dropout = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 4, LoraDropout = 0.5, InitLoraWeights = LoraInit.Random });
+        using var no = torch.no_grad();
+        dropout.train();
+        var a = dropout.Logits(Ids());
+        var b = dropout.Logits(Ids());
+        Assert.True((a - b).abs().max().item<float>() > 1e-4, "dropout is not applied in training");
+        dropout.eval();
+        Assert.True(dropout.Logits(Ids()).eq(dropout.Logits(Ids())).all().item<bool>(), "eval mode must be deterministic");
+    }
 }
