@@ -44,6 +44,7 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
     private readonly Dictionary<string, IAdapterLayer> _layers = new(); // module path (in the CausalLM) → wrapper
     private string _active = DefaultAdapter;
     private bool _unloaded;
+    private bool _loadingTable;
 
     private PeftModel(CausalLM model) : base(nameof(PeftModel))
     {
@@ -91,7 +92,11 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         if (!File.Exists(weights)) throw new FileNotFoundException($"{weights}: adapter weights not found", weights);
         config.InferenceMode = !isTrainable;
         bool first = _configs.Count == 0;
-        AddAdapter(adapterName, config, tokenizer: null, activate: first);
+        // Saved virtual tokens are the computed table (PEFT saves a re-parameterised prompt so), so a loaded prompt
+        // is a plain table even when the adapter is loaded to train further.
+        _loadingTable = true;
+        try { AddAdapter(adapterName, config, tokenizer: null, activate: first); }
+        finally { _loadingTable = false; }
         using var file = SafetensorsFile.Open(weights);
         LoadWeights(adapterName, file);
     }
@@ -285,7 +290,7 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
             throw new ArgumentException($"{config.Source}: token_dim {config.TokenDim} differs from the model's embedding width {words.shape[1]}");
         if (config.NumLayers == 0) config.NumLayers = Model.NumLayers;
         if (config.NumAttentionHeads == 0) config.NumAttentionHeads = Model.Config.NumAttentionHeads;
-        prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype));
+        prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype, table: _loadingTable));
     }
 
     private void AddPrefixTuning(string adapter, PrefixTuningConfig config)
@@ -301,7 +306,7 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         if (config.NumTransformerSubmodules != 1)
             throw new ArgumentException($"{config.Source}: num_transformer_submodules must be 1 for a decoder-only model");
         var weight = Model.parameters().First();
-        prompt_encoder.Add(adapter, new PrefixEncoder(config, weight.device, weight.dtype));
+        prompt_encoder.Add(adapter, new PrefixEncoder(config, weight.device, weight.dtype, table: _loadingTable));
     }
 
     /// <summary>The token-embedding matrix: the Embedding whose rows EmbedTokens returns (GPT-2's position table can have the same shape).</summary>

@@ -419,6 +419,10 @@ public class PeftBehaviourTests
             var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output);
             Assert.True((reloaded.Logits(ids) - before).abs().max().item<float>() < 1e-5, "reloaded table differs from the trained encoder");
             Assert.Equal(0, reloaded.CountParameters().Trainable);
+            // Loaded to train further: the saved table itself trains.
+            var trainable = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output, isTrainable: true);
+            Assert.True((trainable.Logits(ids) - before).abs().max().item<float>() < 1e-5);
+            Assert.Equal(trainable.prompt_encoder["default"].parameters().Sum(p => p.numel()), trainable.CountParameters().Trainable);
         }
         finally
         {

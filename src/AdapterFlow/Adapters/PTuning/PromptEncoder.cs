@@ -14,11 +14,15 @@ public sealed class PromptEncoder : nn.Module
     public Embedding embedding;
     public Sequential? mlp_head;
 
-    public PromptEncoder(PromptEncoderConfig config, Device device, ScalarType dtype) : base(nameof(PromptEncoder))
+    /// <param name="config">The adapter's config.</param>
+    /// <param name="device">Where the tensors live.</param>
+    /// <param name="dtype">Their type.</param>
+    /// <param name="table">True for a plain table (a saved adapter), false to train through the MLP.</param>
+    public PromptEncoder(PromptEncoderConfig config, Device device, ScalarType dtype, bool table = false) : base(nameof(PromptEncoder))
     {
         embedding = nn.Embedding(config.NumVirtualTokens, config.TokenDim, device: device, dtype: dtype);
         register_module("embedding", embedding);
-        if (config.InferenceMode) return;
+        if (table || config.InferenceMode) return;
         if (config.EncoderReparameterizationType != "MLP")
             throw new NotSupportedException($"{config.Source}: encoder_reparameterization_type '{config.EncoderReparameterizationType}' is not supported yet (MLP)");
         int hidden = config.EncoderHiddenSize > 0 ? config.EncoderHiddenSize : config.TokenDim;

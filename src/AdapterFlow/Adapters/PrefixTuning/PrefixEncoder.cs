@@ -13,10 +13,14 @@ public sealed class PrefixEncoder : nn.Module
     public Embedding embedding;
     public Sequential? transform;
 
-    public PrefixEncoder(PrefixTuningConfig config, Device device, ScalarType dtype) : base(nameof(PrefixEncoder))
+    /// <param name="config">The adapter's config.</param>
+    /// <param name="device">Where the tensors live.</param>
+    /// <param name="dtype">Their type.</param>
+    /// <param name="table">True for a plain table (a saved adapter), false to train through the MLP if configured.</param>
+    public PrefixEncoder(PrefixTuningConfig config, Device device, ScalarType dtype, bool table = false) : base(nameof(PrefixEncoder))
     {
         long width = (long)config.NumLayers * 2 * config.TokenDim;
-        Projected = config.PrefixProjection && !config.InferenceMode;
+        Projected = config.PrefixProjection && !config.InferenceMode && !table;
         if (Projected)
         {
             if (config.EncoderHiddenSize <= 0)
