@@ -40,7 +40,9 @@ public sealed class KVCache : IDisposable
         EnsureCapacity(layer, keys, values, length + added);
         var k = _keys[layer]!;
         var v = _values[layer]!;
-        using (var no = torch.no_grad())
+        // Keys that carry gradients (prefix tuning's trainable virtual keys/values) are copied with autograd on,
+        // so the loss reaches them through the cache; plain activations are copied without building a graph.
+        using (var no = keys.requires_grad || values.requires_grad ? null : torch.no_grad())
         {
             k.narrow(2, length, added).copy_(keys);
             v.narrow(2, length, added).copy_(values);

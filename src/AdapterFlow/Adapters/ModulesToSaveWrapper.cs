@@ -1,0 +1,70 @@
+using AdapterFlow.Models;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace AdapterFlow.Adapters;
+
+/// <summary>
+/// PEFT's ModulesToSaveWrapper: a module trained in full beside the adapter (e.g. lm_head). The original stays frozen as
+/// <c>original_module</c>; each adapter gets a trainable copy in <c>modules_to_save.&lt;adapter&gt;</c>, used while that
+/// adapter is active. Supports Linear and Conv1D modules (an untied output head, a classifier).
+/// </summary>
+public sealed class ModulesToSaveWrapper : nn.Module<Tensor, Tensor>, IAdapterLayer
+{
+    public nn.Module<Tensor, Tensor> original_module;
+    public AdapterModules modules_to_save;
+    private IReadOnlyList<string> _active = [];
+
+    public ModulesToSaveWrapper(nn.Module<Tensor, Tensor> original) : base(nameof(ModulesToSaveWrapper))
+    {
+        if (original is not (Linear or Conv1D))
+            throw new NotSupportedException($"modules_to_save supports Linear and Conv1D modules, not {original.GetType().Name}");
+        original_module = original;
+        modules_to_save = new AdapterModules();
+        register_module("original_module", original_module);
+        register_module("modules_to_save", modules_to_save);
+    }
+
+    public nn.Module<Tensor, Tensor> BaseLayer => original_module;
+    public IEnumerable<string> AdapterNames => modules_to_save.Keys;
+    public IReadOnlyList<string> ActiveAdapters { get => _active; set => _active = value.Where(modules_to_save.Contains).ToArray(); }
+    public bool Disabled { get; set; }
+    public IReadOnlyList<string> MergedAdapters => [];
+
+    /// <summary>The trainable copy of one adapter.</summary>
+    public nn.Module<Tensor, Tensor> Copy(string adapter) => (nn.Module<Tensor, Tensor>)modules_to_save[adapter];
+
+    public void AddAdapter(string adapter)
+    {
+        var weight = LinearParts.Weight(original_module);
+        var bias = LinearParts.Bias(original_module);
+        nn.Module<Tensor, Tensor> copy = original_module switch
+        {
+            Linear l => nn.Linear(l.in_features, l.out_features, hasBias: bias is not null, device: weight.device, dtype: weight.dtype),
+            Conv1D c => new Conv1D(c.InFeatures, c.OutFeatures).to(weight.device).to(weight.dtype),
+            _ => throw new NotSupportedException(original_module.GetType().Name),
+        };
+        using (torch.no_grad())
+        {
+            LinearParts.Weight((nn.Module)copy).copy_(weight);
+            if (bias is not null) LinearParts.Bias((nn.Module)copy)!.copy_(bias);
+        }
+        modules_to_save.Add(adapter, (nn.Module)copy);
+    }
+
+    public override Tensor forward(Tensor x) =>
+        Disabled || _active.Count == 0 ? original_module.forward(x) : Copy(_active[0]).forward(x);
+
+    public void Merge(string adapter) { }
+    public void UnmergeLast() { }
+
+    public IEnumerable<Parameter> AdapterParameters(string adapter) =>
+        modules_to_save.Contains(adapter) ? ((nn.Module)Copy(adapter)).parameters() : [];
+
+    public void RemoveAdapter(string adapter)
+    {
+        modules_to_save.Remove(adapter);
+        _active = _active.Where(a => a != adapter).ToArray();
+    }
+}
