@@ -47,6 +47,15 @@ public static class Attention
     {
         long heads = query.shape[1];
         long kvHeads = key.shape[1];
+        if (heads != kvHeads && query.shape[2] == 1 && !(isCausal && mask is null))
+        {
+            // Decode step with grouped KV heads: fold the query heads of each group into the query axis
+            // ([b, kv, group, d]) and attend to the cached keys as they are, instead of repeating the whole
+            // cache per token. A [b, 1, 1, keys] mask broadcasts over the folded axis.
+            long b = query.shape[0], d = query.shape[3];
+            var folded = query.reshape(b, kvHeads, heads / kvHeads, d);
+            return nn.functional.scaled_dot_product_attention(folded, key, value, mask, 0.0, false).reshape(b, heads, 1, d);
+        }
         if (heads != kvHeads)
         {
             key = RepeatKv(key, heads / kvHeads);

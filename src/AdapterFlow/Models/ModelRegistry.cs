@@ -8,6 +8,9 @@ public static class ModelRegistry
     // One line per family; each family file exposes a static Family descriptor.
     private static readonly ModelFamily[] Families =
     [
+        LlamaForCausalLM.Family,
+        MistralForCausalLM.Family,
+        Qwen2ForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;

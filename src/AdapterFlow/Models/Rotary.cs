@@ -22,6 +22,10 @@ public sealed class RotaryEmbedding
     private readonly double[] _invFreq;
     private readonly double _attentionScaling;
 
+    // The float32 inverse frequencies on the device last used: built once instead of copied from the host on
+    // every forward pass (a decode step would otherwise pay a host-to-device copy per token).
+    private Tensor? _invFreqTensor;
+
     public RotaryEmbedding(int rotaryDim, double theta, RotaryLayout layout, RopeScaling? scaling = null, int maxPositionEmbeddings = 2048)
     {
         if (rotaryDim % 2 != 0) throw new ArgumentException($"rotary dim {rotaryDim} must be even");
@@ -38,6 +42,19 @@ public sealed class RotaryEmbedding
     public RopeScaling? Scaling { get; }
     public int MaxPositionEmbeddings { get; }
     public double Theta { get; }
+
+    /// <summary>
+    /// The inverse frequencies used for a sequence of <paramref name="sequenceLength"/> positions (only dynamic NTK
+    /// depends on it), rotaryDim / 2 values.
+    /// </summary>
+    public double[] InverseFrequencies(long sequenceLength = 0) =>
+        DynamicBase(sequenceLength) is double b ? InverseFrequencies(RotaryDim, b, null, out _) : (double[])_invFreq.Clone();
+
+    /// <summary>transformers' dynamic NTK grows the base once the sequence outgrows max_position_embeddings.</summary>
+    private double? DynamicBase(long sequenceLength) =>
+        Scaling is { Type: "dynamic" } s && sequenceLength > MaxPositionEmbeddings
+            ? Theta * Math.Pow(s.Factor * sequenceLength / MaxPositionEmbeddings - (s.Factor - 1), RotaryDim / (RotaryDim - 2.0))
+            : null;
 
     private static double[] InverseFrequencies(int dim, double theta, RopeScaling? scaling, out double attentionScaling)
     {
@@ -85,14 +102,23 @@ public sealed class RotaryEmbedding
     /// </summary>
     public (Tensor Cos, Tensor Sin) Tables(Tensor positionIds, ScalarType dtype, long sequenceLength)
     {
-        var inv = _invFreq;
-        if (Scaling is { Type: "dynamic" } s && sequenceLength > MaxPositionEmbeddings)
+        Tensor invFreq;
+        if (DynamicBase(sequenceLength) is double dynamicBase)
         {
-            // transformers' dynamic NTK: grow the base with the sequence length.
-            double b = Theta * Math.Pow(s.Factor * sequenceLength / MaxPositionEmbeddings - (s.Factor - 1), RotaryDim / (RotaryDim - 2.0));
-            inv = InverseFrequencies(RotaryDim, b, null, out _);
+            invFreq = torch.tensor(InverseFrequencies(RotaryDim, dynamicBase, null, out _).Select(x => (float)x).ToArray(),
+                device: positionIds.device);
         }
-        var invFreq = torch.tensor(inv.Select(x => (float)x).ToArray(), device: positionIds.device);
+        else
+        {
+            var cached = _invFreqTensor;
+            if (cached is null || cached.device_type != positionIds.device_type || cached.device_index != positionIds.device_index)
+            {
+                cached?.Dispose();
+                cached = torch.tensor(_invFreq.Select(x => (float)x).ToArray(), device: positionIds.device).DetachFromDisposeScope();
+                _invFreqTensor = cached;
+            }
+            invFreq = cached;
+        }
         var freqs = positionIds.to_type(ScalarType.Float32).unsqueeze(-1) * invFreq; // [b, t, dim/2]
         Tensor emb = Layout == RotaryLayout.RotateHalf
             ? torch.cat([freqs, freqs], -1)
