@@ -1,0 +1,124 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using AdapterFlow.Models;
+
+namespace AdapterFlow.Generation;
+
+/// <summary>
+/// How to generate. Names and defaults follow Hugging Face's <c>GenerationConfig</c> so that settings carry
+/// over one to one: greedy unless <see cref="DoSample"/>; when sampling, temperature, top-k (50 by default, as
+/// in transformers), top-p and min-p filter the distribution in that order, after the repetition penalty.
+/// </summary>
+public sealed record GenerationOptions
+{
+    /// <summary>Tokens to generate per prompt at most (the prompt is not counted).</summary>
+    public int MaxNewTokens { get; init; } = 20;
+
+    /// <summary>End-of-sequence tokens are suppressed until this many tokens were generated.</summary>
+    public int MinNewTokens { get; init; }
+
+    /// <summary>Sample from the (filtered) distribution; false = greedy (argmax).</summary>
+    public bool DoSample { get; init; }
+
+    /// <summary>Divides the logits before sampling (&lt; 1 sharpens, &gt; 1 flattens). Ignored when greedy.</summary>
+    public double Temperature { get; init; } = 1.0;
+
+    /// <summary>Keep only the k most likely tokens when sampling; 0 disables.</summary>
+    public int TopK { get; init; } = 50;
+
+    /// <summary>Nucleus sampling: keep the smallest set of tokens whose probability adds up to at least p; 1 disables.</summary>
+    public double TopP { get; init; } = 1.0;
+
+    /// <summary>Drop tokens less likely than <c>MinP × p(most likely token)</c>; 0 disables.</summary>
+    public double MinP { get; init; }
+
+    /// <summary>CTRL-style penalty on every token already in the prompt or the output (1 = off, &gt; 1 discourages repeats).</summary>
+    public double RepetitionPenalty { get; init; } = 1.0;
+
+    /// <summary>Seed of a private random generator: the same seed gives the same sample. Null uses torch's global generator.</summary>
+    public long? Seed { get; init; }
+
+    /// <summary>Tokens that end a sequence (kept in its output). Null: the EOS ids of the model config and the tokenizer.</summary>
+    public IReadOnlyList<int>? StopTokenIds { get; init; }
+
+    /// <summary>Texts that end a sequence as soon as the decoded continuation contains one; the text is cut before it. Needs a tokenizer.</summary>
+    public IReadOnlyList<string>? StopStrings { get; init; }
+
+    /// <summary>Fills left padding and rows that finished early. Null: config pad id, tokenizer pad id, else the first stop token.</summary>
+    public int? PadTokenId { get; init; }
+
+    /// <summary>Beam search with this many beams (1 = no beam search). Deterministic: ignores sampling settings.</summary>
+    public int NumBeams { get; init; } = 1;
+
+    /// <summary>Beam search: finished beams are ranked by sum(log p) / length^LengthPenalty.</summary>
+    public double LengthPenalty { get; init; } = 1.0;
+
+    /// <summary>Beam search: stop as soon as <see cref="NumBeams"/> hypotheses are finished (transformers' early_stopping=True).</summary>
+    public bool EarlyStopping { get; init; }
+
+    /// <summary>Run only the first N decoder layers for every token (early exit, e.g. with a LayerSkip-trained model). Null = all layers.</summary>
+    public int? ExitLayer { get; init; }
+
+    /// <summary>Leave special tokens (EOS, pad...) out of the decoded text.</summary>
+    public bool SkipSpecialTokens { get; init; } = true;
+
+    /// <summary>Checks the settings; throws <see cref="ArgumentException"/> naming the bad one.</summary>
+    public void Validate()
+    {
+        if (MaxNewTokens < 1) throw new ArgumentException($"MaxNewTokens must be at least 1, got {MaxNewTokens}");
+        if (MinNewTokens < 0) throw new ArgumentException($"MinNewTokens must be non-negative, got {MinNewTokens}");
+        if (!(Temperature > 0) || double.IsInfinity(Temperature)) throw new ArgumentException($"Temperature must be a positive number, got {Temperature}");
+        if (TopK < 0) throw new ArgumentException($"TopK must be non-negative (0 = off), got {TopK}");
+        if (!(TopP > 0 && TopP <= 1)) throw new ArgumentException($"TopP must be in (0, 1], got {TopP}");
+        if (!(MinP >= 0 && MinP <= 1)) throw new ArgumentException($"MinP must be in [0, 1], got {MinP}");
+        if (!(RepetitionPenalty > 0) || double.IsInfinity(RepetitionPenalty)) throw new ArgumentException($"RepetitionPenalty must be a positive number, got {RepetitionPenalty}");
+        if (NumBeams < 1) throw new ArgumentException($"NumBeams must be at least 1, got {NumBeams}");
+        if (NumBeams > 1 && DoSample) throw new ArgumentException("beam search with sampling (NumBeams > 1 and DoSample) is not supported");
+        if (ExitLayer is < 1) throw new ArgumentException($"ExitLayer must be at least 1, got {ExitLayer}");
+        if (StopStrings is not null && StopStrings.Any(string.IsNullOrEmpty)) throw new ArgumentException("StopStrings must not contain an empty string");
+    }
+
+    /// <summary>
+    /// Reads a Hugging Face <c>generation_config.json</c> (a file, or the model folder holding one) on top of
+    /// <paramref name="defaults"/>: eos/pad ids, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+    /// max_new_tokens, min_new_tokens, num_beams, length_penalty, early_stopping. Absent keys keep the defaults.
+    /// </summary>
+    public static GenerationOptions FromGenerationConfig(string fileOrDirectory, GenerationOptions? defaults = null)
+    {
+        var path = Directory.Exists(fileOrDirectory) ? Path.Combine(fileOrDirectory, "generation_config.json") : fileOrDirectory;
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: generation_config.json not found");
+        JsonObject json;
+        try
+        {
+            json = JsonNode.Parse(File.ReadAllText(path)) as JsonObject
+                   ?? throw new InvalidDataException($"{path}: generation_config.json must hold a JSON object");
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{path}: invalid JSON ({e.Message})");
+        }
+        var o = defaults ?? new GenerationOptions();
+        bool earlyStopping = o.EarlyStopping;
+        // early_stopping may also be the string "never"; only true changes our behaviour.
+        if (json["early_stopping"] is JsonValue es && es.TryGetValue<bool>(out var esBool)) earlyStopping = esBool;
+        var result = o with
+        {
+            StopTokenIds = ConfigJson.IntOrIntList(json, path, "eos_token_id") ?? o.StopTokenIds,
+            PadTokenId = ConfigJson.OptionalInt(json, path, "pad_token_id") ?? o.PadTokenId,
+            DoSample = ConfigJson.Bool(json, path, "do_sample", o.DoSample),
+            Temperature = ConfigJson.Double(json, path, "temperature", o.Temperature),
+            TopK = ConfigJson.Int(json, path, "top_k", o.TopK),
+            TopP = ConfigJson.Double(json, path, "top_p", o.TopP),
+            MinP = ConfigJson.Double(json, path, "min_p", o.MinP),
+            RepetitionPenalty = ConfigJson.Double(json, path, "repetition_penalty", o.RepetitionPenalty),
+            MaxNewTokens = ConfigJson.Int(json, path, "max_new_tokens", o.MaxNewTokens),
+            MinNewTokens = ConfigJson.Int(json, path, "min_new_tokens", o.MinNewTokens),
+            NumBeams = ConfigJson.Int(json, path, "num_beams", o.NumBeams),
+            LengthPenalty = ConfigJson.Double(json, path, "length_penalty", o.LengthPenalty),
+            EarlyStopping = earlyStopping,
+        };
+        try { result.Validate(); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{path}: {e.Message}"); }
+        return result;
+    }
+}
