@@ -1,1 +1,1 @@
-Console.WriteLine("adapterflow: commands are being built");
+return AdapterFlow.Cli.CliApp.Run(args, Console.Out, Console.Error);

@@ -41,9 +41,9 @@ public static class Attention
     /// <summary>
     /// Scaled dot-product attention over [batch, heads, time, head_dim] queries and [batch, kv_heads, keys, head_dim]
     /// keys/values; kv heads are repeated for grouped-query attention. A float mask is added to the scores, a
-    /// boolean one selects keys.
+    /// boolean one selects keys. <paramref name="dropout"/> is the attention-probability dropout (training only).
     /// </summary>
-    public static Tensor Sdpa(Tensor query, Tensor key, Tensor value, Tensor? mask, bool isCausal)
+    public static Tensor Sdpa(Tensor query, Tensor key, Tensor value, Tensor? mask, bool isCausal, double dropout = 0.0)
     {
         long heads = query.shape[1];
         long kvHeads = key.shape[1];
@@ -61,7 +61,7 @@ public static class Attention
             key = RepeatKv(key, heads / kvHeads);
             value = RepeatKv(value, heads / kvHeads);
         }
-        return nn.functional.scaled_dot_product_attention(query, key, value, mask, 0.0, isCausal && mask is null);
+        return nn.functional.scaled_dot_product_attention(query, key, value, mask, dropout, isCausal && mask is null);
     }
 
     /// <summary>[b, kv, s, d] → [b, kv · n, s, d], each kv head repeated n times in place (as transformers' repeat_kv).</summary>

@@ -54,9 +54,12 @@ public static class AutoModel
     /// <summary>A randomly initialised model (for training from scratch), deterministic for a seed.</summary>
     public static CausalLM FromConfig(ModelConfig config, long seed = 0, ScalarType dtype = ScalarType.Float32, Device? device = null)
     {
-        torch.manual_seed(seed);
+        // A private generator, not torch.manual_seed: the global one may be drawn from by other threads meanwhile,
+        // which would make "same seed, same weights" fail under concurrency. (Tensor.normal_ is used for the draws
+        // because TorchSharp 0.107's nn.init.normal_ ignores its generator argument.)
+        var generator = new torch.Generator((ulong)seed);
         var model = ModelRegistry.ForModelType(config.ModelType).Create(config);
-        InitializeWeights(model, config);
+        InitializeWeights(model, config, generator);
         model.eval();
         if (dtype != ScalarType.Float32) model.to(dtype);
         if (device is not null) model.to(device);
@@ -136,7 +139,7 @@ public static class AutoModel
     /// transformers' _init_weights for these families: linear and embedding weights ~ N(0, initializer_range),
     /// biases zero, norm weights one (already so at construction).
     /// </summary>
-    public static void InitializeWeights(nn.Module model, ModelConfig config)
+    public static void InitializeWeights(nn.Module model, ModelConfig config, torch.Generator? generator = null)
     {
         using var no = torch.no_grad();
         double std = config.InitializerRange;
@@ -145,14 +148,14 @@ public static class AutoModel
             switch (module)
             {
                 case Linear linear:
-                    nn.init.normal_(linear.weight!, 0, std);
+                    linear.weight!.normal_(0, std, generator);
                     if (linear.bias is not null) nn.init.zeros_(linear.bias);
                     break;
                 case Embedding embedding:
-                    nn.init.normal_(embedding.weight!, 0, std);
+                    embedding.weight!.normal_(0, std, generator);
                     break;
                 case IInitializable custom:
-                    custom.Initialize(std);
+                    custom.Initialize(std, generator);
                     break;
             }
         }
@@ -163,4 +166,7 @@ public static class AutoModel
 public interface IInitializable
 {
     void Initialize(double std);
+
+    /// <summary>Same, drawing from <paramref name="generator"/> (null = the global generator).</summary>
+    void Initialize(double std, torch.Generator? generator) => Initialize(std);
 }

@@ -11,6 +11,10 @@ public static class ModelRegistry
         LlamaForCausalLM.Family,
         MistralForCausalLM.Family,
         Qwen2ForCausalLM.Family,
+        Gpt2LMHeadModel.Family,
+        OptForCausalLM.Family,
+        BloomForCausalLM.Family,
+        GptJForCausalLM.Family,
     ];
 
     public static IReadOnlyList<ModelFamily> All => Families;

@@ -1,0 +1,141 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using AdapterFlow.Generation;
+using AdapterFlow.Models;
+
+namespace AdapterFlow.Cli.Commands;
+
+/// <summary><c>adapterflow generate</c>: stream a continuation of a prompt.</summary>
+internal static class GenerateCommand
+{
+    public static Command Create(CliContext context)
+    {
+        var model = CommonOptions.ModelDir("The model folder (config.json, model.safetensors and tokenizer.json).");
+        var prompt = new Option<string>("--prompt")
+        {
+            Description = "The text to continue.",
+            Required = true,
+            HelpName = "TEXT",
+        };
+        var maxNewTokens = new Option<int>("--max-new-tokens", "-n")
+        {
+            HelpName = "N",
+            Description = "Maximum number of tokens to generate.",
+            DefaultValueFactory = _ => 64,
+        }.Check(n => n >= 1, "must be at least 1");
+        var temperature = new Option<double>("--temperature")
+        {
+            HelpName = "T",
+            Description = "Sampling temperature; 0 = greedy (always the most likely token).",
+            DefaultValueFactory = _ => 0.8,
+        }.Check(t => t >= 0 && double.IsFinite(t), "must be 0 or more");
+        var topK = new Option<int>("--top-k")
+        {
+            HelpName = "K",
+            Description = "Sample only from the K most likely tokens; 0 = no limit.",
+            DefaultValueFactory = _ => 0,
+        }.Check(k => k >= 0, "must be 0 or more");
+        var topP = new Option<double>("--top-p")
+        {
+            HelpName = "P",
+            Description = "Nucleus sampling: sample from the smallest set of tokens whose probability adds up to P; 1 = no limit.",
+            DefaultValueFactory = _ => 1.0,
+        }.Check(p => p > 0 && p <= 1, "must be in (0, 1]");
+        var repetitionPenalty = new Option<double>("--repetition-penalty")
+        {
+            HelpName = "R",
+            Description = "Penalty for tokens already in the prompt or output (as in transformers); 1 = none.",
+            DefaultValueFactory = _ => 1.0,
+        }.Check(r => r > 0 && double.IsFinite(r), "must be greater than 0");
+        var seed = new Option<long?>("--seed")
+        {
+            HelpName = "S",
+            Description = "Random seed for sampling (same seed, same output).",
+        };
+        var stop = new Option<string[]>("--stop")
+        {
+            Description = "Stop when the output contains this text (the stop text is not printed). Repeat for several.",
+            HelpName = "STR",
+            AllowMultipleArgumentsPerToken = false,
+        };
+        var device = CommonOptions.Device();
+        var dtype = CommonOptions.DType();
+        var json = CommonOptions.Json("After the streamed text, print one JSON object as the last line: text, token_ids, prompt_tokens, new_tokens, speeds, finish_reason.");
+        var command = new Command("generate", "Generate a continuation of a prompt, streaming text as it is produced.")
+        {
+            model, prompt, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, device, dtype, json,
+        };
+        command.SetAction(async (parse, cancellation) =>
+        {
+            var target = Devices.Parse(parse.GetRequiredValue(device));
+            var load = new LoadOptions { Device = target, DType = parse.GetValue(dtype) is { } d ? Devices.ParseDType(d) : null };
+            double t = parse.GetValue(temperature);
+            var options = new GenerationOptions
+            {
+                MaxNewTokens = parse.GetValue(maxNewTokens),
+                // Temperature 0 means greedy, as in most command-line front ends (transformers itself rejects 0).
+                DoSample = t > 0,
+                Temperature = t > 0 ? t : 1.0,
+                TopK = parse.GetValue(topK),
+                TopP = parse.GetValue(topP),
+                RepetitionPenalty = parse.GetValue(repetitionPenalty),
+                Seed = parse.GetValue(seed),
+                StopStrings = parse.GetValue(stop) is { Length: > 0 } stops ? stops : null,
+            };
+            options.Validate();
+            var promptText = parse.GetRequiredValue(prompt);
+            bool asJson = parse.GetValue(json);
+            using var textModel = TextModel.Load(parse.GetRequiredValue(model), load);
+            var started = Stopwatch.StartNew();
+            var stream = textModel.CreateGenerator().StreamAsync(promptText, options);
+            if (!asJson) context.Out.Write(promptText);
+            await foreach (var token in stream.WithCancellation(cancellation))
+            {
+                if (asJson || string.IsNullOrEmpty(token.Text)) continue;
+                context.Out.Write(token.Text);
+                context.Out.Flush();
+            }
+            var result = stream.Result ?? throw new InvalidOperationException("generation ended without a result");
+            var sequence = result.Sequences[0];
+            var stats = result.Stats;
+            double seconds = started.Elapsed.TotalSeconds;
+            if (asJson)
+            {
+                context.WriteJson(new JsonObject
+                {
+                    ["text"] = sequence.Text,
+                    ["token_ids"] = new JsonArray(sequence.Tokens.Select(i => (JsonNode?)i).ToArray()),
+                    ["prompt_tokens"] = stats.PromptTokens,
+                    ["new_tokens"] = sequence.Tokens.Count,
+                    ["tokens_per_second"] = Math.Round(stats.GenerationTokensPerSecond, 2),
+                    ["prefill_tokens_per_second"] = Math.Round(stats.PromptTokensPerSecond, 2),
+                    ["prefill_seconds"] = Math.Round(stats.PrefillTime.TotalSeconds, 4),
+                    ["decode_seconds"] = Math.Round(stats.DecodeTime.TotalSeconds, 4),
+                    ["seconds"] = Math.Round(seconds, 4),
+                    ["finish_reason"] = FinishReasonName(sequence.FinishReason),
+                    ["stop_string"] = sequence.StopString,
+                });
+            }
+            else
+            {
+                context.Out.WriteLine();
+                // Plain text (not Spectre markup): a console width must not wrap this line.
+                context.Out.WriteLine(
+                    $"[{sequence.Tokens.Count} new tokens after {stats.PromptTokens} prompt tokens; " +
+                    $"prefill {Format.Number(stats.PromptTokensPerSecond, "0")} tok/s, decode {Format.Number(stats.GenerationTokensPerSecond, "0.#")} tok/s; " +
+                    $"finished: {FinishReasonName(sequence.FinishReason)}]");
+            }
+            return CliApp.Success;
+        });
+        return command;
+    }
+
+    /// <summary>Snake-case names as in OpenAI-style APIs and the JSON output.</summary>
+    internal static string FinishReasonName(FinishReason reason) => reason switch
+    {
+        FinishReason.StopToken => "stop_token",
+        FinishReason.StopString => "stop_string",
+        _ => "length",
+    };
+}

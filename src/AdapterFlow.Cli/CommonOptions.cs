@@ -1,0 +1,55 @@
+using System.CommandLine;
+using System.CommandLine.Parsing;
+
+namespace AdapterFlow.Cli;
+
+/// <summary>Options shared by several commands, built fresh per command (System.CommandLine symbols have one parent).</summary>
+internal static class CommonOptions
+{
+    public static Option<bool> Json(string description) => new("--json")
+    {
+        Description = description,
+    };
+
+    public static Option<string> Device() => new Option<string>("--device")
+    {
+        Description = "Where the model runs: cpu, cuda or cuda:N.",
+        DefaultValueFactory = _ => "cpu",
+        HelpName = "cpu|cuda",
+    };
+
+    public static Option<string?> DType() => new Option<string?>("--dtype")
+    {
+        Description = "Weight dtype for the run: float32 or bfloat16 ; default: as stored in the checkpoint.",
+        HelpName = "float32|bfloat16",
+    }.AcceptOnlyFromAmong("float32", "bfloat16");
+
+    public static Option<string> ModelDir(string description) => new("--model", "-m")
+    {
+        Description = description,
+        Required = true,
+        HelpName = "DIR",
+    };
+
+    /// <summary>Adds a validator that reports a one-line error unless <paramref name="isValid"/> holds.</summary>
+    public static Option<T> Check<T>(this Option<T> option, Func<T, bool> isValid, string requirement)
+    {
+        option.Validators.Add(result =>
+        {
+            if (result.Tokens.Count == 0) return;
+            T? value;
+            try { value = result.GetValueOrDefault<T>(); }
+            catch (InvalidOperationException) { return; } // a type error is already reported by the parser
+            if (value is not null && !isValid(value))
+                result.AddError($"{option.Name} {requirement} (got {FormatValue(value)})");
+        });
+        return option;
+    }
+
+    private static string FormatValue<T>(T value) => value switch
+    {
+        double d => d.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        float f => f.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        _ => value?.ToString() ?? "",
+    };
+}

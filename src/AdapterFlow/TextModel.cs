@@ -1,0 +1,58 @@
+using AdapterFlow.Generation;
+using AdapterFlow.IO;
+using AdapterFlow.Models;
+
+namespace AdapterFlow;
+
+/// <summary>
+/// A causal language model together with its tokenizer, loaded from one place: a Hugging Face folder
+/// (config.json, safetensors weights, tokenizer.json), or a GGUF / llama2.c file with a tokenizer.json beside it.
+/// </summary>
+public sealed class TextModel : IDisposable
+{
+    private TextModel(string path, CausalLM model, HFTokenizer tokenizer)
+    {
+        Path = path;
+        Model = model;
+        Tokenizer = tokenizer;
+    }
+
+    /// <summary>Where the model was loaded from.</summary>
+    public string Path { get; }
+    public CausalLM Model { get; }
+    public HFTokenizer Tokenizer { get; }
+
+    /// <summary>A generator over this model and tokenizer.</summary>
+    public Generator CreateGenerator(GenerationOptions? defaults = null) => new(Model, Tokenizer, defaults);
+
+    /// <summary>Loads the weights (any layout <see cref="ModelFiles"/> reads) and the tokenizer beside them.</summary>
+    public static TextModel Load(string path, LoadOptions? options = null)
+    {
+        if (!Directory.Exists(path) && !File.Exists(path)) throw new FileNotFoundException($"{path}: model folder or file not found");
+        // The tokenizer first: it is cheap, and a missing one should fail before gigabytes are read.
+        var tokenizer = LoadTokenizer(Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
+        var model = ModelFiles.Load(path, options);
+        if (tokenizer.VocabSize > model.Config.VocabSize)
+        {
+            model.Dispose();
+            throw new InvalidDataException(
+                $"{path}: the tokenizer has {tokenizer.VocabSize} tokens but the model's vocabulary has only {model.Config.VocabSize} (they do not belong together)");
+        }
+        return new TextModel(path, model, tokenizer);
+    }
+
+    /// <summary>A tokenizer from a folder holding tokenizer.json (and tokenizer_config.json), or from a tokenizer.json file.</summary>
+    public static HFTokenizer LoadTokenizer(string folderOrFile)
+    {
+        if (File.Exists(folderOrFile))
+        {
+            var folder = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(folderOrFile))!;
+            var config = System.IO.Path.Combine(folder, "tokenizer_config.json");
+            return HFTokenizer.FromFile(folderOrFile, File.Exists(config) ? config : null);
+        }
+        if (!Directory.Exists(folderOrFile)) throw new FileNotFoundException($"{folderOrFile}: tokenizer folder or file not found");
+        return HFTokenizer.FromDirectory(folderOrFile);
+    }
+
+    public void Dispose() => Model.Dispose();
+}
