@@ -155,7 +155,8 @@ internal static class EvalCommand
                     }, cancellation));
                 jsonl?.Flush();
                 results.Add(result);
-                if (!asJson) context.Console.MarkupLine(Markup.Escape(SummaryLine(result)));
+                // Plain text (not Spectre markup): a console width must not wrap this line.
+                if (!asJson) context.Out.WriteLine(SummaryLine(result));
             }
             var summary = new MathEvalSummary(results, evalOptions.AquaScoring, take);
             if (asJson)
@@ -173,7 +174,7 @@ internal static class EvalCommand
                 table.AddColumn(new TableColumn("Avg").RightAligned());
                 table.AddRow([.. results.Select(r => MathEvalSummary.Percent(r.Accuracy.Value)), MathEvalSummary.Percent(summary.Average)]);
                 context.Console.Write(table);
-                context.Console.MarkupLine(Markup.Escape($"AQuA scoring: {AnswerExtractor.Name(evalOptions.AquaScoring)}; numbers: last number, within 0.001 (LLM-Adapters)"));
+                context.Out.WriteLine($"AQuA scoring: {AnswerExtractor.Name(evalOptions.AquaScoring)}; numbers: last number, within 0.001 (LLM-Adapters)");
             }
             return Task.FromResult(CliApp.Success);
         });

@@ -62,6 +62,41 @@ public class MathEvaluatorTests
     }
 
     [Fact]
+    public void BeamSearchResultsAreIdenticalAcrossBatchSizesAndCutAtTheNextInstruction()
+    {
+        using var dir = new TempDir();
+        var set = WriteSet(dir, Questions.Select(_ => "1").ToArray());
+        using var model = new TinyLM(seed: 3);
+        MathEvalResult Run(int batch) =>
+            new MathEvaluator(model, new ByteTokenizer(), new MathEvalOptions { BatchSize = batch, MaxNewTokens = 12, NumBeams = 2 }).Evaluate(set);
+        var one = Run(1);
+        var three = Run(3);
+        for (int i = 0; i < Questions.Length; i++)
+        {
+            Assert.Equal(one.Items[i].Generation, three.Items[i].Generation);
+            Assert.Equal(one.Items[i].Correct, three.Items[i].Correct);
+            Assert.Equal(MathPrompt.Response(one.Items[i].Generation), one.Items[i].Response);
+        }
+    }
+
+    [SkippableFact]
+    public void Stories260KResultsAreIdenticalAcrossBatchSizes()
+    {
+        var modelDir = SharedFiles.Require("models", "stories260K-hf");
+        var set = MathDataset.Resolve("SVAMP", SharedFiles.Require("data", "math")).Take(5);
+        using var lm = TextModel.Load(modelDir);
+        MathEvalResult Run(int batch) =>
+            new MathEvaluator(lm.Model, lm.Tokenizer, new MathEvalOptions { BatchSize = batch, MaxNewTokens = 16 }).Evaluate(set);
+        var one = Run(1);
+        var five = Run(5);
+        for (int i = 0; i < 5; i++)
+        {
+            Assert.Equal(one.Items[i].Generation, five.Items[i].Generation);
+            Assert.Equal(one.Items[i].Extracted, five.Items[i].Extracted);
+        }
+    }
+
+    [Fact]
     public void EachItemGetsTheGreedyContinuationOfItsOwnPrompt()
     {
         using var dir = new TempDir();
