@@ -67,6 +67,21 @@ public class EvalCommandTests
     }
 
     [Fact]
+    public void HelpListsEveryOptionWithADescription()
+    {
+        var run = CliRunner.Run("eval", "--help").AssertSuccess();
+        foreach (var option in new[] { "--model", "--adapter", "--dataset", "--data-dir", "--limit", "--batch-size", "--max-new-tokens",
+                     "--num-beams", "--aqua-scoring", "--out", "--perplexity", "--max-length", "--stride", "--device", "--dtype", "--json" })
+        {
+            var line = run.StdoutLines.FirstOrDefault(l => System.Text.RegularExpressions.Regex.IsMatch(l,
+                $@"^\s+(-\w, )?{System.Text.RegularExpressions.Regex.Escape(option)}(\s|$)"));
+            Assert.True(line is not null, $"eval --help does not list {option}:\n{run.Stdout}");
+            Assert.Matches(@"\S\s{2,}\w", line);
+        }
+        Assert.Contains("  eval", CliRunner.Run("--help").AssertSuccess().Stdout);
+    }
+
+    [Fact]
     public void AdapterIsNotSupportedYet()
     {
         var error = CliRunner.Run("eval", "--model", "m", "--adapter", "a", "--dataset", "gsm8k").AssertUsageError();
