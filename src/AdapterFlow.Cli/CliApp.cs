@@ -68,6 +68,7 @@ public static class CliApp
         root.Add(TokenizeCommand.Create(context));
         root.Add(ForwardCommand.Create(context));
         root.Add(QuickstartCommand.Create(context));
+        root.Add(EvalCommand.Create(context));
         return root;
     }
 
