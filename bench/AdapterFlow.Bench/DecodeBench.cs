@@ -16,7 +16,7 @@ public sealed record DecodeResult(string DType, int Batch, int PromptLength, int
 
 /// <summary>
 /// Prefill and decode throughput with the KV cache, greedy, a fixed number of new tokens (no early stop), best of
-/// a few runs after a warm-up. Measured twice: through <see cref="Generator"/> (what users get) and through a bare
+/// a few runs after a warm-up. Measured twice: through <see cref="TextGenerator"/> (what users get) and through a bare
 /// forward loop over the model (to show the generator's own overhead).
 /// </summary>
 public static class DecodeBench
@@ -24,7 +24,7 @@ public static class DecodeBench
     public static DecodeResult Run(CausalLM model, int batch, int promptLength, int newTokens, int repeats = 2)
     {
         double weightBytes = model.parameters().Select(p => (double)p.numel() * p.ElementSize).Sum();
-        var generator = new AdapterFlow.Generation.Generator(model);
+        var generator = new AdapterFlow.Generation.TextGenerator(model);
         var options = new GenerationOptions { MaxNewTokens = newTokens, MinNewTokens = newTokens, StopTokenIds = [] };
         double bestPrefill = 0, bestDecode = 0, bestLoop = 0;
         for (int r = 0; r <= repeats; r++)

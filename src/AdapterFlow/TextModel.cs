@@ -29,7 +29,7 @@ public sealed class TextModel : IDisposable
     public IReadOnlyList<int>? GenerationStopTokenIds { get; private init; }
 
     /// <summary>A generator over this model and tokenizer.</summary>
-    public Generator CreateGenerator(GenerationOptions? defaults = null) => new(Model, Tokenizer, defaults);
+    public TextGenerator CreateGenerator(GenerationOptions? defaults = null) => new(Model, Tokenizer, defaults);
 
     /// <summary>Loads the weights (any layout <see cref="ModelFiles"/> reads) and the tokenizer beside them.</summary>
     public static TextModel Load(string path, LoadOptions? options = null)

@@ -97,7 +97,7 @@ public sealed record MathEvalResult(
 /// </summary>
 public sealed class MathEvaluator
 {
-    private readonly Generator _generator;
+    private readonly TextGenerator _generator;
 
     public MathEvaluator(CausalLM model, ITokenizer tokenizer, MathEvalOptions? options = null)
     {
@@ -106,7 +106,7 @@ public sealed class MathEvaluator
         Options = options ?? new MathEvalOptions();
         Options.Validate();
         Tokenizer = tokenizer;
-        _generator = new Generator(model, tokenizer);
+        _generator = new TextGenerator(model, tokenizer);
     }
 
     public MathEvalOptions Options { get; }

@@ -60,7 +60,7 @@ public sealed class DecodingSession : IDisposable
         if (options.ExitLayer is int exit && exit > model.NumLayers)
             throw new ArgumentException($"ExitLayer {exit} is beyond the model's {model.NumLayers} layers");
         if (options.StopStrings is { Count: > 0 } && tokenizer is null)
-            throw new ArgumentException("StopStrings need a tokenizer (pass one to the Generator)");
+            throw new ArgumentException("StopStrings need a tokenizer (pass one to the TextGenerator)");
 
         Model = model;
         Options = options;

@@ -68,7 +68,7 @@ public sealed record GenerationStats
     public double GenerationTokensPerSecond => DecodeTime > TimeSpan.Zero ? DecodeTokens / DecodeTime.TotalSeconds : 0;
 }
 
-/// <summary>The outcome of <see cref="Generator.Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?, CancellationToken)"/>: one sequence per prompt (N per prompt with NumReturnSequences = N), in order.</summary>
+/// <summary>The outcome of <see cref="TextGenerator.Generate(IReadOnlyList{IReadOnlyList{int}}, GenerationOptions?, CancellationToken)"/>: one sequence per prompt (N per prompt with NumReturnSequences = N), in order.</summary>
 public sealed class GenerationResult
 {
     public GenerationResult(IReadOnlyList<GeneratedSequence> sequences, GenerationStats stats)

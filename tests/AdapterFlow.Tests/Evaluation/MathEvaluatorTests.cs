@@ -103,7 +103,7 @@ public class MathEvaluatorTests
         var set = WriteSet(dir, Questions.Select(_ => "1").ToArray());
         using var model = new TinyLM(seed: 5);
         var result = Evaluator(model, batchSize: 3).Evaluate(set);
-        var generator = new Generator(model, new ByteTokenizer());
+        var generator = new TextGenerator(model, new ByteTokenizer());
         var options = new GenerationOptions { MaxNewTokens = 24, StopStrings = MathPrompt.StopStrings };
         for (int i = 0; i < Questions.Length; i++)
         {

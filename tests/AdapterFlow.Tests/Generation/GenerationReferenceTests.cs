@@ -3,7 +3,6 @@ using AdapterFlow.Models;
 using AdapterFlow.Tests.Models;
 using TorchSharp;
 using static TorchSharp.torch;
-using Generator = AdapterFlow.Generation.Generator;
 
 namespace AdapterFlow.Tests.Generation;
 
@@ -42,7 +41,7 @@ public class GenerationReferenceTests
         using var reference = ReferenceCase.Open(arch);
         using var model = Load(reference);
         var prompt = reference.GreedyPrompt.Select(i => (int)i).ToArray();
-        var result = new Generator(model).Generate(prompt, new GenerationOptions { MaxNewTokens = 10 });
+        var result = new TextGenerator(model).Generate(prompt, new GenerationOptions { MaxNewTokens = 10 });
         Assert.Equal(reference.GreedyNewTokens.Select(i => (int)i), result.Tokens);
         Assert.Equal(FinishReason.Length, result.FinishReason);
     }
@@ -55,7 +54,7 @@ public class GenerationReferenceTests
         using var model = Load(reference);
         var prompts = UnpaddedPrompts(reference);
         Assert.True(prompts[0].Length != prompts[1].Length, "the reference batch should need padding");
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var options = new GenerationOptions { MaxNewTokens = 10 };
         var batch = generator.Generate(prompts, options);
         var expected = reference.GreedyBatchNewTokens;
@@ -75,7 +74,7 @@ public class GenerationReferenceTests
         using var reference = ReferenceCase.Open(arch);
         using var model = Load(reference);
         var prompts = UnpaddedPrompts(reference);
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var sampled = generator.Generate(prompts, new GenerationOptions { MaxNewTokens = 10, DoSample = true, TopK = 1, Seed = 3 });
         var expected = reference.GreedyBatchNewTokens;
         for (int r = 0; r < expected.Length; r++)
@@ -92,7 +91,7 @@ public class GenerationReferenceTests
         var expected = reference.GreedyBatchNewTokens;
         int stop = (int)expected[0][4];
         int at = Array.IndexOf(expected[0], (long)stop);
-        var result = new Generator(model).Generate(prompts, new GenerationOptions { MaxNewTokens = 10, StopTokenIds = [stop] });
+        var result = new TextGenerator(model).Generate(prompts, new GenerationOptions { MaxNewTokens = 10, StopTokenIds = [stop] });
         Assert.Equal(expected[0].Take(at + 1).Select(i => (int)i), result.Sequences[0].Tokens);
         Assert.Equal(FinishReason.StopToken, result.Sequences[0].FinishReason);
         int atRow1 = Array.IndexOf(expected[1], (long)stop);
@@ -107,7 +106,7 @@ public class GenerationReferenceTests
         using var reference = ReferenceCase.Open(arch);
         using var model = Load(reference);
         var prompts = UnpaddedPrompts(reference);
-        var result = new Generator(model).Generate(prompts, new GenerationOptions { MaxNewTokens = 8, StopTokenIds = [], ExitLayer = 1 });
+        var result = new TextGenerator(model).Generate(prompts, new GenerationOptions { MaxNewTokens = 8, StopTokenIds = [], ExitLayer = 1 });
         for (int r = 0; r < prompts.Length; r++)
         {
             var tokens = prompts[r].Select(i => (long)i).ToList();
@@ -129,7 +128,7 @@ public class GenerationReferenceTests
         using var reference = ReferenceCase.Open(arch);
         using var model = Load(reference);
         var prompts = UnpaddedPrompts(reference);
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var options = new GenerationOptions { MaxNewTokens = 6, NumBeams = 3, StopTokenIds = [], LengthPenalty = 0 };
         var beams = generator.Generate(prompts, options);
         for (int r = 0; r < prompts.Length; r++)

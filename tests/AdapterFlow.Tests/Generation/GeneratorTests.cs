@@ -3,11 +3,10 @@ using AdapterFlow.Generation;
 using AdapterFlow.Tests.Models;
 using TorchSharp;
 using static TorchSharp.torch;
-using Generator = AdapterFlow.Generation.Generator;
 
 namespace AdapterFlow.Tests.Generation;
 
-/// <summary>Generator behaviour on a tiny seeded model (no shared files needed).</summary>
+/// <summary>TextGenerator behaviour on a tiny seeded model (no shared files needed).</summary>
 public class GeneratorTests
 {
     private static readonly int[] PromptA = [40, 77, 120, 9, 200, 31, 18];
@@ -21,7 +20,7 @@ public class GeneratorTests
     public void GreedyWithCacheEqualsFullForwardLoop()
     {
         using var model = new TinyLM();
-        var generated = new Generator(model).Generate(PromptA, Plain(16));
+        var generated = new TextGenerator(model).Generate(PromptA, Plain(16));
         var expected = ReferenceCase.GreedyWithoutCache(model, PromptA.Select(i => (long)i).ToArray(), 16);
         Assert.Equal(expected.Select(i => (int)i), generated.Tokens);
         Assert.Equal(FinishReason.Length, generated.FinishReason);
@@ -31,7 +30,7 @@ public class GeneratorTests
     public void EveryRowOfAPaddedBatchEqualsThatPromptAlone()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var batch = generator.Generate([PromptA, PromptB, PromptC], Plain());
         foreach (var (prompt, row) in new[] { PromptA, PromptB, PromptC }.Zip(batch.Sequences))
             Assert.Equal(generator.Generate(prompt, Plain()).Tokens, row.Tokens);
@@ -42,7 +41,7 @@ public class GeneratorTests
     public void StopTokenEndsItsRowOnlyAndTheRowIsPadded()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var free = generator.Generate(PromptA, Plain(12)).Tokens;
         int stop = free[3];
         int firstAt = free.ToList().IndexOf(stop);
@@ -64,10 +63,10 @@ public class GeneratorTests
     public void EosFromTheConfigStopsByDefault()
     {
         using var free = new TinyLM();
-        var tokens = new Generator(free).Generate(PromptB, Plain(10)).Tokens;
+        var tokens = new TextGenerator(free).Generate(PromptB, Plain(10)).Tokens;
         // A model whose EOS is the third greedy token stops there, with no options given.
         using var model = new TinyLM(eos: tokens[2]);
-        var result = new Generator(model).Generate(PromptB, new GenerationOptions { MaxNewTokens = 10 });
+        var result = new TextGenerator(model).Generate(PromptB, new GenerationOptions { MaxNewTokens = 10 });
         Assert.Equal(tokens.Take(tokens.ToList().IndexOf(tokens[2]) + 1), result.Tokens);
         Assert.Equal(FinishReason.StopToken, result.FinishReason);
     }
@@ -76,7 +75,7 @@ public class GeneratorTests
     public void MinNewTokensDelaysTheStopToken()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         int first = generator.Generate(PromptC, Plain(1)).Tokens[0];
         var result = generator.Generate(PromptC, Plain(4) with { StopTokenIds = [first], MinNewTokens = 2 });
         Assert.NotEqual(first, result.Tokens[0]);
@@ -88,7 +87,7 @@ public class GeneratorTests
     {
         using var model = new TinyLM();
         var tokenizer = new ByteTokenizer();
-        var generator = new Generator(model, tokenizer);
+        var generator = new TextGenerator(model, tokenizer);
         var free = generator.Generate(PromptA, Plain(24));
         var text = free.Text!;
         Assert.Equal(tokenizer.Decode(free.Tokens, true), text);
@@ -113,7 +112,7 @@ public class GeneratorTests
     public void SameSeedSameSampleDifferentSeedDifferentSample()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var options = Plain(20) with { DoSample = true, TopK = 0, Seed = 1234 };
         var a = generator.Generate([PromptA, PromptB], options);
         var b = generator.Generate([PromptA, PromptB], options);
@@ -129,7 +128,7 @@ public class GeneratorTests
     public void SeveralSamplesPerPromptComeInPromptOrder()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var options = Plain(10) with { DoSample = true, TopK = 0, Seed = 11, NumReturnSequences = 3 };
         var result = generator.Generate([PromptA, PromptB], options);
         Assert.Equal(6, result.Sequences.Count);
@@ -151,7 +150,7 @@ public class GeneratorTests
     public void TopKOneSamplingEqualsGreedy()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         var greedy = generator.Generate([PromptA, PromptB], Plain(15));
         var sampled = generator.Generate([PromptA, PromptB], Plain(15) with { DoSample = true, TopK = 1, Temperature = 1.7, Seed = 5 });
         Assert.Equal(greedy.Sequences[0].Tokens, sampled.Sequences[0].Tokens);
@@ -164,7 +163,7 @@ public class GeneratorTests
     public void RepetitionPenaltyMatchesAHandWrittenGreedyLoop(double penalty, int newTokens)
     {
         using var model = new TinyLM(headScale: 1.0);
-        var result = new Generator(model).Generate(PromptB, Plain(newTokens) with { RepetitionPenalty = penalty });
+        var result = new TextGenerator(model).Generate(PromptB, Plain(newTokens) with { RepetitionPenalty = penalty });
 
         // The transformers formula written out on full forward passes without a cache.
         var tokens = PromptB.ToList();
@@ -179,14 +178,14 @@ public class GeneratorTests
         }
         Assert.Equal(tokens.Skip(PromptB.Length), result.Tokens);
         // And the penalty changed something here (otherwise the test would prove nothing).
-        Assert.NotEqual(new Generator(model).Generate(PromptB, Plain(newTokens)).Tokens, result.Tokens);
+        Assert.NotEqual(new TextGenerator(model).Generate(PromptB, Plain(newTokens)).Tokens, result.Tokens);
     }
 
     [Fact]
     public async Task StreamingYieldsTheSameTokensAndTextAsGenerate()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model, new ByteTokenizer());
+        var generator = new TextGenerator(model, new ByteTokenizer());
         var full = generator.Generate([PromptA, PromptB, PromptC], Plain(20));
         var stopStrings = new[] { full.Sequences[1].Text!.Substring(6, 2) };
         var options = Plain(20) with { StopStrings = stopStrings };
@@ -220,7 +219,7 @@ public class GeneratorTests
     public async Task StreamingTextPromptOverloadAndCancellation()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model, new ByteTokenizer());
+        var generator = new TextGenerator(model, new ByteTokenizer());
         var text = generator.GenerateText("héllo", Plain(8));
         var streamed = new StringBuilder();
         await foreach (var token in generator.StreamAsync("héllo", Plain(8))) streamed.Append(token.Text);
@@ -242,14 +241,14 @@ public class GeneratorTests
         using var model = new TinyLM();
         using var cancel = new CancellationTokenSource();
         cancel.Cancel();
-        Assert.Throws<OperationCanceledException>(() => new Generator(model).Generate([PromptA], Plain(), cancel.Token));
+        Assert.Throws<OperationCanceledException>(() => new TextGenerator(model).Generate([PromptA], Plain(), cancel.Token));
     }
 
     [Fact]
     public void StatsCountPromptAndGeneratedTokens()
     {
         using var model = new TinyLM();
-        var result = new Generator(model).Generate([PromptA, PromptB], Plain(6));
+        var result = new TextGenerator(model).Generate([PromptA, PromptB], Plain(6));
         var stats = result.Stats;
         Assert.Equal(PromptA.Length + PromptB.Length, stats.PromptTokens);
         Assert.Equal(12, stats.GeneratedTokens);
@@ -263,7 +262,7 @@ public class GeneratorTests
     public async Task MemoryStaysFlatAcrossDecodeSteps()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         // Warm up (first calls may create lazily cached tensors).
         generator.Generate(PromptA, Plain(4));
         long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
@@ -282,16 +281,16 @@ public class GeneratorTests
     public void ExitLayerIsPassedToTheModel()
     {
         using var model = new TinyLM();
-        var ex = Assert.Throws<ArgumentException>(() => new Generator(model).Generate(PromptA, Plain(2) with { ExitLayer = 2 }));
+        var ex = Assert.Throws<ArgumentException>(() => new TextGenerator(model).Generate(PromptA, Plain(2) with { ExitLayer = 2 }));
         Assert.Contains("ExitLayer 2", ex.Message);
-        Assert.Equal(new Generator(model).Generate(PromptA, Plain(5)).Tokens, new Generator(model).Generate(PromptA, Plain(5) with { ExitLayer = 1 }).Tokens);
+        Assert.Equal(new TextGenerator(model).Generate(PromptA, Plain(5)).Tokens, new TextGenerator(model).Generate(PromptA, Plain(5) with { ExitLayer = 1 }).Tokens);
     }
 
     [Fact]
     public void BadInputGivesOneLineArgumentErrors()
     {
         using var model = new TinyLM();
-        var generator = new Generator(model);
+        var generator = new TextGenerator(model);
         Assert.Contains("prompt 1 is empty", Assert.Throws<ArgumentException>(() => generator.Generate([PromptA, Array.Empty<int>()], Plain())).Message);
         Assert.Contains("token id 999", Assert.Throws<ArgumentException>(() => generator.Generate([1, 999], Plain())).Message);
         Assert.Contains("tokenizer", Assert.Throws<ArgumentException>(() => generator.Generate(PromptA, Plain() with { StopStrings = ["x"] })).Message);

@@ -3,7 +3,6 @@ using System.Text.Json.Nodes;
 using AdapterFlow.Generation;
 using AdapterFlow.IO;
 using AdapterFlow.Models;
-using Generator = AdapterFlow.Generation.Generator;
 
 namespace AdapterFlow.Tests.Generation;
 
@@ -24,7 +23,7 @@ public class StoriesGenerationTests
         var (model, tokenizer, golden) = Load();
         using var _ = model;
         var ids = ((JsonArray)golden["token_ids"]!).Select(x => x!.GetValue<int>()).ToArray();
-        var generator = new Generator(model, tokenizer);
+        var generator = new TextGenerator(model, tokenizer);
         var result = generator.Generate([ids[0]], new GenerationOptions { MaxNewTokens = 60 });
         Assert.Equal(ids.Skip(1), result.Tokens);
         Assert.Equal(golden["text"]!.GetValue<string>(), result.Text);
@@ -38,7 +37,7 @@ public class StoriesGenerationTests
         var (model, tokenizer, golden) = Load();
         using var _ = model;
         var story = golden["text"]!.GetValue<string>();
-        var generator = new Generator(model, tokenizer);
+        var generator = new TextGenerator(model, tokenizer);
         var options = new GenerationOptions { MaxNewTokens = 60, StopStrings = ["park."] };
         var streamed = new StringBuilder();
         FinishReason? reason = null;
@@ -61,7 +60,7 @@ public class StoriesGenerationTests
     {
         var (model, tokenizer, _) = Load();
         using var __ = model;
-        var generator = new Generator(model, tokenizer);
+        var generator = new TextGenerator(model, tokenizer);
         var options = new GenerationOptions { MaxNewTokens = 20 };
         string[] prompts = ["Once upon a time", "Tom and Sam went to the park. They saw", "Lily"];
         var batch = generator.Generate(prompts, options);

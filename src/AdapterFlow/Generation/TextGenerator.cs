@@ -8,14 +8,14 @@ namespace AdapterFlow.Generation;
 /// greedy, sampling (temperature, top-k, top-p, min-p, seed), repetition penalty, beam search, stop tokens and
 /// stop strings, and token-by-token streaming.
 /// <code>
-/// var generator = new Generator(model, tokenizer);
+/// var generator = new TextGenerator(model, tokenizer);
 /// string text = generator.GenerateText("Once upon a time", new GenerationOptions { MaxNewTokens = 50 });
 /// await foreach (var token in generator.StreamAsync("Once upon a time")) Console.Write(token.Text);
 /// </code>
 /// </summary>
-public sealed class Generator
+public sealed class TextGenerator
 {
-    public Generator(CausalLM model, ITokenizer? tokenizer = null, GenerationOptions? defaults = null)
+    public TextGenerator(CausalLM model, ITokenizer? tokenizer = null, GenerationOptions? defaults = null)
     {
         Model = model ?? throw new ArgumentNullException(nameof(model));
         Tokenizer = tokenizer;
@@ -73,7 +73,7 @@ public sealed class Generator
 
     private IReadOnlyList<IReadOnlyList<int>> Encode(IReadOnlyList<string> prompts, bool addSpecialTokens)
     {
-        if (Tokenizer is null) throw new InvalidOperationException("text prompts need a tokenizer (pass one to the Generator)");
+        if (Tokenizer is null) throw new InvalidOperationException("text prompts need a tokenizer (pass one to the TextGenerator)");
         return prompts.Select(p => Tokenizer.Encode(p, addSpecialTokens)).ToArray();
     }
 
