@@ -218,8 +218,11 @@ public class PeftBehaviourTests
     public void Loading_an_adapter_for_another_model_names_the_first_mismatch()
     {
         using var scope = torch.NewDisposeScope();
+        // Resolve the shared folders first: a missing ../shared must skip the test, not satisfy ThrowsAny.
+        var llama = PeftReferenceTests.LoadBase("llama");
+        var gpt2Lora = PeftReferenceTests.AdapterFolder("gpt2", "lora");
         // Wrong family: GPT-2's c_attn does not exist in LLaMA.
-        var e1 = Assert.ThrowsAny<Exception>(() => PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), PeftReferenceTests.AdapterFolder("gpt2", "lora")));
+        var e1 = Assert.ThrowsAny<Exception>(() => PeftModel.FromPretrained(llama, gpt2Lora));
         Assert.Contains("c_attn", e1.Message);
         Assert.DoesNotContain('\n', e1.Message);
         // Wrong shape: llama's down_proj takes 172 inputs, mistral's 160.
