@@ -12,6 +12,7 @@ internal static class GenerateCommand
     public static Command Create(CliContext context)
     {
         var model = CommonOptions.ModelDir("The model folder (config.json, model.safetensors and tokenizer.json).");
+        var adapter = CommonOptions.Adapter();
         var prompt = new Option<string>("--prompt")
         {
             Description = "The text to continue.",
@@ -64,7 +65,7 @@ internal static class GenerateCommand
         var json = CommonOptions.Json("After the streamed text, print one JSON object as the last line: text, token_ids, prompt_tokens, new_tokens, speeds, finish_reason.");
         var command = new Command("generate", "Generate a continuation of a prompt, streaming text as it is produced.")
         {
-            model, prompt, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, device, dtype, json,
+            model, adapter, prompt, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, device, dtype, json,
         };
         command.SetAction(async (parse, cancellation) =>
         {
@@ -86,7 +87,7 @@ internal static class GenerateCommand
             options.Validate();
             var promptText = parse.GetRequiredValue(prompt);
             bool asJson = parse.GetValue(json);
-            using var textModel = TextModel.Load(parse.GetRequiredValue(model), load);
+            using var textModel = TextModel.Load(parse.GetRequiredValue(model), load, parse.GetValue(adapter));
             if (textModel.GenerationStopTokenIds is { Count: > 0 } stopIds) options = options with { StopTokenIds = stopIds };
             var started = Stopwatch.StartNew();
             var stream = textModel.CreateGenerator().StreamAsync(promptText, options);
