@@ -141,4 +141,68 @@ public class CliAdapterTests(TinyModelFixture tiny)
         var nll = -logProbs.gather(1, targets).mean().item<float>();
         Assert.Equal(nll, result.MeanNll, 4);
     }
+
+    [SkippableFact]
+    public void Merge_writes_a_model_equal_to_the_adapter_model_and_to_peft_merged()
+    {
+        var llama = SharedFiles.Require("reference", "llama");
+        var folder = PeftReferenceTests.AdapterFolder("llama", "lora");
+        var peftMerged = Path.Combine(folder, "merged");
+        Skip.IfNot(Directory.Exists(peftMerged), $"{peftMerged} is absent");
+        using var tmp = new TempDir();
+        var output = tmp.File("merged");
+        var json = CliRunner.Run("merge", "--model", llama, "--adapter", folder, "--out", output, "--json").AssertSuccess().LastJson();
+        Assert.Equal("LORA", json.GetProperty("peft_type").GetString());
+        Assert.Equal(4, json.GetProperty("merged_modules").GetInt32()); // q_proj and v_proj of 2 layers
+        Assert.Contains("generation_config.json", json.GetProperty("copied_files").EnumerateArray().Select(e => e.GetString()));
+
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        using var reference = SafetensorsFile.Open(Path.Combine(folder, "reference.safetensors"));
+        var ids = reference.Load("input_ids");
+        var mask = reference.Load("attention_mask");
+        using var merged = AutoModel.FromPretrained(output);
+        var mergedLogits = merged.Logits(ids, mask);
+        using var adapted = PeftModel.FromPretrained(AutoModel.FromPretrained(llama), folder);
+        var adapterLogits = adapted.Logits(ids, mask);
+        using var theirs = AutoModel.FromPretrained(peftMerged);
+        var theirLogits = theirs.Logits(ids, mask);
+        foreach (var (name, other) in new[] { ("adapter model", adapterLogits), ("peft's merged model", theirLogits), ("peft's logits_merged", reference.Load("logits_merged")) })
+        {
+            var diff = ReferenceCase.MaxDiffWhereReal(mergedLogits, other, mask);
+            Assert.True(diff < 1e-4, $"merged vs {name}: max |Δlogit| = {diff}");
+        }
+        // Same tensors as PEFT's merged checkpoint.
+        using var ourFile = SafetensorsFile.Open(Path.Combine(output, "model.safetensors"));
+        using var theirFile = SafetensorsFile.Open(Path.Combine(peftMerged, "model.safetensors"));
+        Assert.Equal(theirFile.Names.Order(), ourFile.Names.Order());
+        foreach (var name in ourFile.Names)
+            Assert.True((ourFile.Load(name) - theirFile.Load(name)).abs().max().item<float>() < 1e-5, name);
+    }
+
+    [Fact]
+    public void Merged_tiny_model_keeps_its_tokenizer_and_generates_as_the_adapter_does()
+    {
+        tiny.InitRun.AssertSuccess();
+        var adapter = tiny.Scratch("lora-merge-adapter");
+        using (var peft = PeftModel.Create(AutoModel.FromPretrained(tiny.ModelDir), new LoraConfig { R = 4, LoraAlpha = 8 }))
+        {
+            using var no = torch.no_grad();
+            foreach (var (name, p) in peft.AdapterTensors(PeftModel.DefaultAdapter))
+                if (name.Contains("lora_B")) p.normal_(0, 0.5);
+            peft.SavePretrained(adapter);
+        }
+        var output = tiny.Scratch("merged-" + Guid.NewGuid().ToString("N")[..8]);
+        var run = CliRunner.Run("merge", "--model", tiny.ModelDir, "--adapter", adapter, "--out", output).AssertSuccess();
+        Assert.Contains("tokenizer.json", run.Stdout);
+        Assert.True(File.Exists(Path.Combine(output, "tokenizer.json")));
+        string[] greedy = ["--prompt", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--json"];
+        var viaAdapter = CliRunner.Run(["generate", "--model", tiny.ModelDir, "--adapter", adapter, .. greedy]).AssertSuccess().LastJson().GetProperty("token_ids").ToString();
+        var viaMerged = CliRunner.Run(["generate", "--model", output, .. greedy]).AssertSuccess().LastJson().GetProperty("token_ids").ToString();
+        Assert.Equal(viaAdapter, viaMerged);
+
+        // A second merge into the same folder, and merging virtual-token adapters, are one-line errors.
+        Assert.Contains("already holds a model", CliRunner.Run("merge", "--model", tiny.ModelDir, "--adapter", adapter, "--out", output).AssertUsageError());
+        Assert.Contains("cannot be merged", CliRunner.Run("merge", "--model", tiny.ModelDir, "--adapter", PromptAdapter(), "--out", tiny.Scratch("x")).AssertUsageError());
+    }
 }
