@@ -47,6 +47,38 @@ public class CliAdapterTests(TinyModelFixture tiny)
         Assert.True(diff < 1e-4, $"max |Δlogit| = {diff}");
     }
 
+    [SkippableTheory]
+    [InlineData("llama", "lora")]
+    [InlineData("llama", "lora_dora")]
+    [InlineData("llama", "ia3")]
+    [InlineData("llama", "prompt_tuning")]
+    [InlineData("llama", "prefix_tuning")]
+    [InlineData("gpt2", "prefix_tuning")]
+    [InlineData("opt", "prompt_tuning")]
+    public void Generate_with_adapter_gives_peft_greedy_tokens(string arch, string method)
+    {
+        var folder = PeftReferenceTests.AdapterFolder(arch, method);
+        var (prompt, expected) = PeftGenerationTests.Greedy(folder);
+        var json = CliRunner.Run("generate", "--model", SharedFiles.Require("reference", arch), "--adapter", folder,
+            "--prompt-ids", string.Join(",", prompt), "--max-new-tokens", expected.Length.ToString(), "--temperature", "0", "--json")
+            .AssertSuccess().LastJson();
+        Assert.Equal(expected, json.GetProperty("token_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray());
+        Assert.Equal(prompt.Length, json.GetProperty("prompt_tokens").GetInt32());
+    }
+
+    [SkippableFact]
+    public void Generate_with_prompt_ids_and_no_tokenizer_prints_ids()
+    {
+        var llama = SharedFiles.Require("reference", "llama");
+        var folder = PeftReferenceTests.AdapterFolder("llama", "lora");
+        var (prompt, expected) = PeftGenerationTests.Greedy(folder);
+        var run = CliRunner.Run("generate", "--model", llama, "--adapter", folder, "--prompt-ids", string.Join(",", prompt),
+            "--max-new-tokens", "3", "--temperature", "0").AssertSuccess();
+        Assert.StartsWith(" " + string.Join(" ", expected.Take(3)), run.StdoutLines[0]);
+        Assert.Contains("not a token id", CliRunner.Run("generate", "--model", llama, "--prompt-ids", "1,x").AssertUsageError());
+        Assert.Contains("exactly one of --prompt or --prompt-ids", CliRunner.Run("generate", "--model", llama, "--prompt", "a", "--prompt-ids", "1").AssertUsageError());
+    }
+
     [SkippableFact]
     public void Adapter_for_another_model_is_a_one_line_usage_error()
     {
@@ -59,6 +91,10 @@ public class CliAdapterTests(TinyModelFixture tiny)
         Assert.False(File.Exists(tmp.File("o.safetensors")));
         // generate and eval load the adapter the same way (the tiny model has a tokenizer; the adapter does not fit it).
         Assert.Contains(gpt2Lora, CliRunner.Run("generate", "--model", tiny.ModelDir, "--adapter", gpt2Lora, "--prompt", "Once").AssertUsageError());
+        Assert.Contains(gpt2Lora, CliRunner.Run("generate", "--model", llama, "--adapter", gpt2Lora, "--prompt-ids", "1,2").AssertUsageError());
+        var text = tmp.File("text.txt");
+        File.WriteAllText(text, "Once upon a time there was a dog.");
+        Assert.Contains(gpt2Lora, CliRunner.Run("eval", "--model", tiny.ModelDir, "--adapter", gpt2Lora, "--perplexity", text).AssertUsageError());
         Assert.Contains("adapter folder not found", CliRunner.Run("generate", "--model", tiny.ModelDir, "--adapter", tmp.File("none"), "--prompt", "Once").AssertUsageError());
     }
 

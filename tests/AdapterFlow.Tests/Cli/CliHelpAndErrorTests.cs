@@ -7,7 +7,7 @@ public class CliHelpAndErrorTests
     {
         { "init", ["--arch", "--preset", "--out", "--seed", "--json"] },
         { "inspect", ["DIR", "--json"] },
-        { "generate", ["--model", "--adapter", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype", "--json"] },
+        { "generate", ["--model", "--adapter", "--prompt", "--prompt-ids", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype", "--json"] },
         { "tokenize", ["--tokenizer", "--text", "--file", "--add-special-tokens", "--out", "--json"] },
         { "forward", ["--model", "--adapter", "--inputs", "--out", "--device", "--dtype"] },
         { "quickstart", ["--out", "--preset", "--device", "--json"] },
