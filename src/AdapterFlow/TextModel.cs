@@ -74,7 +74,8 @@ public sealed class TextModel : IDisposable
         return textModel;
     }
 
-    private static int[]? ReadGenerationStopIds(string path)
+    /// <summary>eos_token_id of the generation_config.json beside a model (folder or file), or null when there is none.</summary>
+    public static int[]? ReadGenerationStopIds(string path)
     {
         var file = System.IO.Path.Combine(Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!, "generation_config.json");
         if (!File.Exists(file)) return null;

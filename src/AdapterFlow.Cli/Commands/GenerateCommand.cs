@@ -96,7 +96,8 @@ internal static class GenerateCommand
             bool asJson = parse.GetValue(json);
             var modelPath = parse.GetRequiredValue(model);
             using var textModel = ids is null ? TextModel.Load(modelPath, load, parse.GetValue(adapter)) : null;
-            if (textModel?.GenerationStopTokenIds is { Count: > 0 } stopIds) options = options with { StopTokenIds = stopIds };
+            var stopIds = textModel is null ? TextModel.ReadGenerationStopIds(modelPath) : textModel.GenerationStopTokenIds;
+            if (stopIds is { Count: > 0 }) options = options with { StopTokenIds = stopIds };
             // Ids need no tokenizer: the model alone (with the adapter), and the tokenizer only when there is one to show text.
             using var idsModel = ids is null ? null : LoadForIds(modelPath, load, parse.GetValue(adapter));
             var generator = textModel?.CreateGenerator() ?? new TextGenerator(idsModel!.Value.Model, idsModel.Value.Tokenizer);

@@ -77,4 +77,17 @@ public class PeftGenerationTests
         var diff = (full.narrow(1, n, prompt.Length) - cached).abs().max().item<float>();
         Assert.True(diff < 1e-4, $"max |Δlogit| = {diff}");
     }
+
+    [SkippableFact]
+    public void A_peft_model_is_a_causal_lm_of_its_base_but_is_not_saved_as_a_plain_model()
+    {
+        var folder = PeftReferenceTests.AdapterFolder("llama", "lora");
+        using var peft = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), folder);
+        CausalLM lm = peft;
+        Assert.Same(peft.Model.Config, lm.Config);
+        Assert.Equal(peft.Model.NumLayers, lm.NumLayers);
+        var message = Assert.Throws<ArgumentException>(() => AutoModel.Save(lm, Path.Combine(Path.GetTempPath(), "af-never-written"))).Message;
+        Assert.Contains("SavePretrained", message);
+        Assert.False(Directory.Exists(Path.Combine(Path.GetTempPath(), "af-never-written")));
+    }
 }
