@@ -69,6 +69,7 @@ public static class CliApp
         root.Add(ForwardCommand.Create(context));
         root.Add(QuickstartCommand.Create(context));
         root.Add(EvalCommand.Create(context));
+        root.Add(MergeCommand.Create(context));
         return root;
     }
 

@@ -24,6 +24,12 @@ internal static class CommonOptions
         HelpName = "float32|bfloat16",
     }.AcceptOnlyFromAmong("float32", "bfloat16");
 
+    public static Option<string?> Adapter() => new("--adapter")
+    {
+        Description = "A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply to the model.",
+        HelpName = "DIR",
+    };
+
     public static Option<string> ModelDir(string description) => new("--model", "-m")
     {
         Description = description,

@@ -19,8 +19,23 @@ public sealed class TextModel : IDisposable
 
     /// <summary>Where the model was loaded from.</summary>
     public string Path { get; }
-    public CausalLM Model { get; }
+    /// <summary>The model; a <see cref="Adapters.PeftModel"/> after <see cref="LoadAdapter"/>.</summary>
+    public CausalLM Model { get; private set; }
     public HFTokenizer Tokenizer { get; }
+
+    /// <summary>The adapter folder applied with <see cref="LoadAdapter"/>, if any.</summary>
+    public string? AdapterPath { get; private set; }
+
+    /// <summary>
+    /// Applies a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for inference: from now on
+    /// <see cref="Model"/> is the adapted model, and generators made from it use the adapter.
+    /// </summary>
+    public void LoadAdapter(string directory)
+    {
+        if (AdapterPath is not null) throw new InvalidOperationException($"adapter {AdapterPath} is already applied");
+        Model = Adapters.PeftModel.FromPretrained(Model, directory);
+        AdapterPath = directory;
+    }
 
     /// <summary>
     /// End-of-sequence ids from generation_config.json when it has them (some models list more there than in
@@ -32,8 +47,10 @@ public sealed class TextModel : IDisposable
     public TextGenerator CreateGenerator(GenerationOptions? defaults = null) => new(Model, Tokenizer, defaults);
 
     /// <summary>Loads the weights (any layout <see cref="ModelFiles"/> reads) and the tokenizer beside them.</summary>
-    public static TextModel Load(string path, LoadOptions? options = null)
+    public static TextModel Load(string path, LoadOptions? options = null, string? adapterPath = null)
     {
+        // A missing adapter folder should fail before the model is read.
+        if (adapterPath is not null && !Directory.Exists(adapterPath)) throw new DirectoryNotFoundException($"{adapterPath}: adapter folder not found");
         if (!Directory.Exists(path) && !File.Exists(path)) throw new FileNotFoundException($"{path}: model folder or file not found");
         // The tokenizer first: it is cheap, and a missing one should fail before gigabytes are read.
         var tokenizer = LoadTokenizer(Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
@@ -44,10 +61,21 @@ public sealed class TextModel : IDisposable
             throw new InvalidDataException(
                 $"{path}: the tokenizer has {tokenizer.VocabSize} tokens but the model's vocabulary has only {model.Config.VocabSize} (they do not belong together)");
         }
-        return new TextModel(path, model, tokenizer) { GenerationStopTokenIds = ReadGenerationStopIds(path) };
+        var textModel = new TextModel(path, model, tokenizer) { GenerationStopTokenIds = ReadGenerationStopIds(path) };
+        if (adapterPath is not null)
+        {
+            try { textModel.LoadAdapter(adapterPath); }
+            catch
+            {
+                textModel.Dispose();
+                throw;
+            }
+        }
+        return textModel;
     }
 
-    private static int[]? ReadGenerationStopIds(string path)
+    /// <summary>eos_token_id of the generation_config.json beside a model (folder or file), or null when there is none.</summary>
+    public static int[]? ReadGenerationStopIds(string path)
     {
         var file = System.IO.Path.Combine(Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!, "generation_config.json");
         if (!File.Exists(file)) return null;

@@ -13,11 +13,7 @@ internal static class EvalCommand
     public static Command Create(CliContext context)
     {
         var model = CommonOptions.ModelDir("The model folder (config.json, model.safetensors and tokenizer.json).");
-        var adapter = new Option<string?>("--adapter")
-        {
-            Description = "An adapter folder to apply to the model (not supported yet).",
-            HelpName = "DIR",
-        };
+        var adapter = CommonOptions.Adapter();
         var dataset = new Option<string?>("--dataset", "-d")
         {
             Description = $"A math set by name ({string.Join(", ", MathDataset.StandardNames)}), 'all' for the seven, " +
@@ -90,8 +86,7 @@ internal static class EvalCommand
         };
         command.SetAction((parse, cancellation) =>
         {
-            if (parse.GetValue(adapter) is { } adapterDir)
-                throw new NotSupportedException($"--adapter {adapterDir}: evaluating with an adapter is not supported yet (adapters have not landed); merge it into the model first");
+            var adapterDir = parse.GetValue(adapter);
             var textFile = parse.GetValue(perplexity);
             var datasetName = parse.GetValue(dataset);
             if (textFile is null == datasetName is null)
@@ -107,7 +102,7 @@ internal static class EvalCommand
                 if (!File.Exists(textFile)) throw new FileNotFoundException($"{textFile}: text file not found (--perplexity)");
                 var options = new PerplexityOptions { MaxLength = parse.GetValue(maxLength), Stride = parse.GetValue(stride) };
                 var text = File.ReadAllText(textFile);
-                using var lm = TextModel.Load(parse.GetRequiredValue(model), load);
+                using var lm = TextModel.Load(parse.GetRequiredValue(model), load, adapterDir);
                 var result = WithProgress(context, !asJson, $"perplexity of {Path.GetFileName(textFile)}", 1,
                     task => Perplexity.OfText(lm.Model, lm.Tokenizer, text, options, (done, total) =>
                     {
@@ -118,6 +113,7 @@ internal static class EvalCommand
                 {
                     var node = result.ToJson();
                     node["model"] = lm.Path;
+                    if (adapterDir is not null) node["adapter"] = adapterDir;
                     node["file"] = textFile;
                     context.WriteJson(node);
                 }
@@ -141,7 +137,7 @@ internal static class EvalCommand
                 NumBeams = parse.GetValue(numBeams),
                 AquaScoring = AnswerExtractor.ParseScoring(parse.GetRequiredValue(aquaScoring)),
             };
-            using var textModel = TextModel.Load(parse.GetRequiredValue(model), load);
+            using var textModel = TextModel.Load(parse.GetRequiredValue(model), load, adapterDir);
             var evaluator = new MathEvaluator(textModel.Model, textModel.Tokenizer, evalOptions);
             using var jsonl = parse.GetValue(output) is { } outPath ? new StreamWriter(outPath, append: false, new UTF8Encoding(false)) : null;
             var results = new List<MathEvalResult>();
@@ -163,6 +159,7 @@ internal static class EvalCommand
             {
                 var node = summary.ToJson();
                 node["model"] = textModel.Path;
+                if (adapterDir is not null) node["adapter"] = adapterDir;
                 node["num_beams"] = evalOptions.NumBeams;
                 node["max_new_tokens"] = evalOptions.MaxNewTokens;
                 context.WriteJson(node);

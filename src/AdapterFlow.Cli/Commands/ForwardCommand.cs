@@ -1,4 +1,5 @@
 using System.CommandLine;
+using AdapterFlow.Adapters;
 using AdapterFlow.Models;
 
 namespace AdapterFlow.Cli.Commands;
@@ -9,11 +10,7 @@ internal static class ForwardCommand
     public static Command Create(CliContext context)
     {
         var model = CommonOptions.ModelDir("The model folder (config.json + model.safetensors).");
-        var adapter = new Option<string>("--adapter")
-        {
-            Description = "A PEFT adapter folder to apply on top of the model (adapter_config.json + adapter_model.safetensors).",
-            HelpName = "DIR",
-        };
+        var adapter = CommonOptions.Adapter();
         var inputs = new Option<string>("--inputs")
         {
             Description = "A safetensors file with 'input_ids' (integer, [batch, time]) and optionally 'attention_mask' (same shape, 1 = real token, 0 = padding).",
@@ -35,17 +32,20 @@ internal static class ForwardCommand
         };
         command.SetAction(parse =>
         {
-            if (parse.GetValue(adapter) is { } adapterDir)
-                throw new NotSupportedException($"--adapter {adapterDir}: adapters are not supported yet (they arrive with the adapters work)");
+            var adapterDir = parse.GetValue(adapter);
+            if (adapterDir is not null && !Directory.Exists(adapterDir)) throw new DirectoryNotFoundException($"{adapterDir}: adapter folder not found");
             var target = Devices.Parse(parse.GetRequiredValue(device));
             var inputsPath = parse.GetRequiredValue(inputs);
             if (!File.Exists(inputsPath)) throw new FileNotFoundException($"{inputsPath}: inputs file not found");
             using var lm = AutoModel.FromPretrained(parse.GetRequiredValue(model),
                 new LoadOptions { Device = target, DType = parse.GetValue(dtype) is { } d ? Devices.ParseDType(d) : null });
             var outPath = parse.GetRequiredValue(output);
-            var result = TensorFileForward.Run(lm, inputsPath, outPath);
+            // The adapted model wraps lm (disposed above), so it needs no disposal of its own.
+            CausalLM run = adapterDir is null ? lm : PeftModel.FromPretrained(lm, adapterDir);
+            var result = TensorFileForward.Run(run, inputsPath, outPath);
             context.Out.WriteLine($"logits [{result.Batch}, {result.Time}, {result.Vocab}] written to {outPath}" +
-                                  (result.HadAttentionMask ? " (attention_mask applied)" : ""));
+                                  (result.HadAttentionMask ? " (attention_mask applied)" : "") +
+                                  (adapterDir is null ? "" : $" with adapter {adapterDir}"));
             return CliApp.Success;
         });
         return command;

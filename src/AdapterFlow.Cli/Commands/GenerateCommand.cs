@@ -12,11 +12,16 @@ internal static class GenerateCommand
     public static Command Create(CliContext context)
     {
         var model = CommonOptions.ModelDir("The model folder (config.json, model.safetensors and tokenizer.json).");
-        var prompt = new Option<string>("--prompt")
+        var adapter = CommonOptions.Adapter();
+        var prompt = new Option<string?>("--prompt")
         {
             Description = "The text to continue.",
-            Required = true,
             HelpName = "TEXT",
+        };
+        var promptIds = new Option<string?>("--prompt-ids")
+        {
+            Description = "Token ids to continue instead of a text, comma-separated (e.g. 1,415,2063); a tokenizer is then optional.",
+            HelpName = "IDS",
         };
         var maxNewTokens = new Option<int>("--max-new-tokens", "-n")
         {
@@ -64,10 +69,14 @@ internal static class GenerateCommand
         var json = CommonOptions.Json("After the streamed text, print one JSON object as the last line: text, token_ids, prompt_tokens, new_tokens, speeds, finish_reason.");
         var command = new Command("generate", "Generate a continuation of a prompt, streaming text as it is produced.")
         {
-            model, prompt, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, device, dtype, json,
+            model, adapter, prompt, promptIds, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, device, dtype, json,
         };
         command.SetAction(async (parse, cancellation) =>
         {
+            var promptText = parse.GetValue(prompt);
+            var idsText = parse.GetValue(promptIds);
+            if (promptText is null == idsText is null) throw new CliUsageException("give exactly one of --prompt or --prompt-ids");
+            var ids = idsText is null ? null : ParseIds(idsText);
             var target = Devices.Parse(parse.GetRequiredValue(device));
             var load = new LoadOptions { Device = target, DType = parse.GetValue(dtype) is { } d ? Devices.ParseDType(d) : null };
             double t = parse.GetValue(temperature);
@@ -84,19 +93,25 @@ internal static class GenerateCommand
                 StopStrings = parse.GetValue(stop) is { Length: > 0 } stops ? stops : null,
             };
             options.Validate();
-            var promptText = parse.GetRequiredValue(prompt);
             bool asJson = parse.GetValue(json);
-            using var textModel = TextModel.Load(parse.GetRequiredValue(model), load);
-            if (textModel.GenerationStopTokenIds is { Count: > 0 } stopIds) options = options with { StopTokenIds = stopIds };
+            var modelPath = parse.GetRequiredValue(model);
+            using var textModel = ids is null ? TextModel.Load(modelPath, load, parse.GetValue(adapter)) : null;
+            var stopIds = textModel is null ? TextModel.ReadGenerationStopIds(modelPath) : textModel.GenerationStopTokenIds;
+            if (stopIds is { Count: > 0 }) options = options with { StopTokenIds = stopIds };
+            // Ids need no tokenizer: the model alone (with the adapter), and the tokenizer only when there is one to show text.
+            using var idsModel = ids is null ? null : LoadForIds(modelPath, load, parse.GetValue(adapter));
+            var generator = textModel?.CreateGenerator() ?? new TextGenerator(idsModel!.Value.Model, idsModel.Value.Tokenizer);
             var started = Stopwatch.StartNew();
-            var stream = textModel.CreateGenerator().StreamAsync(promptText, options);
-            if (!asJson) context.Out.Write(promptText);
+            var stream = ids is null ? generator.StreamAsync(promptText!, options) : generator.StreamAsync([ids], options);
+            if (!asJson) context.Out.Write(promptText ?? (generator.Tokenizer is { } tk ? tk.Decode(ids!, skipSpecialTokens: false) : ""));
             try
             {
                 await foreach (var token in stream.WithCancellation(cancellation))
                 {
-                    if (asJson || string.IsNullOrEmpty(token.Text)) continue;
-                    context.Out.Write(token.Text);
+                    if (asJson) continue;
+                    var piece = generator.Tokenizer is null ? $" {token.TokenId}" : token.Text;
+                    if (string.IsNullOrEmpty(piece)) continue;
+                    context.Out.Write(piece);
                     context.Out.Flush();
                 }
             }
@@ -140,6 +155,39 @@ internal static class GenerateCommand
             return CliApp.Success;
         });
         return command;
+    }
+
+    private static int[] ParseIds(string text)
+    {
+        var parts = text.Split([',', ' '], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        if (parts.Length == 0) throw new CliUsageException("--prompt-ids holds no ids");
+        return parts.Select(p => int.TryParse(p, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var id)
+            ? id
+            : throw new CliUsageException($"--prompt-ids: '{p}' is not a token id (a non-negative integer)")).ToArray();
+    }
+
+    /// <summary>The model (with the adapter, if any) and, when the folder has one, its tokenizer.</summary>
+    private static ModelAndTokenizer? LoadForIds(string path, LoadOptions load, string? adapterDir)
+    {
+        if (adapterDir is not null && !Directory.Exists(adapterDir)) throw new DirectoryNotFoundException($"{adapterDir}: adapter folder not found");
+        var folder = Directory.Exists(path) ? path : Path.GetDirectoryName(Path.GetFullPath(path))!;
+        var tokenizer = File.Exists(Path.Combine(folder, "tokenizer.json")) ? TextModel.LoadTokenizer(folder) : null;
+        CausalLM lm = AutoModel.FromPath(path, load);
+        try
+        {
+            if (adapterDir is not null) lm = Adapters.PeftModel.FromPretrained(lm, adapterDir);
+        }
+        catch
+        {
+            lm.Dispose();
+            throw;
+        }
+        return new ModelAndTokenizer(lm, tokenizer);
+    }
+
+    private readonly record struct ModelAndTokenizer(CausalLM Model, AdapterFlow.IO.HFTokenizer? Tokenizer) : IDisposable
+    {
+        public void Dispose() => Model.Dispose();
     }
 
     /// <summary>Snake-case names as in OpenAI-style APIs and the JSON output.</summary>

@@ -29,8 +29,10 @@ public sealed class TunerModel : nn.Module
 /// A frozen causal LM with small trainable adapters attached (PEFT's PeftModelForCausalLM). LoRA and IA3 wrap
 /// target modules in place; prompt and prefix tuning add virtual tokens. Several named adapters of one method can
 /// live on a model; one is active. Files are PEFT's: adapter_config.json + adapter_model.safetensors.
+/// It is itself a <see cref="CausalLM"/> (config, embeddings and cache of the wrapped model, its own forward), so
+/// generation, evaluation and everything else that takes a model runs with the adapter as it is.
 /// </summary>
-public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
+public sealed class PeftModel : CausalLM
 {
     public const string DefaultAdapter = "default";
     public const string ConfigFile = "adapter_config.json";
@@ -57,6 +59,17 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
 
     /// <summary>The wrapped model (its linear layers may now be adapter wrappers).</summary>
     public CausalLM Model => base_model.model;
+
+    public override ModelConfig Config => Model.Config;
+
+    public override Tensor EmbedTokens(Tensor inputIds) => Model.EmbedTokens(inputIds);
+
+    // forward is overridden below and goes through the wrapped model's own layer loop, so these stages are never
+    // reached; C# does not let a subclass call another instance's protected members to delegate them.
+    protected override LayerContext Prepare(ForwardInput input, out Tensor hidden) => throw StagesNotUsed();
+    protected override Tensor RunLayer(int index, Tensor hidden, LayerContext context) => throw StagesNotUsed();
+    protected override Tensor Head(Tensor hidden) => throw StagesNotUsed();
+    private static NotSupportedException StagesNotUsed() => new("PeftModel runs the wrapped model's forward; its layer stages are not used");
 
     public IReadOnlyDictionary<string, PeftConfig> Configs => _configs;
     public string ActiveAdapter => _active;
@@ -410,10 +423,6 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         };
     }
 
-    /// <summary>Logits for token ids with the active adapter.</summary>
-    public Tensor Logits(Tensor inputIds, Tensor? attentionMask = null) =>
-        Forward(new ForwardInput { InputIds = inputIds, AttentionMask = attentionMask }, null).Logits;
-
     private ForwardOutput ForwardMixed(ForwardInput input, IReadOnlyList<string> rowAdapters)
     {
         var lora = _layers.Values.OfType<LoraLinear>().ToArray();
@@ -463,16 +472,50 @@ public sealed class PeftModel : nn.Module<ForwardInput, ForwardOutput>
         });
     }
 
+    /// <summary>An empty cache of the wrapped model (a forward with it fills in the virtual tokens first).</summary>
+    public override KVCache CreateCache() => Model.CreateCache();
+
     /// <summary>
-    /// A cache pre-filled with the active prefix adapter's virtual keys/values for <paramref name="batch"/> rows
-    /// (what generation should start from); an empty cache for other methods.
+    /// A cache pre-filled with the active adapter's virtual tokens for <paramref name="batch"/> rows: a prefix
+    /// adapter's keys/values, or the keys/values a prompt (or P-tuning) adapter's virtual tokens produce at positions
+    /// 0..n−1. Generation starts from it, so prompt tokens take positions n.. as in PEFT. Empty for other methods.
     /// </summary>
-    public KVCache CreateCache(long batch)
+    public override KVCache CreateCache(long batch)
     {
+        EnsureUsable();
         var cache = Model.CreateCache();
-        if (!AdaptersDisabled && _configs.GetValueOrDefault(_active) is PrefixTuningConfig c)
-            FillPrefix(cache, c, (PrefixEncoder)prompt_encoder[_active], batch);
+        if (AdaptersDisabled) return cache;
+        try
+        {
+            switch (_configs.GetValueOrDefault(_active))
+            {
+                case PrefixTuningConfig c:
+                    FillPrefix(cache, c, (PrefixEncoder)prompt_encoder[_active], batch);
+                    break;
+                case PromptTuningConfig:
+                    FillVirtualTokens(cache, ((PromptEmbedding)prompt_encoder[_active]).embedding.weight!, batch);
+                    break;
+                case PromptEncoderConfig:
+                    FillVirtualTokens(cache, ((PromptEncoder)prompt_encoder[_active]).Tokens(), batch);
+                    break;
+            }
+        }
+        catch
+        {
+            cache.Dispose();
+            throw;
+        }
         return cache;
+    }
+
+    private void FillVirtualTokens(KVCache cache, Tensor tokens, long batch)
+    {
+        // Causal attention: the virtual tokens, which come first, never see the prompt, so their keys/values can be
+        // computed once before it. Only the cache is kept (for generation: no graph).
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var embeds = tokens.unsqueeze(0).expand(batch, -1, -1).to_type(Model.DType);
+        Model.forward(new ForwardInput { InputsEmbeds = embeds, Cache = cache, LastPositionOnly = true });
     }
 
     private void FillPrefix(KVCache cache, PrefixTuningConfig config, PrefixEncoder encoder, long batch)

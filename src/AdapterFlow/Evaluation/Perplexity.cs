@@ -101,6 +101,8 @@ public static class Perplexity
                 using var scope = torch.NewDisposeScope();
                 var input = torch.tensor(all.AsSpan(begin, end - begin).ToArray(), [1, end - begin], ScalarType.Int64, model.Device);
                 var logits = model.forward(new ForwardInput { InputIds = input }).Logits;
+                // A prompt-tuning adapter returns logits for its virtual tokens first (as PEFT): keep the window's own.
+                if (logits.shape[1] > input.shape[1]) logits = logits.narrow(1, logits.shape[1] - input.shape[1], input.shape[1]);
                 // Logits at window positions firstTarget-1-begin .. end-2-begin predict tokens firstTarget .. end-1.
                 int count = end - firstTarget;
                 var predicting = logits.narrow(1, firstTarget - 1 - begin, count).to_type(ScalarType.Float32);

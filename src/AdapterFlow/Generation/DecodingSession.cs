@@ -79,7 +79,7 @@ public sealed class DecodingSession : IDisposable
         PadTokenId = options.PadTokenId ?? model.Config.PadTokenId ?? tokenizer?.PadTokenId ?? (StopTokenIds.Count > 0 ? StopTokenIds[0] : 0);
         if (PadTokenId < 0 || PadTokenId >= vocab) throw new ArgumentException($"pad token id {PadTokenId} is outside the model's vocabulary 0..{vocab - 1}");
 
-        Cache = model.CreateCache();
+        Cache = model.CreateCache(BatchSize);
         // A cache may arrive pre-filled (prefix tuning places virtual tokens in it): they are real keys for every row.
         PastLength = Cache.Length;
 

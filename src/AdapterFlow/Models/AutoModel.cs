@@ -123,6 +123,8 @@ public static class AutoModel
     /// </summary>
     public static void Save(CausalLM model, string directory, long? maxShardBytes = null)
     {
+        if (model is Adapters.PeftModel)
+            throw new ArgumentException("a PeftModel is saved with SavePretrained (the adapter alone) or merged first (MergeAndUnload, then Save)");
         Directory.CreateDirectory(directory);
         var config = model.Config;
         config.DType = model.DType switch

@@ -132,6 +132,12 @@ public abstract class CausalLM : nn.Module<ForwardInput, ForwardOutput>
     /// <summary>A cache with one slot per decoder layer.</summary>
     public virtual KVCache CreateCache() => new(NumLayers);
 
+    /// <summary>
+    /// A cache for generating <paramref name="batchSize"/> rows. Models that place virtual tokens before the prompt
+    /// (prefix or prompt tuning) return it pre-filled; its length is then where the prompt starts.
+    /// </summary>
+    public virtual KVCache CreateCache(long batchSize) => CreateCache();
+
     /// <summary>Number of parameters (tied weights counted once).</summary>
     public long ParameterCount()
     {

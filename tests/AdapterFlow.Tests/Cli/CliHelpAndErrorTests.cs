@@ -7,10 +7,11 @@ public class CliHelpAndErrorTests
     {
         { "init", ["--arch", "--preset", "--out", "--seed", "--json"] },
         { "inspect", ["DIR", "--json"] },
-        { "generate", ["--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype", "--json"] },
+        { "generate", ["--model", "--adapter", "--prompt", "--prompt-ids", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype", "--json"] },
         { "tokenize", ["--tokenizer", "--text", "--file", "--add-special-tokens", "--out", "--json"] },
         { "forward", ["--model", "--adapter", "--inputs", "--out", "--device", "--dtype"] },
         { "quickstart", ["--out", "--preset", "--device", "--json"] },
+        { "merge", ["--model", "--adapter", "--out", "--json"] },
     };
 
     [Theory]
@@ -37,7 +38,7 @@ public class CliHelpAndErrorTests
         {
             var run = CliRunner.Run(args).AssertSuccess();
             Assert.Contains("adapterflow [command] [options]", run.Stdout);
-            foreach (var command in new[] { "init", "inspect", "generate", "tokenize", "forward", "quickstart" })
+            foreach (var command in new[] { "init", "inspect", "generate", "tokenize", "forward", "quickstart", "merge" })
                 Assert.Contains("  " + command, run.Stdout);
         }
     }

@@ -105,7 +105,7 @@ public class CliReferenceTests
         File.WriteAllBytes(garbage, [1, 2, 3]);
         Assert.Contains(garbage, CliRunner.Run("forward", "--model", folder, "--inputs", garbage, "--out", tmp.File("o.safetensors")).AssertUsageError());
 
-        Assert.Contains("not supported yet", CliRunner.Run("forward", "--model", folder, "--adapter", Path.Combine(folder, "adapters", "lora"),
+        Assert.Contains("adapter folder not found", CliRunner.Run("forward", "--model", folder, "--adapter", tmp.File("no-adapter"),
             "--inputs", Path.Combine(folder, "reference.safetensors"), "--out", tmp.File("o.safetensors")).AssertUsageError());
         Assert.False(File.Exists(tmp.File("o.safetensors")));
     }

@@ -82,10 +82,11 @@ public class EvalCommandTests
     }
 
     [Fact]
-    public void AdapterIsNotSupportedYet()
+    public void MissingAdapterFolderIsAUsageError()
     {
-        var error = CliRunner.Run("eval", "--model", "m", "--adapter", "a", "--dataset", "gsm8k").AssertUsageError();
-        Assert.Contains("not supported yet", error);
+        var missing = Path.Combine(Path.GetTempPath(), "adapterflow-no-such-adapter-" + Guid.NewGuid().ToString("N"));
+        var error = CliRunner.Run("eval", "--model", "m", "--adapter", missing, "--perplexity", "/dev/null").AssertUsageError();
+        Assert.Contains("adapter folder not found", error);
     }
 
     [Fact]
