@@ -36,6 +36,7 @@ public sealed class Trainer : IDisposable
     private readonly nn.Module<ForwardInput, ForwardOutput> _model;
     private readonly IReadOnlyList<Parameter> _parameters;
     private readonly OptimizerHelper _optimizer;
+    private readonly IReadOnlyList<(string Name, Parameter Parameter)> _named;
 
     public Trainer(nn.Module<ForwardInput, ForwardOutput> model, IEnumerable<(string Name, Parameter Parameter)> trainable, TrainerOptions? options = null)
     {
@@ -45,6 +46,7 @@ public sealed class Trainer : IDisposable
         _model = model;
         var named = trainable.ToList();
         if (named.Count == 0) throw new ArgumentException("there are no trainable parameters");
+        _named = named;
         _parameters = named.Select(p => p.Parameter).ToList();
         var decay = named.Where(p => !IsNoDecay(p.Name, p.Parameter)).Select(p => p.Parameter).ToList();
         var noDecay = named.Where(p => IsNoDecay(p.Name, p.Parameter)).Select(p => p.Parameter).ToList();
@@ -87,8 +89,14 @@ public sealed class Trainer : IDisposable
     public int TotalSteps(int exampleCount) =>
         Options.MaxSteps ?? Options.Epochs * (int)Math.Ceiling(exampleCount / (double)Options.BatchSize);
 
-    /// <summary>Trains on <paramref name="data"/>; <paramref name="onStep"/> sees every step's metrics.</summary>
-    public TrainingResult Train(IReadOnlyList<Example> data, Collator collator, Action<StepMetrics>? onStep = null, CancellationToken cancellation = default)
+    /// <summary>
+    /// Trains on <paramref name="data"/> from the current <see cref="Step"/> (0, or where a checkpoint left off)
+    /// to the end of the run, or only up to step <paramref name="stopAtStep"/>; <paramref name="onStep"/> sees
+    /// every step's metrics. A fresh run seeds torch's generator with <see cref="TrainerOptions.Seed"/>; a resumed
+    /// one continues the generator state the checkpoint saved.
+    /// </summary>
+    public TrainingResult Train(IReadOnlyList<Example> data, Collator collator, Action<StepMetrics>? onStep = null,
+        int? stopAtStep = null, CancellationToken cancellation = default)
     {
         ArgumentNullException.ThrowIfNull(data);
         ArgumentNullException.ThrowIfNull(collator);
@@ -99,14 +107,15 @@ public sealed class Trainer : IDisposable
         int stepsPerEpoch = (int)Math.Ceiling(data.Count / (double)Options.BatchSize);
         var device = _parameters[0].device;
 
-        torch.manual_seed(Options.Seed);
+        if (Step == 0) torch.manual_seed(Options.Seed);
+        int endStep = Math.Min(totalSteps, stopAtStep ?? totalSteps);
         _model.train();
         using var metricsLog = Options.MetricsPath is null ? null : new StreamWriter(Options.MetricsPath, append: Step > 0);
         var steps = new List<StepMetrics>();
         var clock = Stopwatch.StartNew();
         List<int[]>? epochBatches = null;
         int epochOfBatches = -1;
-        while (Step < totalSteps)
+        while (Step < endStep)
         {
             cancellation.ThrowIfCancellationRequested();
             int epoch = Step / stepsPerEpoch;
@@ -125,6 +134,8 @@ public sealed class Trainer : IDisposable
                 metricsLog.WriteLine(JsonSerializer.Serialize(metrics, MetricsJson));
                 metricsLog.Flush();
             }
+            if (Options.CheckpointDirectory is not null && Options.CheckpointEvery > 0 && (Step % Options.CheckpointEvery == 0 || Step == totalSteps))
+                SaveCheckpoint(Path.Combine(Options.CheckpointDirectory, $"checkpoint-{Step}"));
         }
         return new TrainingResult(steps);
     }
@@ -183,6 +194,84 @@ public sealed class Trainer : IDisposable
         for (int i = 1; i < example.Labels.Length; i++) if (example.Labels[i] != Example.IgnoreIndex) count++;
         return count;
     }
+
+    // ---------------------------------------------------------------- checkpoints
+
+    private const string WeightsFile = "trainable.safetensors";
+    private const string OptimizerFile = "optimizer.bin";
+    private const string StateFile = "trainer_state.json";
+
+    /// <summary>
+    /// Saves what resuming needs — the trained parameters (by name), AdamW's moments and step counts, the
+    /// optimizer step and torch's generator state — into <paramref name="directory"/>. The files are written to
+    /// a temporary directory beside it that is then renamed, so a crash never leaves a half-written checkpoint.
+    /// </summary>
+    public void SaveCheckpoint(string directory)
+    {
+        var target = Path.GetFullPath(directory);
+        var parent = Path.GetDirectoryName(target)!;
+        Directory.CreateDirectory(parent);
+        var temp = Path.Combine(parent, $".{Path.GetFileName(target)}.{Environment.ProcessId}.tmp");
+        if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
+        Directory.CreateDirectory(temp);
+        try
+        {
+            IO.SafetensorsWriter.Save(Path.Combine(temp, WeightsFile), _named.Select(p => KeyValuePair.Create(p.Name, (Tensor)p.Parameter)));
+            _optimizer.save_state_dict(Path.Combine(temp, OptimizerFile));
+            using var rng = torch.get_rng_state();
+            var state = new CheckpointState(Step, Options.Seed, Convert.ToBase64String(rng.data<byte>().ToArray()));
+            File.WriteAllText(Path.Combine(temp, StateFile), JsonSerializer.Serialize(state, MetricsJson));
+            string? old = null;
+            if (Directory.Exists(target))
+            {
+                old = temp + ".old";
+                Directory.Move(target, old);
+            }
+            Directory.Move(temp, target);
+            if (old is not null) Directory.Delete(old, recursive: true);
+        }
+        finally
+        {
+            if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
+        }
+    }
+
+    /// <summary>Restores a checkpoint written by <see cref="SaveCheckpoint"/> into this trainer (same model shape and options).</summary>
+    public void LoadCheckpoint(string directory)
+    {
+        var statePath = Path.Combine(directory, StateFile);
+        if (!File.Exists(statePath)) throw new FileNotFoundException($"{statePath}: not a training checkpoint (no {StateFile})");
+        CheckpointState state;
+        try
+        {
+            state = JsonSerializer.Deserialize<CheckpointState>(File.ReadAllText(statePath), MetricsJson)
+                ?? throw new InvalidDataException($"{statePath}: empty trainer state");
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{statePath}: invalid trainer state ({e.Message.Split('\n')[0]})");
+        }
+        if (state.Seed != Options.Seed)
+            throw new ArgumentException($"{statePath}: checkpoint was trained with seed {state.Seed}, these options have seed {Options.Seed}");
+        using (var weights = IO.SafetensorsFile.Open(Path.Combine(directory, WeightsFile)))
+        using (no_grad())
+        {
+            foreach (var (name, parameter) in _named)
+            {
+                if (!weights.Contains(name)) throw new InvalidDataException($"{Path.Combine(directory, WeightsFile)}: no tensor named '{name}'");
+                using var value = weights.Load(name, parameter.device);
+                if (!value.shape.SequenceEqual(parameter.shape))
+                    throw new InvalidDataException($"{Path.Combine(directory, WeightsFile)}: '{name}' has shape [{string.Join(", ", value.shape)}], the model has [{string.Join(", ", parameter.shape)}]");
+                parameter.copy_(value);
+            }
+        }
+        _optimizer.load_state_dict(Path.Combine(directory, OptimizerFile));
+        using var rng = torch.tensor(Convert.FromBase64String(state.RngState), ScalarType.Byte);
+        torch.set_rng_state(rng);
+        Step = state.Step;
+    }
+
+    private sealed record CheckpointState(int Step, long Seed, string RngState);
 
     public void Dispose() => _optimizer.Dispose();
 }

@@ -45,6 +45,11 @@ public sealed record TrainerOptions
     /// <summary>Write one JSON line of metrics per logged step here (null: no file).</summary>
     public string? MetricsPath { get; init; }
 
+    /// <summary>Save a resumable checkpoint-{step} folder here every <see cref="CheckpointEvery"/> steps and at the end (null: none).</summary>
+    public string? CheckpointDirectory { get; init; }
+
+    public int CheckpointEvery { get; init; } = 500;
+
     /// <summary>Log every this many optimizer steps.</summary>
     public int LogEvery { get; init; } = 1;
 
