@@ -109,7 +109,22 @@ public sealed class Trainer : IDisposable
 
         if (Step == 0) torch.manual_seed(Options.Seed);
         int endStep = Math.Min(totalSteps, stopAtStep ?? totalSteps);
+        // Dropout is on while training; the caller's mode (eval for generation, say) comes back afterwards.
+        bool wasTraining = _model.training;
         _model.train();
+        try
+        {
+            return TrainSteps(data, collator, onStep, schedule, stepsPerEpoch, totalSteps, endStep, device, cancellation);
+        }
+        finally
+        {
+            if (!wasTraining) _model.eval();
+        }
+    }
+
+    private TrainingResult TrainSteps(IReadOnlyList<Example> data, Collator collator, Action<StepMetrics>? onStep, LearningRateSchedule schedule,
+        int stepsPerEpoch, int totalSteps, int endStep, Device device, CancellationToken cancellation)
+    {
         using var metricsLog = Options.MetricsPath is null ? null : new StreamWriter(Options.MetricsPath, append: Step > 0);
         var steps = new List<StepMetrics>();
         var clock = Stopwatch.StartNew();
@@ -154,6 +169,8 @@ public sealed class Trainer : IDisposable
     private StepMetrics RunStep(IReadOnlyList<Example> data, int[] batch, Collator collator, double lr, Device device, int epoch, Stopwatch clock)
     {
         var started = clock.Elapsed;
+        // Everything a step creates outside the micro-batches (clipping's norms, say) is freed with the step.
+        using var stepScope = NewDisposeScope();
         foreach (var group in _optimizer.ParamGroups) group.LearningRate = lr;
         _optimizer.zero_grad();
         var examples = batch.Select(i => data[i]).ToArray();

@@ -150,6 +150,19 @@ public class TrainerTests
     }
 
     [Fact]
+    public void Memory_stays_flat_across_steps_and_the_model_mode_is_restored()
+    {
+        using var model = TinyLlama();
+        model.eval();
+        using var trainer = Trainer.ForModel(model, new TrainerOptions { BatchSize = 2, MicroBatchSize = 1, MaxSteps = 10 });
+        var live = new List<long>();
+        trainer.Train(Examples(), Collate, onStep: _ => live.Add(DisposeScopeManager.Statistics.ThreadTotalLiveCount));
+        // Step 1 creates AdamW's state; from then on no tensor may survive a step.
+        Assert.All(live.Skip(2), count => Assert.Equal(live[1], count));
+        Assert.False(model.training);
+    }
+
+    [Fact]
     public void Nan_loss_stops_with_a_clear_message()
     {
         using var model = TinyLlama();
