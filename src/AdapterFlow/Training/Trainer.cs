@@ -178,8 +178,9 @@ public sealed class Trainer : IDisposable
         // micro-batches gives the same gradient as one big batch (transformers' num_items_in_batch).
         long labelTokens = examples.Sum(LabelTokenCount);
         double divisor = Math.Max(1, labelTokens);
-        double loss = 0;
         long tokens = 0;
+        // The step's loss is summed on the device and read once per step: one host sync, not one per micro-batch.
+        var lossSum = zeros(1, dtype: ScalarType.Float32, device: device);
         foreach (var micro in examples.Chunk(Options.MicroBatchSize))
         {
             using var scope = NewDisposeScope();
@@ -187,12 +188,13 @@ public sealed class Trainer : IDisposable
             var output = _model.forward(new ForwardInput { InputIds = inputs.InputIds, AttentionMask = inputs.AttentionMask });
             var microLoss = CausalLMLoss.Sum(output.Logits, inputs.Labels) / divisor;
             microLoss.backward();
-            double value = microLoss.item<float>();
-            if (!double.IsFinite(value))
-                throw new TrainingDivergedException($"loss became {value} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate, clip gradients or check the data");
-            loss += value;
+            lossSum.add_(microLoss.detach());
             tokens += inputs.Tokens;
         }
+        double loss = lossSum.item<float>();
+        // Checked before the update, so a diverged step never reaches the weights.
+        if (!double.IsFinite(loss))
+            throw new TrainingDivergedException($"loss became {loss} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate, clip gradients or check the data");
         double? norm = null;
         if (Options.MaxGradNorm is double max)
         {

@@ -173,6 +173,25 @@ public class TrainerTests
     }
 
     [Fact]
+    public void Gradient_norm_is_reported_and_clipped()
+    {
+        double? Run(double? maxGradNorm, out double gradNormAfter)
+        {
+            using var model = TinyLlama();
+            using var trainer = Trainer.ForModel(model, new TrainerOptions { BatchSize = 4, MicroBatchSize = 2, MaxSteps = 1, MaxGradNorm = maxGradNorm });
+            var reported = trainer.Train(Examples(), Collate).Steps[0].GradNorm;
+            // The gradients stay on the parameters until the next step's zero_grad: they are what AdamW used.
+            gradNormAfter = Math.Sqrt(model.parameters().Sum(p => p.grad is null ? 0 : p.grad.pow(2).sum().item<float>()));
+            return reported;
+        }
+        Assert.Null(Run(null, out double unclipped));
+        double? reported = Run(1e-3, out double clipped);
+        Assert.Equal(unclipped, reported!.Value, 3);
+        Assert.True(unclipped > 1e-2, $"gradient norm {unclipped}");
+        Assert.Equal(1e-3, clipped, 5);
+    }
+
+    [Fact]
     public void Bad_options_are_rejected()
     {
         using var model = TinyLlama();
