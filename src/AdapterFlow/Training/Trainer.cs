@@ -58,9 +58,12 @@ public sealed class Trainer : IDisposable
         _optimizer = optim.AdamW(groups, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, Options.WeightDecay);
     }
 
-    /// <summary>Full fine-tuning: every parameter of <paramref name="model"/> that requires a gradient.</summary>
-    public static Trainer ForModel(CausalLM model, TrainerOptions? options = null) =>
-        new(model, model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter)), options);
+    /// <summary>Full fine-tuning: every parameter of <paramref name="model"/> that requires a gradient (tied ones once).</summary>
+    public static Trainer ForModel(CausalLM model, TrainerOptions? options = null)
+    {
+        var seen = new HashSet<IntPtr>();
+        return new(model, model.named_parameters().Where(p => p.parameter.requires_grad && seen.Add(p.parameter.Handle)).Select(p => (p.name, p.parameter)), options);
+    }
 
     /// <summary>Adapter training: only <see cref="PeftModel.TrainableParameters"/>; the base model stays frozen.</summary>
     public static Trainer ForAdapter(PeftModel model, TrainerOptions? options = null)

@@ -13,7 +13,7 @@ public class TrainerTests
 {
     private const int Vocab = 64;
 
-    internal static CausalLM TinyLlama(long seed = 1, double initializerRange = 0.05) => AutoModel.FromConfig(AutoModel.ParseConfig(new JsonObject
+    internal static CausalLM TinyLlama(long seed = 1, double initializerRange = 0.05, bool tied = false) => AutoModel.FromConfig(AutoModel.ParseConfig(new JsonObject
     {
         ["model_type"] = "llama",
         ["vocab_size"] = Vocab,
@@ -24,6 +24,7 @@ public class TrainerTests
         ["num_key_value_heads"] = 2,
         ["max_position_embeddings"] = 64,
         ["initializer_range"] = initializerRange,
+        ["tie_word_embeddings"] = tied,
     }, "tiny config.json"), seed);
 
     /// <summary>Random token sequences of different lengths; the first 3 labels masked as a "prompt".</summary>
@@ -63,6 +64,16 @@ public class TrainerTests
         Assert.True(result.FinalLoss < 0.05, $"final loss {result.FinalLoss}");
         // Norm weights (2 per layer + final norm) go to the no-decay group.
         Assert.Equal(5, trainer.UndecayedParameterCount);
+    }
+
+    [Fact]
+    public void Tied_embeddings_are_one_parameter_to_the_optimizer()
+    {
+        using var untied = TinyLlama();
+        using var tied = TinyLlama(tied: true);
+        using var a = Trainer.ForModel(untied);
+        using var b = Trainer.ForModel(tied);
+        Assert.Equal(a.DecayedParameterCount - 1, b.DecayedParameterCount);
     }
 
     [Fact]
