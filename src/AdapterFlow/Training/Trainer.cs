@@ -37,6 +37,7 @@ public sealed class Trainer : IDisposable
     private readonly IReadOnlyList<Parameter> _parameters;
     private readonly OptimizerHelper _optimizer;
     private readonly IReadOnlyList<(string Name, Parameter Parameter)> _named;
+    private readonly List<AdamW.ParamGroup> _groups;
 
     public Trainer(nn.Module<ForwardInput, ForwardOutput> model, IEnumerable<(string Name, Parameter Parameter)> trainable, TrainerOptions? options = null)
     {
@@ -53,6 +54,7 @@ public sealed class Trainer : IDisposable
         var groups = new List<AdamW.ParamGroup>();
         if (decay.Count > 0) groups.Add(new AdamW.ParamGroup(decay, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, Options.WeightDecay));
         if (noDecay.Count > 0) groups.Add(new AdamW.ParamGroup(noDecay, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, 0.0));
+        _groups = groups;
         DecayedParameterCount = decay.Count;
         UndecayedParameterCount = noDecay.Count;
         _optimizer = optim.AdamW(groups, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, Options.WeightDecay);
@@ -79,6 +81,10 @@ public sealed class Trainer : IDisposable
 
     /// <summary>Optimizer steps completed so far.</summary>
     public int Step { get; private set; }
+
+    /// <summary>Weight decay of each AdamW parameter group, as the optimizer holds it (decayed group first).</summary>
+    public IReadOnlyList<double> GroupWeightDecays =>
+        _groups.Select(g => g.Options.weight_decay!.Value).ToArray();
 
     /// <summary>Parameters (tensors) in the weight-decay group and in the no-decay group (norms, biases).</summary>
     public int DecayedParameterCount { get; }

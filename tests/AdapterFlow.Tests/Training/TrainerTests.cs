@@ -64,6 +64,9 @@ public class TrainerTests
         Assert.True(result.FinalLoss < 0.05, $"final loss {result.FinalLoss}");
         // Norm weights (2 per layer + final norm) go to the no-decay group.
         Assert.Equal(5, trainer.UndecayedParameterCount);
+        Assert.Equal([0.0, 0.0], trainer.GroupWeightDecays);
+        using var decaying = Trainer.ForModel(model, new TrainerOptions { WeightDecay = 0.1 });
+        Assert.Equal([0.1, 0.0], decaying.GroupWeightDecays);
     }
 
     [Fact]
