@@ -1,0 +1,305 @@
+using System.Diagnostics;
+using System.Text.Json;
+using AdapterFlow.Adapters;
+using AdapterFlow.Models;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace AdapterFlow.Training;
+
+/// <summary>
+/// What one optimizer step did (also one line of the JSONL metrics log): the 1-based step, the mean loss per
+/// labelled token over the whole batch, the learning rate used, the global gradient norm before clipping (null
+/// when not clipping), real (non-pad) and labelled tokens, and real tokens per second in this step.
+/// </summary>
+public sealed record StepMetrics(int Step, int Epoch, double Loss, double LearningRate, double? GradNorm,
+    long Tokens, long LabelTokens, double TokensPerSecond, double ElapsedSeconds);
+
+/// <summary>Result of <see cref="Trainer.Train"/>.</summary>
+public sealed record TrainingResult(IReadOnlyList<StepMetrics> Steps)
+{
+    public double FinalLoss => Steps.Count == 0 ? double.NaN : Steps[^1].Loss;
+}
+
+/// <summary>Raised when the loss becomes NaN or infinite: training stops instead of corrupting the weights.</summary>
+public sealed class TrainingDivergedException(string message) : Exception(message);
+
+/// <summary>
+/// Causal-LM training loop: AdamW with parameter groups (no weight decay on norms and biases), a warmup
+/// schedule, gradient accumulation over micro-batches, global-norm clipping, seeded data order and dropout.
+/// Trains whatever parameters it is given: all of a model (<see cref="ForModel"/>) or an adapter's
+/// (<see cref="ForAdapter"/>). Each micro-batch runs in its own dispose scope so memory stays flat.
+/// </summary>
+public sealed class Trainer : IDisposable
+{
+    private readonly nn.Module<ForwardInput, ForwardOutput> _model;
+    private readonly IReadOnlyList<Parameter> _parameters;
+    private readonly OptimizerHelper _optimizer;
+    private readonly IReadOnlyList<(string Name, Parameter Parameter)> _named;
+    private readonly List<AdamW.ParamGroup> _groups;
+
+    public Trainer(nn.Module<ForwardInput, ForwardOutput> model, IEnumerable<(string Name, Parameter Parameter)> trainable, TrainerOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        Options = options ?? new TrainerOptions();
+        Options.Validate();
+        _model = model;
+        var named = trainable.ToList();
+        if (named.Count == 0) throw new ArgumentException("there are no trainable parameters");
+        _named = named;
+        _parameters = named.Select(p => p.Parameter).ToList();
+        var decay = named.Where(p => !IsNoDecay(p.Name, p.Parameter)).Select(p => p.Parameter).ToList();
+        var noDecay = named.Where(p => IsNoDecay(p.Name, p.Parameter)).Select(p => p.Parameter).ToList();
+        var groups = new List<AdamW.ParamGroup>();
+        if (decay.Count > 0) groups.Add(new AdamW.ParamGroup(decay, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, Options.WeightDecay));
+        if (noDecay.Count > 0) groups.Add(new AdamW.ParamGroup(noDecay, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, 0.0));
+        _groups = groups;
+        DecayedParameterCount = decay.Count;
+        UndecayedParameterCount = noDecay.Count;
+        _optimizer = optim.AdamW(groups, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, Options.WeightDecay);
+    }
+
+    /// <summary>Full fine-tuning: every parameter of <paramref name="model"/> that requires a gradient (tied ones once).</summary>
+    public static Trainer ForModel(CausalLM model, TrainerOptions? options = null)
+    {
+        var seen = new HashSet<IntPtr>();
+        return new(model, model.named_parameters().Where(p => p.parameter.requires_grad && seen.Add(p.parameter.Handle)).Select(p => (p.name, p.parameter)), options);
+    }
+
+    /// <summary>Adapter training: only <see cref="PeftModel.TrainableParameters"/>; the base model stays frozen.</summary>
+    public static Trainer ForAdapter(PeftModel model, TrainerOptions? options = null)
+    {
+        var trainable = model.TrainableParameters().Select(p => p.Handle).ToHashSet();
+        var seen = new HashSet<IntPtr>();
+        var named = model.named_parameters().Where(p => trainable.Contains(p.parameter.Handle) && seen.Add(p.parameter.Handle))
+            .Select(p => (p.name, p.parameter));
+        return new Trainer(model, named, options);
+    }
+
+    public TrainerOptions Options { get; }
+
+    /// <summary>Optimizer steps completed so far.</summary>
+    public int Step { get; private set; }
+
+    /// <summary>Weight decay of each AdamW parameter group, as the optimizer holds it (decayed group first).</summary>
+    public IReadOnlyList<double> GroupWeightDecays =>
+        _groups.Select(g => g.Options.weight_decay!.Value).ToArray();
+
+    /// <summary>Parameters (tensors) in the weight-decay group and in the no-decay group (norms, biases).</summary>
+    public int DecayedParameterCount { get; }
+    public int UndecayedParameterCount { get; }
+
+    /// <summary>Norm weights and biases (and any other 1-D parameter) are not decayed, as transformers' Trainer.</summary>
+    public static bool IsNoDecay(string name, Parameter parameter) =>
+        parameter.dim() < 2 || name.EndsWith(".bias", StringComparison.Ordinal) || name.Contains("norm", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>Optimizer steps a run over <paramref name="exampleCount"/> examples takes.</summary>
+    public int TotalSteps(int exampleCount) =>
+        Options.MaxSteps ?? Options.Epochs * (int)Math.Ceiling(exampleCount / (double)Options.BatchSize);
+
+    /// <summary>
+    /// Trains on <paramref name="data"/> from the current <see cref="Step"/> (0, or where a checkpoint left off)
+    /// to the end of the run, or only up to step <paramref name="stopAtStep"/>; <paramref name="onStep"/> sees
+    /// every step's metrics. A fresh run seeds torch's generator with <see cref="TrainerOptions.Seed"/>; a resumed
+    /// one continues the generator state the checkpoint saved.
+    /// </summary>
+    public TrainingResult Train(IReadOnlyList<Example> data, Collator collator, Action<StepMetrics>? onStep = null,
+        int? stopAtStep = null, CancellationToken cancellation = default)
+    {
+        ArgumentNullException.ThrowIfNull(data);
+        ArgumentNullException.ThrowIfNull(collator);
+        if (data.Count == 0) throw new ArgumentException("the training set is empty");
+        int totalSteps = TotalSteps(data.Count);
+        int warmup = Options.WarmupSteps > 0 ? Options.WarmupSteps : (int)Math.Ceiling(Options.WarmupRatio * totalSteps);
+        var schedule = new LearningRateSchedule(Options.Schedule, Options.LearningRate, warmup, totalSteps);
+        int stepsPerEpoch = (int)Math.Ceiling(data.Count / (double)Options.BatchSize);
+        var device = _parameters[0].device;
+
+        if (Step == 0) torch.manual_seed(Options.Seed);
+        int endStep = Math.Min(totalSteps, stopAtStep ?? totalSteps);
+        // Dropout is on while training; the caller's mode (eval for generation, say) comes back afterwards.
+        bool wasTraining = _model.training;
+        _model.train();
+        try
+        {
+            return TrainSteps(data, collator, onStep, schedule, stepsPerEpoch, totalSteps, endStep, device, cancellation);
+        }
+        finally
+        {
+            if (!wasTraining) _model.eval();
+        }
+    }
+
+    private TrainingResult TrainSteps(IReadOnlyList<Example> data, Collator collator, Action<StepMetrics>? onStep, LearningRateSchedule schedule,
+        int stepsPerEpoch, int totalSteps, int endStep, Device device, CancellationToken cancellation)
+    {
+        using var metricsLog = Options.MetricsPath is null ? null : new StreamWriter(Options.MetricsPath, append: Step > 0);
+        var steps = new List<StepMetrics>();
+        var clock = Stopwatch.StartNew();
+        List<int[]>? epochBatches = null;
+        int epochOfBatches = -1;
+        while (Step < endStep)
+        {
+            cancellation.ThrowIfCancellationRequested();
+            int epoch = Step / stepsPerEpoch;
+            if (epoch != epochOfBatches)
+            {
+                epochBatches = EpochBatches(data, epoch);
+                epochOfBatches = epoch;
+            }
+            var batch = epochBatches![Step % stepsPerEpoch];
+            var metrics = RunStep(data, batch, collator, schedule.At(Step), device, epoch, clock);
+            Step++;
+            steps.Add(metrics);
+            onStep?.Invoke(metrics);
+            if (metricsLog is not null && (Step % Options.LogEvery == 0 || Step == totalSteps))
+            {
+                metricsLog.WriteLine(JsonSerializer.Serialize(metrics, MetricsJson));
+                metricsLog.Flush();
+            }
+            if (Options.CheckpointDirectory is not null && Options.CheckpointEvery > 0 && (Step % Options.CheckpointEvery == 0 || Step == totalSteps))
+                SaveCheckpoint(Path.Combine(Options.CheckpointDirectory, $"checkpoint-{Step}"));
+        }
+        return new TrainingResult(steps);
+    }
+
+    private static readonly JsonSerializerOptions MetricsJson = new() { PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower };
+
+    /// <summary>The batches of one epoch: a shuffle seeded by (seed, epoch), so any step's batch can be found again.</summary>
+    private List<int[]> EpochBatches(IReadOnlyList<Example> data, int epoch)
+    {
+        var random = new Random(HashCode.Combine(Options.Seed, epoch));
+        return Options.GroupByLength
+            ? Batching.LengthGrouped(data.Select(e => e.Length).ToArray(), Options.BatchSize, random)
+            : Batching.Shuffled(data.Count, Options.BatchSize, random);
+    }
+
+    private StepMetrics RunStep(IReadOnlyList<Example> data, int[] batch, Collator collator, double lr, Device device, int epoch, Stopwatch clock)
+    {
+        var started = clock.Elapsed;
+        // Everything a step creates outside the micro-batches (clipping's norms, say) is freed with the step.
+        using var stepScope = NewDisposeScope();
+        foreach (var group in _optimizer.ParamGroups) group.LearningRate = lr;
+        _optimizer.zero_grad();
+        var examples = batch.Select(i => data[i]).ToArray();
+        // Normalise by the labelled tokens of the whole batch, not per micro-batch, so that accumulating
+        // micro-batches gives the same gradient as one big batch (transformers' num_items_in_batch).
+        long labelTokens = examples.Sum(LabelTokenCount);
+        double divisor = Math.Max(1, labelTokens);
+        long tokens = 0;
+        // The step's loss is summed on the device and read once per step: one host sync, not one per micro-batch.
+        var lossSum = zeros(1, dtype: ScalarType.Float32, device: device);
+        foreach (var micro in examples.Chunk(Options.MicroBatchSize))
+        {
+            using var scope = NewDisposeScope();
+            using var inputs = collator.Collate(micro, device);
+            var output = _model.forward(new ForwardInput { InputIds = inputs.InputIds, AttentionMask = inputs.AttentionMask });
+            var microLoss = CausalLMLoss.Sum(output.Logits, inputs.Labels) / divisor;
+            microLoss.backward();
+            lossSum.add_(microLoss.detach());
+            tokens += inputs.Tokens;
+        }
+        double loss = lossSum.item<float>();
+        // Checked before the update, so a diverged step never reaches the weights.
+        if (!double.IsFinite(loss))
+            throw new TrainingDivergedException($"loss became {loss} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate, clip gradients or check the data");
+        double? norm = null;
+        if (Options.MaxGradNorm is double max)
+        {
+            norm = nn.utils.clip_grad_norm_(_parameters, max);
+            if (!double.IsFinite(norm.Value))
+                throw new TrainingDivergedException($"gradient norm became {norm.Value} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate or check the data");
+        }
+        _optimizer.step();
+        var elapsed = (clock.Elapsed - started).TotalSeconds;
+        return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds);
+    }
+
+    private static long LabelTokenCount(Example example)
+    {
+        long count = 0;
+        for (int i = 1; i < example.Labels.Length; i++) if (example.Labels[i] != Example.IgnoreIndex) count++;
+        return count;
+    }
+
+    // ---------------------------------------------------------------- checkpoints
+
+    private const string WeightsFile = "trainable.safetensors";
+    private const string OptimizerFile = "optimizer.bin";
+    private const string StateFile = "trainer_state.json";
+
+    /// <summary>
+    /// Saves what resuming needs — the trained parameters (by name), AdamW's moments and step counts, the
+    /// optimizer step and torch's generator state — into <paramref name="directory"/>. The files are written to
+    /// a temporary directory beside it that is then renamed, so a crash never leaves a half-written checkpoint.
+    /// </summary>
+    public void SaveCheckpoint(string directory)
+    {
+        var target = Path.GetFullPath(directory);
+        var parent = Path.GetDirectoryName(target)!;
+        Directory.CreateDirectory(parent);
+        var temp = Path.Combine(parent, $".{Path.GetFileName(target)}.{Environment.ProcessId}.tmp");
+        if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
+        Directory.CreateDirectory(temp);
+        try
+        {
+            IO.SafetensorsWriter.Save(Path.Combine(temp, WeightsFile), _named.Select(p => KeyValuePair.Create(p.Name, (Tensor)p.Parameter)));
+            _optimizer.save_state_dict(Path.Combine(temp, OptimizerFile));
+            using var rng = torch.get_rng_state();
+            var state = new CheckpointState(Step, Options.Seed, Convert.ToBase64String(rng.data<byte>().ToArray()));
+            File.WriteAllText(Path.Combine(temp, StateFile), JsonSerializer.Serialize(state, MetricsJson));
+            string? old = null;
+            if (Directory.Exists(target))
+            {
+                old = temp + ".old";
+                Directory.Move(target, old);
+            }
+            Directory.Move(temp, target);
+            if (old is not null) Directory.Delete(old, recursive: true);
+        }
+        finally
+        {
+            if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
+        }
+    }
+
+    /// <summary>Restores a checkpoint written by <see cref="SaveCheckpoint"/> into this trainer (same model shape and options).</summary>
+    public void LoadCheckpoint(string directory)
+    {
+        var statePath = Path.Combine(directory, StateFile);
+        if (!File.Exists(statePath)) throw new FileNotFoundException($"{statePath}: not a training checkpoint (no {StateFile})");
+        CheckpointState state;
+        try
+        {
+            state = JsonSerializer.Deserialize<CheckpointState>(File.ReadAllText(statePath), MetricsJson)
+                ?? throw new InvalidDataException($"{statePath}: empty trainer state");
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{statePath}: invalid trainer state ({e.Message.Split('\n')[0]})");
+        }
+        if (state.Seed != Options.Seed)
+            throw new ArgumentException($"{statePath}: checkpoint was trained with seed {state.Seed}, these options have seed {Options.Seed}");
+        using (var weights = IO.SafetensorsFile.Open(Path.Combine(directory, WeightsFile)))
+        using (no_grad())
+        {
+            foreach (var (name, parameter) in _named)
+            {
+                if (!weights.Contains(name)) throw new InvalidDataException($"{Path.Combine(directory, WeightsFile)}: no tensor named '{name}'");
+                using var value = weights.Load(name, parameter.device);
+                if (!value.shape.SequenceEqual(parameter.shape))
+                    throw new InvalidDataException($"{Path.Combine(directory, WeightsFile)}: '{name}' has shape [{string.Join(", ", value.shape)}], the model has [{string.Join(", ", parameter.shape)}]");
+                parameter.copy_(value);
+            }
+        }
+        _optimizer.load_state_dict(Path.Combine(directory, OptimizerFile));
+        using var rng = torch.tensor(Convert.FromBase64String(state.RngState), ScalarType.Byte);
+        torch.set_rng_state(rng);
+        Step = state.Step;
+    }
+
+    private sealed record CheckpointState(int Step, long Seed, string RngState);
+
+    public void Dispose() => _optimizer.Dispose();
+}

@@ -1,0 +1,76 @@
+namespace AdapterFlow.Training;
+
+/// <summary>Hyper-parameters of a training run. Defaults follow transformers' TrainingArguments where it has one.</summary>
+public sealed record TrainerOptions
+{
+    /// <summary>Peak learning rate.</summary>
+    public double LearningRate { get; init; } = 3e-4;
+
+    /// <summary>AdamW's decoupled weight decay, applied to all but norm weights and biases.</summary>
+    public double WeightDecay { get; init; }
+
+    public double Beta1 { get; init; } = 0.9;
+    public double Beta2 { get; init; } = 0.999;
+    public double Epsilon { get; init; } = 1e-8;
+
+    public LrScheduleKind Schedule { get; init; } = LrScheduleKind.Linear;
+
+    /// <summary>Warmup optimizer steps (takes precedence over <see cref="WarmupRatio"/> when positive).</summary>
+    public int WarmupSteps { get; init; }
+
+    /// <summary>Warmup as a fraction of all optimizer steps.</summary>
+    public double WarmupRatio { get; init; }
+
+    /// <summary>Examples per optimizer step.</summary>
+    public int BatchSize { get; init; } = 8;
+
+    /// <summary>Examples per forward/backward pass; <see cref="BatchSize"/> / this = gradient-accumulation steps.</summary>
+    public int MicroBatchSize { get; init; } = 8;
+
+    /// <summary>Passes over the data (ignored when <see cref="MaxSteps"/> is set).</summary>
+    public int Epochs { get; init; } = 1;
+
+    /// <summary>Stop after this many optimizer steps (cycling through the data as needed).</summary>
+    public int? MaxSteps { get; init; }
+
+    /// <summary>Clip the global gradient norm to this (null: no clipping).</summary>
+    public double? MaxGradNorm { get; init; } = 1.0;
+
+    /// <summary>Seeds data order, dropout and any other torch randomness.</summary>
+    public long Seed { get; init; } = 42;
+
+    /// <summary>Batch examples of similar length together (transformers' group_by_length).</summary>
+    public bool GroupByLength { get; init; }
+
+    /// <summary>Write one JSON line of metrics per logged step here (null: no file).</summary>
+    public string? MetricsPath { get; init; }
+
+    /// <summary>Save a resumable checkpoint-{step} folder here every <see cref="CheckpointEvery"/> steps and at the end (null: none).</summary>
+    public string? CheckpointDirectory { get; init; }
+
+    public int CheckpointEvery { get; init; } = 500;
+
+    /// <summary>Log every this many optimizer steps.</summary>
+    public int LogEvery { get; init; } = 1;
+
+    internal void Validate()
+    {
+        static void Positive(string name, double value)
+        {
+            if (!(value > 0)) throw new ArgumentException($"{name} must be positive, got {value}");
+        }
+        Positive(nameof(LearningRate), LearningRate);
+        Positive(nameof(BatchSize), BatchSize);
+        Positive(nameof(MicroBatchSize), MicroBatchSize);
+        Positive(nameof(LogEvery), LogEvery);
+        if (BatchSize % MicroBatchSize != 0)
+            throw new ArgumentException($"BatchSize ({BatchSize}) must be a multiple of MicroBatchSize ({MicroBatchSize})");
+        if (MaxSteps is null) Positive(nameof(Epochs), Epochs);
+        else Positive(nameof(MaxSteps), MaxSteps.Value);
+        if (WeightDecay < 0) throw new ArgumentException($"WeightDecay must be non-negative, got {WeightDecay}");
+        if (WarmupSteps < 0) throw new ArgumentException($"WarmupSteps must be non-negative, got {WarmupSteps}");
+        if (WarmupRatio is < 0 or > 1) throw new ArgumentException($"WarmupRatio must be in [0, 1], got {WarmupRatio}");
+        if (MaxGradNorm is double norm) Positive(nameof(MaxGradNorm), norm);
+        if (Beta1 is < 0 or >= 1 || Beta2 is < 0 or >= 1) throw new ArgumentException($"betas must be in [0, 1), got ({Beta1}, {Beta2})");
+    }
+}
