@@ -5,9 +5,16 @@ using AdapterFlow.Models;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [--out docs/benchmarks.md] [--new-tokens 64] [--prompt 128] [--quick]
+// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|all] [--out docs/benchmarks.md]
+//        [--new-tokens 64] [--prompt 128] [--quick]
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
+string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ordinal) ? args[0] : "decode";
+if (suite is not ("decode" or "adapters" or "all"))
+{
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, all)");
+    return 2;
+}
 bool quick = argsList.Contains("--quick");
 int newTokens = int.Parse(Value("--new-tokens") ?? (quick ? "16" : "64"), CultureInfo.InvariantCulture);
 int promptLength = int.Parse(Value("--prompt") ?? (quick ? "32" : "128"), CultureInfo.InvariantCulture);
@@ -16,49 +23,115 @@ var device = torch.CPU;
 
 Console.WriteLine("Measuring the machine's limits (GEMM, memory bandwidth)...");
 var limits = MachineLimits.Measure(device);
-Console.WriteLine($"  threads {limits.Threads}; GEMM F32 {limits.GemmF32Flops / 1e9:F1} GFLOP/s, BF16 {limits.GemmBf16Flops / 1e9:F1} GFLOP/s; " +
-                  $"copy {limits.CopyBytesPerSecond / 1e9:F2} GB/s (read+write); read {limits.ReadBytesPerSecond / 1e9:F2} GB/s");
+var machine = $"Machine (measured in the same run): {Environment.ProcessorCount} cores, {limits.Threads} torch threads; " +
+              $"GEMM F32 {limits.GemmF32Flops / 1e9:F1} GFLOP/s, BF16 {limits.GemmBf16Flops / 1e9:F1} GFLOP/s; " +
+              $"memory copy {limits.CopyBytesPerSecond / 1e9:F2} GB/s (bytes read + written), read-only {limits.ReadBytesPerSecond / 1e9:F2} GB/s.";
+Console.WriteLine("  " + machine);
 
-var results = new List<DecodeResult>();
-foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+if (suite is "decode" or "all") WriteSection("decode", DecodeTable());
+if (suite is "adapters" or "all") WriteSection("adapters", AdapterTable());
+return 0;
+
+string DecodeTable()
 {
-    using var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, dtype: dtype, device: device);
-    Console.WriteLine($"LLaMA {model.ParameterCount() / 1e6:F1}M parameters, {dtype}");
-    foreach (var batch in new[] { 1, 8 })
+    var results = new List<DecodeResult>();
+    foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
     {
-        var r = DecodeBench.Run(model, batch, promptLength, newTokens);
-        results.Add(r);
-        Console.WriteLine($"  batch {batch}: prefill {r.PrefillTokensPerSecond:F0} tok/s; decode {r.DecodeTokensPerSecond:F1} tok/s " +
-                          $"(bare loop {r.ModelLoopDecodeTokensPerSecond:F1}); weights {r.DecodeWeightBytesPerSecond / 1e9:F2} GB/s = " +
-                          $"{100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% of copy bandwidth");
+        using var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, dtype: dtype, device: device);
+        Console.WriteLine($"LLaMA {model.ParameterCount() / 1e6:F1}M parameters, {dtype}");
+        foreach (var batch in new[] { 1, 8 })
+        {
+            var r = DecodeBench.Run(model, batch, promptLength, newTokens);
+            results.Add(r);
+            Console.WriteLine($"  batch {batch}: prefill {r.PrefillTokensPerSecond:F0} tok/s; decode {r.DecodeTokensPerSecond:F1} tok/s " +
+                              $"(bare loop {r.ModelLoopDecodeTokensPerSecond:F1}); weights {r.DecodeWeightBytesPerSecond / 1e9:F2} GB/s = " +
+                              $"{100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% of copy bandwidth");
+        }
     }
+    var table = new StringBuilder();
+    table.AppendLine(machine);
+    table.AppendLine();
+    table.AppendLine($"Model: LLaMA 109.5M (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, tied), random weights; prompt {promptLength} tokens, {newTokens} new tokens, greedy, KV cache, best of 2 runs after a warm-up.");
+    table.AppendLine();
+    table.AppendLine("| dtype | batch | prefill tok/s | decode tok/s | bare-loop decode tok/s | weight GB/s in decode | % of copy bandwidth | % of read bandwidth | bandwidth limit tok/s (copy) |");
+    table.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    foreach (var r in results)
+    {
+        double limitTokens = limits.CopyBytesPerSecond / r.WeightBytes * r.Batch;
+        table.AppendLine(string.Create(CultureInfo.InvariantCulture,
+            $"| {r.DType} | {r.Batch} | {r.PrefillTokensPerSecond:F0} | {r.DecodeTokensPerSecond:F1} | {r.ModelLoopDecodeTokensPerSecond:F1} | {r.DecodeWeightBytesPerSecond / 1e9:F2} | {100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% | {100 * r.DecodeWeightBytesPerSecond / limits.ReadBytesPerSecond:F0}% | {limitTokens:F0} |"));
+    }
+    return table.ToString();
 }
 
-var table = new StringBuilder();
-table.AppendLine($"Machine (measured in the same run): {Environment.ProcessorCount} cores, {limits.Threads} torch threads; " +
-                 $"GEMM F32 {limits.GemmF32Flops / 1e9:F1} GFLOP/s, BF16 {limits.GemmBf16Flops / 1e9:F1} GFLOP/s; " +
-                 $"memory copy {limits.CopyBytesPerSecond / 1e9:F2} GB/s (bytes read + written), read-only {limits.ReadBytesPerSecond / 1e9:F2} GB/s.");
-table.AppendLine();
-table.AppendLine($"Model: LLaMA 109.5M (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, tied), random weights; prompt {promptLength} tokens, {newTokens} new tokens, greedy, KV cache, best of 2 runs after a warm-up.");
-table.AppendLine();
-table.AppendLine("| dtype | batch | prefill tok/s | decode tok/s | bare-loop decode tok/s | weight GB/s in decode | % of copy bandwidth | % of read bandwidth | bandwidth limit tok/s (copy) |");
-table.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-foreach (var r in results)
+string AdapterTable()
 {
-    double limitTokens = limits.CopyBytesPerSecond / r.WeightBytes * r.Batch;
+    int batch = quick ? 2 : 4, length = quick ? 64 : 256;
+    var steps = new List<StepResult>();
+    using (var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device))
+    {
+        foreach (var p in model.parameters()) p.requires_grad = false;
+        steps.Add(AdapterBench.Step("forward only (no grad)", model, backward: false, batch, length));
+        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+        foreach (var p in model.parameters()) p.requires_grad = true;
+        steps.Add(AdapterBench.Step("full fine-tuning (forward + backward)", model, backward: true, batch, length));
+        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+    }
+    foreach (var r in new[] { 8, 32 })
+    {
+        using var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), r);
+        steps.Add(AdapterBench.Step($"LoRA r={r} on q,k,v,up,down (forward + backward)", peft, backward: true, batch, length));
+        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+    }
+
+    // Inference: the same LoRA r=32 unmerged (adapter layers in the forward) and merged into the weights.
+    DecodeResult unmerged, merged;
+    using (var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), 32))
+    {
+        foreach (var p in peft.parameters()) p.requires_grad = false;
+        unmerged = DecodeBench.Run(peft, 1, promptLength, newTokens);
+        using var plain = peft.MergeAndUnload();
+        merged = DecodeBench.Run(plain, 1, promptLength, newTokens);
+    }
+    Console.WriteLine($"  LoRA r=32 decode: unmerged {unmerged.DecodeTokensPerSecond:F1} tok/s, merged {merged.DecodeTokensPerSecond:F1} tok/s");
+
+    var table = new StringBuilder();
+    table.AppendLine(machine);
+    table.AppendLine();
+    table.AppendLine($"Model: LLaMA 109.5M, float32, random weights, batch {batch} × {length} tokens, best of 2 steps after a warm-up; " +
+                     "loss = next-token cross-entropy; no optimiser step (forward + backward only).");
+    table.AppendLine();
+    table.AppendLine("| setting | trainable params | tokens/s | s/step | model GFLOP/s | % of GEMM F32 peak |");
+    table.AppendLine("|---|---:|---:|---:|---:|---:|");
+    foreach (var s in steps)
+    {
+        double flops = s.TokensPerSecond * s.ModelFlopsPerToken;
+        table.AppendLine(string.Create(CultureInfo.InvariantCulture,
+            $"| {s.Setting} | {s.TrainableParameters:N0} | {s.TokensPerSecond:F0} | {s.SecondsPerStep:F2} | {flops / 1e9:F1} | {100 * flops / limits.GemmF32Flops:F0}% |"));
+    }
+    table.AppendLine();
+    table.AppendLine($"Model FLOPs per token: 2N for the forward, 6N for full fine-tuning, 4N for adapter training (N = 109.5M; attention's own FLOPs not counted).");
+    table.AppendLine();
+    table.AppendLine($"LoRA r=32 on q,k,v,up,down at inference (float32, batch 1, prompt {promptLength}, {newTokens} new tokens, greedy):");
+    table.AppendLine();
+    table.AppendLine("| LoRA | prefill tok/s | decode tok/s | decode slowdown vs merged |");
+    table.AppendLine("|---|---:|---:|---:|");
+    table.AppendLine(string.Create(CultureInfo.InvariantCulture, $"| merged into the weights | {merged.PrefillTokensPerSecond:F0} | {merged.DecodeTokensPerSecond:F1} | — |"));
     table.AppendLine(string.Create(CultureInfo.InvariantCulture,
-        $"| {r.DType} | {r.Batch} | {r.PrefillTokensPerSecond:F0} | {r.DecodeTokensPerSecond:F1} | {r.ModelLoopDecodeTokensPerSecond:F1} | {r.DecodeWeightBytesPerSecond / 1e9:F2} | {100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% | {100 * r.DecodeWeightBytesPerSecond / limits.ReadBytesPerSecond:F0}% | {limitTokens:F0} |"));
+        $"| unmerged (adapter layers) | {unmerged.PrefillTokensPerSecond:F0} | {unmerged.DecodeTokensPerSecond:F1} | {100 * (merged.DecodeTokensPerSecond / unmerged.DecodeTokensPerSecond - 1):F0}% |"));
+    return table.ToString();
 }
-Console.WriteLine();
-Console.WriteLine(table);
 
-if (outPath is not null)
+void WriteSection(string name, string table)
 {
-    const string begin = "<!-- bench:decode:begin -->", end = "<!-- bench:decode:end -->";
+    Console.WriteLine();
+    Console.WriteLine(table);
+    if (outPath is null) return;
+    string begin = $"<!-- bench:{name}:begin -->", end = $"<!-- bench:{name}:end -->";
     var section = $"{begin}\n{table}{end}";
     var text = File.Exists(outPath) ? File.ReadAllText(outPath) : "# Benchmarks\n\n";
     int b = text.IndexOf(begin, StringComparison.Ordinal), e = text.IndexOf(end, StringComparison.Ordinal);
     text = b >= 0 && e > b ? text[..b] + section + text[(e + end.Length)..] : text.TrimEnd() + "\n\n" + section + "\n";
     File.WriteAllText(outPath, text);
-    Console.WriteLine($"Wrote {outPath}");
+    Console.WriteLine($"Wrote section '{name}' of {outPath}");
 }
