@@ -185,13 +185,15 @@ public sealed class PeftModel : CausalLM
     private string? OutputHeadPath() =>
         Model.named_children().Select(c => c.name).FirstOrDefault(n => n is "lm_head" or "embed_out");
 
-    private T Wrap<T>(string path, Func<nn.Module<Tensor, Tensor>, T> create) where T : nn.Module, IAdapterLayer
+    private T Wrap<T>(string path, Func<nn.Module<Tensor, Tensor>, T> create, bool allowEmbedding = false) where T : nn.Module, IAdapterLayer
     {
         if (_layers.TryGetValue(path, out var existing))
             return existing as T ?? throw new InvalidOperationException($"module '{path}' already holds a {existing.GetType().Name}");
         var module = ModuleSurgery.Find(Model, path);
-        if (module is not nn.Module<Tensor, Tensor> typed || !ModuleSurgery.IsLinear(module))
-            throw new NotSupportedException($"target module '{path}' is a {module.GetType().Name}; only Linear and Conv1D layers can be adapted");
+        bool supported = ModuleSurgery.IsLinear(module) || (allowEmbedding && module is TorchSharp.Modules.Embedding);
+        if (module is not nn.Module<Tensor, Tensor> typed || !supported)
+            throw new NotSupportedException(
+                $"target module '{path}' is a {module.GetType().Name}; only Linear and Conv1D layers{(allowEmbedding ? " and embeddings" : "")} can be adapted");
         var wrapper = create(typed);
         ModuleSurgery.Replace(Model, path, wrapper);
         _layers[path] = wrapper;
@@ -239,6 +241,13 @@ public sealed class PeftModel : CausalLM
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
         {
+            if (ModuleSurgery.Find(Model, path) is TorchSharp.Modules.Embedding || _layers.GetValueOrDefault(path) is LoraEmbedding)
+            {
+                if (config.UseDora) throw new NotSupportedException($"{config.Source}: DoRA on embedding '{path}' is not supported");
+                var embedding = Wrap(path, b => new LoraEmbedding(b), allowEmbedding: true);
+                embedding.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.InitLoraWeights);
+                continue;
+            }
             var layer = Wrap(path, b => new LoraLinear(b));
             config.FanInFanOut |= LinearParts.FanInFanOut(layer.BaseLayer);
             layer.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.LoraDropout, config.InitLoraWeights, config.UseDora);
@@ -627,6 +636,11 @@ public sealed class PeftModel : CausalLM
                     map[module + ".lora_B.weight"] = lora.B(adapterName).weight!;
                     if (lora.IsDora(adapterName)) map[module + ".lora_magnitude_vector"] = lora.Magnitude(adapterName);
                     break;
+                case LoraEmbedding emb when emb.lora_embedding_A.Contains(adapterName):
+                    // PEFT's ParameterDict entries: the file drops the adapter name.
+                    map[module + ".lora_embedding_A"] = emb.A(adapterName);
+                    map[module + ".lora_embedding_B"] = emb.B(adapterName);
+                    break;
                 case BottleneckLinear bn when bn.adapter_down.Contains(adapterName):
                     // LLM-Adapters' names: the adapter's tensors sit directly under the adapted module.
                     map[module + ".adapter_down.weight"] = bn.Down(adapterName).weight!;
@@ -798,6 +812,10 @@ public sealed class PeftModel : CausalLM
         if (_configs.Count == 0) throw new InvalidOperationException("no adapter to merge");
         if (_configs[_active] is not (LoraConfig or IA3Config))
             throw new NotSupportedException($"{_configs[_active].PeftType} adapters cannot be merged into the weights");
+        // PEFT would merge and so silently change the tied output head as well; refuse instead.
+        if (Model.Config.TieWordEmbeddings && _layers.Values.Any(l => l is LoraEmbedding e && e.lora_embedding_A.Contains(_active)))
+            throw new NotSupportedException(
+                $"adapter '{_active}' has LoRA on the token embedding, which the output head shares (tie_word_embeddings); merging would change the head too, so keep it unmerged");
     }
 
     private void EnsureUsable()
