@@ -434,10 +434,14 @@ public sealed class PeftModel : CausalLM
 
     private ForwardOutput ForwardMixed(ForwardInput input, IReadOnlyList<string> rowAdapters)
     {
-        var lora = _layers.Values.OfType<LoraLinear>().ToArray();
-        if (lora.Length == 0 || lora.Length != _layers.Count)
-            throw new NotSupportedException("per-row adapters (mixed batches) need LoRA adapters");
-        if (lora.Any(l => l.MergedAdapters.Count > 0)) throw new InvalidOperationException("per-row adapters need unmerged adapters; unmerge first");
+        var layers = _layers.Values.OfType<IRoutableAdapterLayer>().ToArray();
+        // Virtual-token adapters (prompt, prefix, P-tuning) change the sequence itself, so rows cannot differ in them.
+        if (layers.Length == 0)
+            throw new NotSupportedException($"per-row adapters (mixed batches) need LoRA, IA3 or bottleneck adapters, not {_configs[_active].PeftType}");
+        if (layers.Length != _layers.Count)
+            throw new NotSupportedException(
+                $"per-row adapters (mixed batches) are not supported with {string.Join(", ", _layers.Values.Where(l => l is not IRoutableAdapterLayer).Select(l => l.GetType().Name).Distinct())}");
+        if (layers.Any(l => l.MergedAdapters.Count > 0)) throw new InvalidOperationException("per-row adapters need unmerged adapters; unmerge first");
         var batch = (input.InputIds ?? input.InputsEmbeds)!.shape[0];
         if (rowAdapters.Count != batch) throw new ArgumentException($"{rowAdapters.Count} adapter names for a batch of {batch} rows");
         foreach (var name in rowAdapters)
@@ -449,12 +453,12 @@ public sealed class PeftModel : CausalLM
             .ToArray();
         try
         {
-            foreach (var l in lora) l.Routing = routing;
+            foreach (var l in layers) l.Routing = routing;
             return Model.forward(input);
         }
         finally
         {
-            foreach (var l in lora) l.Routing = null;
+            foreach (var l in layers) l.Routing = null;
             foreach (var (_, rows) in routing) rows.Dispose();
         }
     }

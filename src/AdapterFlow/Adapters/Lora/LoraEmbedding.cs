@@ -10,7 +10,7 @@ namespace AdapterFlow.Adapters.Lora;
 /// lora_embedding_A.&lt;adapter&gt;, lora_embedding_B.&lt;adapter&gt; (files drop the adapter name). A tied output
 /// head keeps reading the base table (see <see cref="Models.ModuleSurgery.EmbeddingWeight"/>) until the adapter is merged.
 /// </summary>
-public sealed class LoraEmbedding : nn.Module<Tensor, Tensor>, IAdapterLayer
+public sealed class LoraEmbedding : nn.Module<Tensor, Tensor>, IRoutableAdapterLayer
 {
     // Field names equal the registered names: TorchSharp registers Module-typed fields by field name.
     public nn.Module<Tensor, Tensor> base_layer;
@@ -75,7 +75,7 @@ public sealed class LoraEmbedding : nn.Module<Tensor, Tensor>, IAdapterLayer
     }
 
     /// <summary>Per-row adapters for one forward pass (mixed batches): each adapter with the batch rows it serves.</summary>
-    internal IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
+    public IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
 
     public override Tensor forward(Tensor x)
     {
