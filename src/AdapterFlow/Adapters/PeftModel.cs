@@ -212,7 +212,8 @@ public sealed class PeftModel : CausalLM
         foreach (var path in paths)
         {
             if (ModuleSurgery.Find(Model, path) is TiedLMHead)
-                throw new NotSupportedException($"{config.Source}: '{path}' is tied to the input embedding; training it separately is not supported");
+                throw new NotSupportedException(
+                    $"{config.Source}: '{path}' is tied to the input embedding (tie_word_embeddings); training a separate copy of a tied head is not supported");
             nn.Module<Tensor, Tensor> module;
             ModulesToSaveWrapper wrapper;
             if (_layers.TryGetValue(path, out var existing))
