@@ -211,9 +211,6 @@ public sealed class PeftModel : CausalLM
             throw new ArgumentException($"{config.Source}: modules_to_save [{string.Join(", ", names)}] match no module of {Model.GetType().Name}");
         foreach (var path in paths)
         {
-            if (ModuleSurgery.Find(Model, path) is TiedLMHead)
-                throw new NotSupportedException(
-                    $"{config.Source}: '{path}' is tied to the input embedding (tie_word_embeddings); training a separate copy of a tied head is not supported");
             nn.Module<Tensor, Tensor> module;
             ModulesToSaveWrapper wrapper;
             if (_layers.TryGetValue(path, out var existing))
@@ -803,6 +800,8 @@ public sealed class PeftModel : CausalLM
             var restored = layer is ModulesToSaveWrapper { ActiveAdapters.Count: > 0 } saved && !AdaptersDisabled
                 ? saved.Copy(saved.ActiveAdapters[0])
                 : layer.BaseLayer;
+            // A trained copy of a tied head is a Linear of its own: the unloaded model no longer ties them.
+            if (layer.BaseLayer is TiedLMHead && restored is not TiedLMHead) Model.Config.TieWordEmbeddings = false;
             ModuleSurgery.Replace(Model, path, (nn.Module)restored);
         }
         _layers.Clear();

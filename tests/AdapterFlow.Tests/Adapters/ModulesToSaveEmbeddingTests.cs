@@ -59,12 +59,45 @@ public class ModulesToSaveEmbeddingTests
     }
 
     [SkippableFact]
-    public void Tied_head_in_modules_to_save_is_refused_with_a_clear_message()
+    public void Tied_head_gets_an_untied_copy_that_saves_reloads_and_unloads_untied()
     {
-        using var scope = torch.NewDisposeScope();
-        var error = Assert.Throws<NotSupportedException>(() =>
-            PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 4, ModulesToSave = ["lm_head"] }));
-        Assert.Contains("tie_word_embeddings", error.Message);
-        Assert.Contains("lm_head", error.Message);
+        var output = Path.Combine(Path.GetTempPath(), $"af-mts-tied-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var model = PeftReferenceTests.LoadBase("llama");
+            Assert.True(model.Config.TieWordEmbeddings);
+            var before = model.Logits(Ids());
+            var table = AdapterFlow.Models.ModuleSurgery.EmbeddingWeight(((LlamaForCausalLM)model).model.embed_tokens).detach().clone();
+            var peft = PeftModel.Create(model, new LoraConfig { R = 2, TargetModules = ModuleSelector.Names("q_proj"), ModulesToSave = ["lm_head"] });
+            var wrapper = Assert.IsType<ModulesToSaveWrapper>(peft.AdapterLayers["lm_head"]);
+            Assert.True(MaxDiff(peft.Logits(Ids()), before) < 1e-6f, "a fresh head copy must not change the logits");
+            var head = Assert.IsType<TorchSharp.Modules.Linear>(wrapper.Copy("default"));
+            Assert.True(head.weight!.requires_grad);
+
+            head.weight!.add_(torch.randn(head.weight.shape) * 0.05);
+            var logits = peft.Logits(Ids());
+            Assert.True(MaxDiff(logits, before) > 1e-3f, "the trained head should change the logits");
+            // The input embedding is untouched by training the head copy.
+            Assert.True(AdapterFlow.Models.ModuleSurgery.EmbeddingWeight(((LlamaForCausalLM)peft.Model).model.embed_tokens).eq(table).all().item<bool>());
+
+            peft.SavePretrained(output);
+            using (var file = SafetensorsFile.Open(Path.Combine(output, "adapter_model.safetensors")))
+                Assert.Contains("base_model.model.lm_head.weight", file.Names);
+            var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output);
+            Assert.True(MaxDiff(reloaded.Logits(Ids()), logits) < 1e-6f);
+
+            var plain = peft.MergeAndUnload();
+            Assert.False(plain.Config.TieWordEmbeddings, "an unloaded model with its own head is no longer tied");
+            Assert.True(MaxDiff(plain.Logits(Ids()), logits) < 1e-4f);
+            var saved = Path.Combine(output, "merged");
+            AutoModel.Save(plain, saved);
+            Assert.True(MaxDiff(AutoModel.FromPretrained(saved).Logits(Ids()), logits) < 1e-4f, "the saved merged model lost its own head");
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
     }
 }
