@@ -37,3 +37,13 @@ public interface IAdapterLayer
     /// <summary>Drops an adapter's tensors.</summary>
     void RemoveAdapter(string adapter);
 }
+
+/// <summary>
+/// An adapter layer that can serve a mixed batch (PEFT's <c>adapter_names</c>): while <see cref="Routing"/> is set,
+/// forward applies each listed adapter to its batch rows only, and leaves other rows to the base layer.
+/// </summary>
+internal interface IRoutableAdapterLayer : IAdapterLayer
+{
+    /// <summary>Each adapter with the batch rows (a long tensor of row indices) it serves; null outside a mixed pass.</summary>
+    IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
+}

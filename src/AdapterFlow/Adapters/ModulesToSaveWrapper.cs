@@ -8,7 +8,9 @@ namespace AdapterFlow.Adapters;
 /// <summary>
 /// PEFT's ModulesToSaveWrapper: a module trained in full beside the adapter (e.g. lm_head). The original stays frozen as
 /// <c>original_module</c>; each adapter gets a trainable copy in <c>modules_to_save.&lt;adapter&gt;</c>, used while that
-/// adapter is active. Supports Linear and Conv1D modules (an untied output head, a classifier).
+/// adapter is active. Supports Linear and Conv1D modules (an untied output head, a classifier) and token embeddings
+/// (a tied output head keeps reading the frozen original table, as in PEFT, where the copy is a new tensor). A tied
+/// output head gets an untied Linear copy of the shared table: training it leaves the input embedding alone.
 /// </summary>
 public sealed class ModulesToSaveWrapper : nn.Module<Tensor, Tensor>, IAdapterLayer
 {
@@ -18,8 +20,8 @@ public sealed class ModulesToSaveWrapper : nn.Module<Tensor, Tensor>, IAdapterLa
 
     public ModulesToSaveWrapper(nn.Module<Tensor, Tensor> original) : base(nameof(ModulesToSaveWrapper))
     {
-        if (original is not (Linear or Conv1D))
-            throw new NotSupportedException($"modules_to_save supports Linear and Conv1D modules, not {original.GetType().Name}");
+        if (original is not (Linear or Conv1D or Embedding or TiedLMHead))
+            throw new NotSupportedException($"modules_to_save supports Linear, Conv1D and Embedding modules and tied output heads, not {original.GetType().Name}");
         original_module = original;
         modules_to_save = new AdapterModules();
         register_module("original_module", original_module);
@@ -37,6 +39,22 @@ public sealed class ModulesToSaveWrapper : nn.Module<Tensor, Tensor>, IAdapterLa
 
     public void AddAdapter(string adapter)
     {
+        if (original_module is TiedLMHead tied)
+        {
+            var shared = tied.weight; // [vocab, hidden]
+            var head = nn.Linear(shared.shape[1], shared.shape[0], hasBias: false, device: shared.device, dtype: shared.dtype);
+            using (torch.no_grad()) head.weight!.copy_(shared);
+            modules_to_save.Add(adapter, head);
+            return;
+        }
+        if (original_module is Embedding embedding)
+        {
+            var table = embedding.weight!;
+            var copyEmbedding = nn.Embedding(table.shape[0], table.shape[1], device: table.device, dtype: table.dtype);
+            using (torch.no_grad()) copyEmbedding.weight!.copy_(table);
+            modules_to_save.Add(adapter, copyEmbedding);
+            return;
+        }
         var weight = LinearParts.Weight(original_module);
         var bias = LinearParts.Bias(original_module);
         nn.Module<Tensor, Tensor> copy = original_module switch

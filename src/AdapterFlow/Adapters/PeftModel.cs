@@ -185,13 +185,15 @@ public sealed class PeftModel : CausalLM
     private string? OutputHeadPath() =>
         Model.named_children().Select(c => c.name).FirstOrDefault(n => n is "lm_head" or "embed_out");
 
-    private T Wrap<T>(string path, Func<nn.Module<Tensor, Tensor>, T> create) where T : nn.Module, IAdapterLayer
+    private T Wrap<T>(string path, Func<nn.Module<Tensor, Tensor>, T> create, bool allowEmbedding = false) where T : nn.Module, IAdapterLayer
     {
         if (_layers.TryGetValue(path, out var existing))
             return existing as T ?? throw new InvalidOperationException($"module '{path}' already holds a {existing.GetType().Name}");
         var module = ModuleSurgery.Find(Model, path);
-        if (module is not nn.Module<Tensor, Tensor> typed || !ModuleSurgery.IsLinear(module))
-            throw new NotSupportedException($"target module '{path}' is a {module.GetType().Name}; only Linear and Conv1D layers can be adapted");
+        bool supported = ModuleSurgery.IsLinear(module) || (allowEmbedding && module is TorchSharp.Modules.Embedding);
+        if (module is not nn.Module<Tensor, Tensor> typed || !supported)
+            throw new NotSupportedException(
+                $"target module '{path}' is a {module.GetType().Name}; only Linear and Conv1D layers{(allowEmbedding ? " and embeddings" : "")} can be adapted");
         var wrapper = create(typed);
         ModuleSurgery.Replace(Model, path, wrapper);
         _layers[path] = wrapper;
@@ -209,8 +211,6 @@ public sealed class PeftModel : CausalLM
             throw new ArgumentException($"{config.Source}: modules_to_save [{string.Join(", ", names)}] match no module of {Model.GetType().Name}");
         foreach (var path in paths)
         {
-            if (ModuleSurgery.Find(Model, path) is TiedLMHead)
-                throw new NotSupportedException($"{config.Source}: '{path}' is tied to the input embedding; training it separately is not supported");
             nn.Module<Tensor, Tensor> module;
             ModulesToSaveWrapper wrapper;
             if (_layers.TryGetValue(path, out var existing))
@@ -239,6 +239,13 @@ public sealed class PeftModel : CausalLM
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
         {
+            if (ModuleSurgery.Find(Model, path) is TorchSharp.Modules.Embedding || _layers.GetValueOrDefault(path) is LoraEmbedding)
+            {
+                if (config.UseDora) throw new NotSupportedException($"{config.Source}: DoRA on embedding '{path}' is not supported");
+                var embedding = Wrap(path, b => new LoraEmbedding(b), allowEmbedding: true);
+                embedding.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.InitLoraWeights);
+                continue;
+            }
             var layer = Wrap(path, b => new LoraLinear(b));
             config.FanInFanOut |= LinearParts.FanInFanOut(layer.BaseLayer);
             layer.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.LoraDropout, config.InitLoraWeights, config.UseDora);
@@ -425,10 +432,14 @@ public sealed class PeftModel : CausalLM
 
     private ForwardOutput ForwardMixed(ForwardInput input, IReadOnlyList<string> rowAdapters)
     {
-        var lora = _layers.Values.OfType<LoraLinear>().ToArray();
-        if (lora.Length == 0 || lora.Length != _layers.Count)
-            throw new NotSupportedException("per-row adapters (mixed batches) need LoRA adapters");
-        if (lora.Any(l => l.MergedAdapters.Count > 0)) throw new InvalidOperationException("per-row adapters need unmerged adapters; unmerge first");
+        var layers = _layers.Values.OfType<IRoutableAdapterLayer>().ToArray();
+        // Virtual-token adapters (prompt, prefix, P-tuning) change the sequence itself, so rows cannot differ in them.
+        if (layers.Length == 0)
+            throw new NotSupportedException($"per-row adapters (mixed batches) need LoRA, IA3 or bottleneck adapters, not {_configs[_active].PeftType}");
+        if (layers.Length != _layers.Count)
+            throw new NotSupportedException(
+                $"per-row adapters (mixed batches) are not supported with {string.Join(", ", _layers.Values.Where(l => l is not IRoutableAdapterLayer).Select(l => l.GetType().Name).Distinct())}");
+        if (layers.Any(l => l.MergedAdapters.Count > 0)) throw new InvalidOperationException("per-row adapters need unmerged adapters; unmerge first");
         var batch = (input.InputIds ?? input.InputsEmbeds)!.shape[0];
         if (rowAdapters.Count != batch) throw new ArgumentException($"{rowAdapters.Count} adapter names for a batch of {batch} rows");
         foreach (var name in rowAdapters)
@@ -440,12 +451,12 @@ public sealed class PeftModel : CausalLM
             .ToArray();
         try
         {
-            foreach (var l in lora) l.Routing = routing;
+            foreach (var l in layers) l.Routing = routing;
             return Model.forward(input);
         }
         finally
         {
-            foreach (var l in lora) l.Routing = null;
+            foreach (var l in layers) l.Routing = null;
             foreach (var (_, rows) in routing) rows.Dispose();
         }
     }
@@ -627,6 +638,11 @@ public sealed class PeftModel : CausalLM
                     map[module + ".lora_B.weight"] = lora.B(adapterName).weight!;
                     if (lora.IsDora(adapterName)) map[module + ".lora_magnitude_vector"] = lora.Magnitude(adapterName);
                     break;
+                case LoraEmbedding emb when emb.lora_embedding_A.Contains(adapterName):
+                    // PEFT's ParameterDict entries: the file drops the adapter name.
+                    map[module + ".lora_embedding_A"] = emb.A(adapterName);
+                    map[module + ".lora_embedding_B"] = emb.B(adapterName);
+                    break;
                 case BottleneckLinear bn when bn.adapter_down.Contains(adapterName):
                     // LLM-Adapters' names: the adapter's tensors sit directly under the adapted module.
                     map[module + ".adapter_down.weight"] = bn.Down(adapterName).weight!;
@@ -784,6 +800,8 @@ public sealed class PeftModel : CausalLM
             var restored = layer is ModulesToSaveWrapper { ActiveAdapters.Count: > 0 } saved && !AdaptersDisabled
                 ? saved.Copy(saved.ActiveAdapters[0])
                 : layer.BaseLayer;
+            // A trained copy of a tied head is a Linear of its own: the unloaded model no longer ties them.
+            if (layer.BaseLayer is TiedLMHead && restored is not TiedLMHead) Model.Config.TieWordEmbeddings = false;
             ModuleSurgery.Replace(Model, path, (nn.Module)restored);
         }
         _layers.Clear();
@@ -798,6 +816,10 @@ public sealed class PeftModel : CausalLM
         if (_configs.Count == 0) throw new InvalidOperationException("no adapter to merge");
         if (_configs[_active] is not (LoraConfig or IA3Config))
             throw new NotSupportedException($"{_configs[_active].PeftType} adapters cannot be merged into the weights");
+        // PEFT would merge and so silently change the tied output head as well; refuse instead.
+        if (Model.Config.TieWordEmbeddings && _layers.Values.Any(l => l is LoraEmbedding e && e.lora_embedding_A.Contains(_active)))
+            throw new NotSupportedException(
+                $"adapter '{_active}' has LoRA on the token embedding, which the output head shares (tie_word_embeddings); merging would change the head too, so keep it unmerged");
     }
 
     private void EnsureUsable()

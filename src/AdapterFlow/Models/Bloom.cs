@@ -187,7 +187,7 @@ public sealed class BloomBlock : nn.Module
 /// <summary>BLOOM's <c>transformer</c>.</summary>
 public sealed class BloomModel : nn.Module
 {
-    public Embedding word_embeddings;
+    public nn.Module<Tensor, Tensor> word_embeddings;
     public nn.Module<Tensor, Tensor> word_embeddings_layernorm;
     public ModuleList<BloomBlock> h;
     public nn.Module<Tensor, Tensor> ln_f;
@@ -293,6 +293,6 @@ public sealed class BloomForCausalLM : CausalLM
     protected override Tensor Head(Tensor hidden)
     {
         hidden = transformer.ln_f.forward(hidden);
-        return lm_head is not null ? lm_head.forward(hidden) : nn.functional.linear(hidden, transformer.word_embeddings.weight!);
+        return lm_head is not null ? lm_head.forward(hidden) : nn.functional.linear(hidden, ModuleSurgery.EmbeddingWeight(transformer.word_embeddings));
     }
 }

@@ -235,7 +235,7 @@ public sealed class Gpt2Block : nn.Module
 /// <summary>GPT-2's <c>transformer</c>: token and position embeddings, blocks, final norm.</summary>
 public sealed class Gpt2Model : nn.Module
 {
-    public Embedding wte;
+    public nn.Module<Tensor, Tensor> wte;
     public Embedding wpe;
     public ModuleList<Gpt2Block> h;
     public nn.Module<Tensor, Tensor> ln_f;
@@ -306,6 +306,6 @@ public sealed class Gpt2LMHeadModel : CausalLM
     protected override Tensor Head(Tensor hidden)
     {
         hidden = transformer.ln_f.forward(hidden);
-        return lm_head is not null ? lm_head.forward(hidden) : nn.functional.linear(hidden, transformer.wte.weight!);
+        return lm_head is not null ? lm_head.forward(hidden) : nn.functional.linear(hidden, ModuleSurgery.EmbeddingWeight(transformer.wte));
     }
 }

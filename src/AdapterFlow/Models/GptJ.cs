@@ -173,7 +173,7 @@ public sealed class GptJBlock : nn.Module
 /// <summary>GPT-J's <c>transformer</c>.</summary>
 public sealed class GptJModel : nn.Module
 {
-    public Embedding wte;
+    public nn.Module<Tensor, Tensor> wte;
     public ModuleList<GptJBlock> h;
     public nn.Module<Tensor, Tensor> ln_f;
 
@@ -261,6 +261,6 @@ public sealed class GptJForCausalLM : CausalLM
         hidden = transformer.ln_f.forward(hidden);
         return lm_head is not null
             ? lm_head.forward(hidden)
-            : nn.functional.linear(hidden, transformer.wte.weight!, lm_head_bias!.bias);
+            : nn.functional.linear(hidden, ModuleSurgery.EmbeddingWeight(transformer.wte), lm_head_bias!.bias);
     }
 }

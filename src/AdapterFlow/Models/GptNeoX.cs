@@ -189,7 +189,7 @@ public sealed class GptNeoXLayer : nn.Module
 /// <summary>GPT-NeoX's <c>gpt_neox</c>.</summary>
 public sealed class GptNeoXModel : nn.Module
 {
-    public Embedding embed_in;
+    public nn.Module<Tensor, Tensor> embed_in;
     public ModuleList<GptNeoXLayer> layers;
     public nn.Module<Tensor, Tensor> final_layer_norm;
 
@@ -258,6 +258,6 @@ public sealed class GptNeoXForCausalLM : CausalLM
     protected override Tensor Head(Tensor hidden)
     {
         hidden = gpt_neox.final_layer_norm.forward(hidden);
-        return embed_out is not null ? embed_out.forward(hidden) : nn.functional.linear(hidden, gpt_neox.embed_in.weight!);
+        return embed_out is not null ? embed_out.forward(hidden) : nn.functional.linear(hidden, ModuleSurgery.EmbeddingWeight(gpt_neox.embed_in));
     }
 }

@@ -149,7 +149,7 @@ public sealed class LlamaDecoderLayer : nn.Module
 /// <summary>The decoder stack under the <c>model.</c> prefix: embed_tokens, layers, norm.</summary>
 public sealed class LlamaModel : nn.Module
 {
-    public Embedding embed_tokens;
+    public nn.Module<Tensor, Tensor> embed_tokens;
     public ModuleList<LlamaDecoderLayer> layers;
     public RMSNorm norm;
 
@@ -177,7 +177,9 @@ public sealed class TiedLMHead : nn.Module<Tensor, Tensor>
     // child, which would put the embedding a second time into the state dict under lm_head.
     private readonly Func<Parameter> _embeddingWeight;
 
-    public TiedLMHead(Embedding embedding) : base(nameof(TiedLMHead)) => _embeddingWeight = () => embedding.weight!;
+    /// <param name="embeddingWeight">Reads the embedding's base matrix at call time (the embedding module may be
+    /// swapped for an adapter wrapper after construction; the head keeps reading the base weight, as PEFT).</param>
+    public TiedLMHead(Func<Parameter> embeddingWeight) : base(nameof(TiedLMHead)) => _embeddingWeight = embeddingWeight;
 
     /// <summary>The shared matrix [vocab, hidden] (the embedding's Parameter).</summary>
     public Parameter weight => _embeddingWeight();
@@ -210,7 +212,7 @@ public class LlamaForCausalLM : CausalLM
         _slidingWindow = config.LayerTypes.Contains(LlamaConfig.SlidingAttention) ? config.EffectiveSlidingWindow : null;
         model = new LlamaModel(config, _rotary);
         lm_head = config.TieWordEmbeddings
-            ? new TiedLMHead(model.embed_tokens)
+            ? new TiedLMHead(() => ModuleSurgery.EmbeddingWeight(model.embed_tokens))
             : nn.Linear(config.HiddenSize, config.VocabSize, hasBias: false);
         register_module("model", model);
         register_module("lm_head", lm_head);

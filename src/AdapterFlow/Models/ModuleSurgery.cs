@@ -41,6 +41,21 @@ public static class ModuleSurgery
         return old;
     }
 
+    /// <summary>
+    /// The base weight [vocab, hidden] of a token embedding held as <c>nn.Module&lt;Tensor, Tensor&gt;</c>: the Embedding's
+    /// own Parameter, or, when an adapter wrapper replaced it, that of the Embedding it wraps (child <c>base_layer</c> or
+    /// <c>original_module</c>). Tied output heads read this, so they keep using the base matrix as in PEFT.
+    /// </summary>
+    public static TorchSharp.Modules.Parameter EmbeddingWeight(nn.Module module)
+    {
+        for (var current = module; ;)
+        {
+            if (current is TorchSharp.Modules.Embedding embedding) return embedding.weight!;
+            current = Child(current, "base_layer") ?? Child(current, "original_module")
+                      ?? throw new InvalidOperationException($"{module.GetType().Name} is not an embedding (nor wraps one)");
+        }
+    }
+
     private static nn.Module? Child(nn.Module parent, string name)
     {
         foreach (var (childName, child) in parent.named_children())

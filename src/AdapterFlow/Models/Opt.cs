@@ -177,7 +177,7 @@ public sealed class OptDecoderLayer : nn.Module
 /// <summary>OPT's <c>model.decoder</c>.</summary>
 public sealed class OptDecoder : nn.Module
 {
-    public Embedding embed_tokens;
+    public nn.Module<Tensor, Tensor> embed_tokens;
     public Embedding embed_positions;
     public nn.Module<Tensor, Tensor>? project_in;
     public nn.Module<Tensor, Tensor>? project_out;
@@ -285,6 +285,6 @@ public sealed class OptForCausalLM : CausalLM
         var decoder = model.decoder;
         if (decoder.final_layer_norm is not null) hidden = decoder.final_layer_norm.forward(hidden);
         if (decoder.project_out is not null) hidden = decoder.project_out.forward(hidden);
-        return lm_head is not null ? lm_head.forward(hidden) : nn.functional.linear(hidden, decoder.embed_tokens.weight!);
+        return lm_head is not null ? lm_head.forward(hidden) : nn.functional.linear(hidden, ModuleSurgery.EmbeddingWeight(decoder.embed_tokens));
     }
 }

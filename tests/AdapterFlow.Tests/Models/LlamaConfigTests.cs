@@ -153,7 +153,7 @@ public class LlamaConfigTests
         Assert.DoesNotContain("lm_head.weight", model.state_dict().Keys);
         // The head's matrix is the embedding's own Parameter (a write to one shows in the other), counted once.
         using (TorchSharp.torch.no_grad())
-            model.model.embed_tokens.weight![3, 5] = TorchSharp.torch.tensor(42f);
+            AdapterFlow.Models.ModuleSurgery.EmbeddingWeight(model.model.embed_tokens)[3, 5] = TorchSharp.torch.tensor(42f);
         Assert.Equal(42f, ((TiedLMHead)model.lm_head).weight[3, 5].item<float>());
         long expected = 97 * 32 + 2 * (4 * 32 * 8 + 2 * 2 * 32 * 8 + 4 * 8 * 32 + 3 * 32 * 48 + 2 * 32) + 32;
         Assert.Equal(expected, model.ParameterCount());

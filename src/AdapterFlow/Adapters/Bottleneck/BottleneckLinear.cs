@@ -10,7 +10,7 @@ namespace AdapterFlow.Adapters.Bottleneck;
 /// up-projection, scaled, on the layer's input, its output, or beside it. Computed in float32 as LLM-Adapters does.
 /// State-dict names: adapter_down.&lt;adapter&gt;.weight, adapter_up.&lt;adapter&gt;.weight, adapter_scaling.&lt;adapter&gt;.
 /// </summary>
-public sealed class BottleneckLinear : nn.Module<Tensor, Tensor>, IAdapterLayer
+public sealed class BottleneckLinear : nn.Module<Tensor, Tensor>, IRoutableAdapterLayer
 {
     public nn.Module<Tensor, Tensor> base_layer;
     public AdapterModules adapter_down;
@@ -93,8 +93,31 @@ public sealed class BottleneckLinear : nn.Module<Tensor, Tensor>, IAdapterLayer
         return _fixedScaling.TryGetValue(adapter, out var s) ? output * s : output * adapter_scaling[adapter].to_type(dtype);
     }
 
+    /// <summary>Per-row adapters for one forward pass (mixed batches): each adapter with the batch rows it serves.</summary>
+    public IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
+
+    private Tensor ForwardRouted(Tensor x, IReadOnlyList<(string Adapter, Tensor Rows)> routing)
+    {
+        var mine = routing.Where(r => adapter_down.Contains(r.Adapter)).ToArray();
+        switch (Placement)
+        {
+            case BottleneckPlacement.Input:
+                foreach (var (a, rows) in mine) x = x.index_add(0, rows, Adapter(a, x.index_select(0, rows)), 1);
+                return base_layer.forward(x);
+            case BottleneckPlacement.Output:
+                var y = base_layer.forward(x);
+                foreach (var (a, rows) in mine) y = y.index_add(0, rows, Adapter(a, y.index_select(0, rows)), 1);
+                return y;
+            default:
+                var result = base_layer.forward(x);
+                foreach (var (a, rows) in mine) result = result.index_add(0, rows, Adapter(a, x.index_select(0, rows)), 1);
+                return result;
+        }
+    }
+
     public override Tensor forward(Tensor x)
     {
+        if (Routing is { } routing) return ForwardRouted(x, routing);
         if (Disabled || _active.Count == 0) return base_layer.forward(x);
         switch (Placement)
         {

@@ -8,7 +8,7 @@ namespace AdapterFlow.Adapters.IA3;
 /// IA3 around a linear layer: a learned vector scales the layer's input (feed-forward modules, vector [1, in]) or
 /// its output, bias included (others, vector [out, 1]). State-dict name: ia3_l.&lt;adapter&gt;, as PEFT.
 /// </summary>
-public sealed class IA3Linear : nn.Module<Tensor, Tensor>, IAdapterLayer
+public sealed class IA3Linear : nn.Module<Tensor, Tensor>, IRoutableAdapterLayer
 {
     public nn.Module<Tensor, Tensor> base_layer;
     public AdapterParameters ia3_l;
@@ -51,8 +51,12 @@ public sealed class IA3Linear : nn.Module<Tensor, Tensor>, IAdapterLayer
         ia3_l.Add(adapter, new Parameter(v));
     }
 
+    /// <summary>Per-row adapters for one forward pass (mixed batches): each adapter with the batch rows it serves.</summary>
+    public IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
+
     public override Tensor forward(Tensor x)
     {
+        if (Routing is { } routing) return ForwardRouted(x, routing);
         if (Disabled || _active.Count == 0) return base_layer.forward(x);
         Tensor? scale = null;
         foreach (var adapter in _active)
@@ -62,6 +66,22 @@ public sealed class IA3Linear : nn.Module<Tensor, Tensor>, IAdapterLayer
             scale = scale is null ? v : scale * v;
         }
         if (scale is null) return base_layer.forward(x);
+        return IsFeedforward ? base_layer.forward(x * scale) : base_layer.forward(x) * scale;
+    }
+
+    private Tensor ForwardRouted(Tensor x, IReadOnlyList<(string Adapter, Tensor Rows)> routing)
+    {
+        // One base call: a per-row scale [batch, 1, …, 1, width] holds 1 for base rows and each row's vector otherwise.
+        long width = IsFeedforward ? InFeatures : OutFeatures;
+        long batch = x.shape[0];
+        var scale = torch.ones([batch, width], x.dtype, x.device);
+        foreach (var (adapter, rows) in routing)
+            if (ia3_l.Contains(adapter))
+                scale = scale.index_copy(0, rows, ia3_l[adapter].flatten().to_type(x.dtype).expand(rows.shape[0], width));
+        var shape = Enumerable.Repeat(1L, (int)x.dim()).ToArray();
+        shape[0] = batch;
+        shape[^1] = width;
+        scale = scale.view(shape);
         return IsFeedforward ? base_layer.forward(x * scale) : base_layer.forward(x) * scale;
     }
 

@@ -49,6 +49,8 @@ public static class LoraCombination
         if ((combination == LoraCombinationType.Linear || taskMerge) && weights.Any(w => w < 0))
             throw new ArgumentException($"the {combination} combination takes square roots of the weights; use Cat or Svd for negative weights");
         if (configs.Any(c => c.UseDora)) throw new NotSupportedException("DoRA adapters cannot be combined (as in PEFT)");
+        if (peft.AdapterLayers.Values.Any(l => l is LoraEmbedding e && adapters.Any(e.lora_embedding_A.Contains)))
+            throw new NotSupportedException("adapters with LoRA on an embedding cannot be combined yet");
         var layers = peft.AdapterLayers.Where(kv => kv.Value is LoraLinear l && adapters.Any(a => l.lora_A.Contains(a)))
             .ToDictionary(kv => kv.Key, kv => (LoraLinear)kv.Value);
         var ranks = layers.Values.SelectMany(l => adapters.Where(l.lora_A.Contains).Select(a => (int)l.A(a).weight!.shape[0])).ToArray();

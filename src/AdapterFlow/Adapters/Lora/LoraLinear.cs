@@ -9,7 +9,7 @@ namespace AdapterFlow.Adapters.Lora;
 /// y = (m / ‖W + s·B·A‖) ⊙ ((W + s·B·A) x) + b. State-dict names are PEFT's: base_layer.*, lora_A.&lt;adapter&gt;.weight,
 /// lora_B.&lt;adapter&gt;.weight, lora_magnitude_vector.&lt;adapter&gt;.weight.
 /// </summary>
-public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IAdapterLayer
+public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IRoutableAdapterLayer
 {
     // Field names equal the registered names: TorchSharp registers Module-typed fields by field name.
     public nn.Module<Tensor, Tensor> base_layer;
@@ -87,7 +87,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IAdapterLayer
         (weightOutIn + scaling * b.weight!.matmul(a.weight!)).norm(1, keepdim: false);
 
     /// <summary>Per-row adapters for one forward pass (mixed batches): each adapter with the batch rows it serves.</summary>
-    internal IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
+    public IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
 
     public override Tensor forward(Tensor x)
     {

@@ -1,0 +1,124 @@
+using AdapterFlow.Adapters;
+using AdapterFlow.Adapters.Lora;
+using AdapterFlow.IO;
+using AdapterFlow.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace AdapterFlow.Tests.Adapters;
+
+/// <summary>LoRA on token embeddings (PEFT's lora.Embedding): identity at init, the formula, tied heads, merge, files.</summary>
+public class LoraEmbeddingTests
+{
+    private static Tensor Ids() => torch.tensor(new long[,] { { 5, 17, 42, 9, 33, 101, 7, 64 }, { 11, 12, 13, 14, 15, 16, 17, 18 } });
+
+    private static float MaxDiff(Tensor a, Tensor b) => (a - b).abs().max().item<float>();
+
+    [SkippableFact]
+    public void Zero_init_leaves_logits_unchanged_and_names_are_peft()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var model = PeftReferenceTests.LoadBase("llama");
+        var before = model.Logits(Ids());
+        var peft = PeftModel.Create(model, new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ModuleSelector.Names("embed_tokens") });
+        var layer = Assert.IsType<LoraEmbedding>(peft.AdapterLayers["model.embed_tokens"]);
+        Assert.Equal([4, model.Config.VocabSize], layer.A("default").shape);
+        Assert.Equal([model.Config.HiddenSize, 4], layer.B("default").shape);
+        Assert.True(MaxDiff(peft.Logits(Ids()), before) < 1e-6f);
+        var keys = peft.state_dict().Keys.ToHashSet();
+        Assert.Contains("base_model.model.model.embed_tokens.base_layer.weight", keys);
+        Assert.Contains("base_model.model.model.embed_tokens.lora_embedding_A.default", keys);
+        Assert.Contains("base_model.model.model.embed_tokens.lora_embedding_B.default", keys);
+        Assert.Equal(
+            ["base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.model.embed_tokens.lora_embedding_B"],
+            peft.AdapterTensors("default").Keys.ToArray());
+        Assert.True(layer.A("default").requires_grad && layer.B("default").requires_grad);
+    }
+
+    [SkippableFact]
+    public void Random_adapter_equals_hand_computation_and_tied_head_keeps_base_weight()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var model = PeftReferenceTests.LoadBase("llama");
+        Assert.True(model.Config.TieWordEmbeddings, "the llama reference model should tie its head");
+        var baseWeight = AdapterFlow.Models.ModuleSurgery.EmbeddingWeight(((LlamaForCausalLM)model).model.embed_tokens).detach().clone();
+        var peft = PeftModel.Create(model, new LoraConfig { R = 3, LoraAlpha = 6, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("embed_tokens") });
+        var layer = (LoraEmbedding)peft.AdapterLayers["model.embed_tokens"];
+        Assert.Equal(2.0, layer.Scaling("default"));
+        var a = layer.A("default");
+        var b = layer.B("default");
+        var ids = Ids();
+
+        // By hand: E[x] + s · Aᵀ[x] Bᵀ, one token at a time.
+        var expected = torch.zeros(ids.shape[0], ids.shape[1], b.shape[0]);
+        for (int i = 0; i < ids.shape[0]; i++)
+            for (int j = 0; j < ids.shape[1]; j++)
+            {
+                long t = ids[i, j].item<long>();
+                expected[i, j] = baseWeight[t] + 2.0 * b.matmul(a[.., (int)t]);
+            }
+        var embeds = peft.Model.EmbedTokens(ids);
+        Assert.True(MaxDiff(embeds, expected) < 1e-5f, $"embedding differs by {MaxDiff(embeds, expected)}");
+
+        // The whole model: those embeddings through the base model, whose tied head reads the base table (as PEFT).
+        var logits = peft.Logits(ids);
+        Tensor byHand;
+        using (peft.DisableAdapters()) byHand = peft.Model.forward(new ForwardInput { InputsEmbeds = expected }).Logits;
+        Assert.True(MaxDiff(logits, byHand) < 1e-4f, $"logits differ by {MaxDiff(logits, byHand)}");
+        Assert.True(MaxDiff(logits, PeftReferenceTests.LoadBase("llama").Logits(ids)) > 1e-3f, "a random adapter should change the logits");
+        Assert.True(AdapterFlow.Models.ModuleSurgery.EmbeddingWeight(((LlamaForCausalLM)peft.Model).model.embed_tokens).eq(baseWeight).all().item<bool>());
+
+        // Merging would change the tied head too: refused with a clear message.
+        var error = Assert.Throws<NotSupportedException>(() => peft.Merge());
+        Assert.Contains("tie_word_embeddings", error.Message);
+    }
+
+    [SkippableFact]
+    public void Merge_equals_unmerged_on_an_untied_model()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var model = PeftReferenceTests.LoadBase("mistral");
+        Assert.False(model.Config.TieWordEmbeddings);
+        var peft = PeftModel.Create(model, new LoraConfig { R = 4, LoraAlpha = 8, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("embed_tokens", "q_proj") });
+        var unmerged = peft.Logits(Ids());
+        peft.Merge();
+        var merged = peft.Logits(Ids());
+        Assert.True(MaxDiff(merged, unmerged) < 1e-4f, $"merged differs by {MaxDiff(merged, unmerged)}");
+        peft.Unmerge();
+        Assert.True(MaxDiff(peft.Logits(Ids()), unmerged) < 1e-4f);
+        var plain = peft.MergeAndUnload();
+        Assert.IsType<TorchSharp.Modules.Embedding>(((LlamaForCausalLM)plain).model.embed_tokens);
+        Assert.True(MaxDiff(plain.Logits(Ids()), unmerged) < 1e-4f);
+    }
+
+    [SkippableFact]
+    public void Save_and_load_round_trip_with_peft_tensor_names()
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-lora-emb-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"),
+                new LoraConfig { R = 4, LoraAlpha = 8, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("embed_tokens", "v_proj") });
+            var logits = peft.Logits(Ids());
+            peft.SavePretrained(output);
+            using (var file = SafetensorsFile.Open(Path.Combine(output, "adapter_model.safetensors")))
+            {
+                Assert.Contains("base_model.model.model.embed_tokens.lora_embedding_A", file.Names);
+                Assert.Contains("base_model.model.model.embed_tokens.lora_embedding_B", file.Names);
+                Assert.Contains("base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight", file.Names);
+            }
+            var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output);
+            Assert.IsType<LoraEmbedding>(reloaded.AdapterLayers["model.embed_tokens"]);
+            Assert.True(reloaded.Logits(Ids()).eq(logits).all().item<bool>());
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
+    }
+}

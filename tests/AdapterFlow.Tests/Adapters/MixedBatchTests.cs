@@ -1,0 +1,76 @@
+using AdapterFlow.Adapters;
+using AdapterFlow.Adapters.Bottleneck;
+using AdapterFlow.Adapters.IA3;
+using AdapterFlow.Adapters.Lora;
+using AdapterFlow.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace AdapterFlow.Tests.Adapters;
+
+/// <summary>Mixed-adapter batches (PEFT's adapter_names) for every routable layer type: each row as if run alone.</summary>
+public class MixedBatchTests
+{
+    private static Tensor Ids() => torch.tensor(new long[,]
+    {
+        { 5, 17, 42, 9, 33, 101, 7, 64 }, { 11, 12, 13, 14, 15, 16, 17, 18 }, { 5, 17, 42, 9, 33, 101, 7, 64 },
+    });
+
+    public static TheoryData<string, string> Cases() => new()
+    {
+        { "llama", "ia3" }, { "gpt2", "ia3" }, { "bloom", "ia3" },
+        { "llama", "series" }, { "gpt2", "series" }, { "llama", "parallel" }, { "opt", "parallel" },
+        { "llama", "lora_embedding" }, { "gpt2", "lora_embedding" },
+    };
+
+    private static PeftConfig Config(string method, string arch, int variant) => method switch
+    {
+        "ia3" => new IA3Config { InitIA3Weights = false },
+        "series" => new BottleneckConfig { BottleneckSize = 4 + variant, InitWeights = "bert", NonLinearity = "tanh" },
+        "parallel" => new BottleneckConfig { BottleneckSize = 4 + variant, InitWeights = "bert", UseParallelAdapter = true, Scaling = variant == 0 ? 2.0 : null },
+        "lora_embedding" => new LoraConfig
+        {
+            R = 2 + variant, InitLoraWeights = LoraInit.Random,
+            TargetModules = ModuleSelector.Names(arch == "gpt2" ? ["wte", "c_attn"] : ["embed_tokens", "v_proj"]),
+        },
+        _ => throw new ArgumentException(method),
+    };
+
+    [SkippableTheory]
+    [MemberData(nameof(Cases))]
+    public void Mixed_batch_rows_equal_single_adapter_runs(string arch, string method)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase(arch), Config(method, arch, 0));
+        peft.AddAdapter("second", Config(method, arch, 1));
+        var ids = Ids();
+        var mixed = peft.Forward(new ForwardInput { InputIds = ids }, ["default", "second", "__base__"]).Logits;
+
+        peft.SetAdapter("default");
+        var a = peft.Logits(ids);
+        peft.SetAdapter("second");
+        var b = peft.Logits(ids);
+        Tensor plain;
+        using (peft.DisableAdapters()) plain = peft.Logits(ids);
+        float Diff(Tensor x, Tensor y) => (x - y).abs().max().item<float>();
+        Assert.True(Diff(mixed[0], a[0]) < 1e-5f, $"{arch}/{method}: row 0 (default) differs by {Diff(mixed[0], a[0])}");
+        Assert.True(Diff(mixed[1], b[1]) < 1e-5f, $"{arch}/{method}: row 1 (second) differs by {Diff(mixed[1], b[1])}");
+        Assert.True(Diff(mixed[2], plain[2]) < 1e-5f, $"{arch}/{method}: row 2 (base) differs by {Diff(mixed[2], plain[2])}");
+        // Rows 0 and 2 hold the same tokens, so the adapters must visibly differ from each other and from the base.
+        Assert.True(Diff(a[0], b[0]) > 1e-3f, $"{arch}/{method}: the two adapters should differ");
+        Assert.True(Diff(a[0], plain[0]) > 1e-3f, $"{arch}/{method}: the adapter should change the logits");
+        // Routing is cleared afterwards: a plain forward is the active adapter's again.
+        Assert.True(Diff(peft.Logits(ids), b) < 1e-6f);
+    }
+
+    [SkippableFact]
+    public void Mixed_batch_refuses_virtual_token_adapters_with_a_clear_message()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new AdapterFlow.Adapters.PromptTuning.PromptTuningConfig { NumVirtualTokens = 2 });
+        var error = Assert.Throws<NotSupportedException>(() => peft.Forward(new ForwardInput { InputIds = Ids() }, ["default", "default", "__base__"]));
+        Assert.Contains("PROMPT_TUNING", error.Message);
+    }
+}
