@@ -41,7 +41,7 @@ internal static class TrainCommand
             HelpName = "RECIPE",
         };
         var epochs = new Option<int?>("--epochs") { Description = "Passes over the data (default 1)." }.Check(v => v is null or >= 1, "must be at least 1");
-        var learningRate = new Option<double?>("--learning-rate", "--lr") { Description = "Peak learning rate (default 3e-4).", HelpName = "LR" }
+        var learningRate = new Option<double?>("--learning-rate") { Description = "Peak learning rate (default 3e-4).", HelpName = "LR" }
             .Check(v => v is null or > 0, "must be positive");
         var batchSize = new Option<int?>("--batch-size") { Description = "Examples per optimizer step (default 8).", HelpName = "B" }
             .Check(v => v is null or >= 1, "must be at least 1");
@@ -118,6 +118,8 @@ internal static class TrainCommand
 
         using var lm = TextModel.Load(modelDir);
         var dataset = SftTokenizer.Tokenize(records.Items, lm.Tokenizer, recipe.ToSftOptions());
+        // The adapter's random initialisation is part of the run: the same seed gives the same adapter.
+        TorchSharp.torch.manual_seed(options.Seed);
         PeftModel? peft = peftConfig is null ? null : PeftModel.Create(lm.Model, peftConfig, tokenizer: lm.Tokenizer);
         using var trainer = peft is null ? Trainer.ForModel(lm.Model, options) : Trainer.ForAdapter(peft, options);
         if (checkpoint is not null) trainer.LoadCheckpoint(checkpoint);

@@ -136,3 +136,49 @@ public class CliTrainTests(TinyModelFixture tiny)
             Assert.Contains(option, help);
     }
 }
+
+[Collection(TinyModelCollection.Name)]
+public class CliTrainMethodTests(TinyModelFixture tiny)
+{
+    [Theory]
+    [InlineData("ia3", "IA3")]
+    [InlineData("prefix", "PREFIX_TUNING")]
+    [InlineData("prompt", "PROMPT_TUNING")]
+    [InlineData("bottleneck", "BOTTLENECK")]
+    public void Each_adapter_method_trains_and_loads(string method, string peftType)
+    {
+        using var tmp = new TempDir();
+        var data = tmp.File("data.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 6).Select(i => $"{{\"instruction\": \"Count to {i}.\", \"output\": \"{string.Join(" ", Enumerable.Range(1, i + 1))}\"}}"));
+        var outDir = tmp.File("out");
+        CliRunner.Run("train", "--model", tiny.ModelDir, "--data", data, "--method", method, "--out", outDir, "--max-steps", "2", "--batch-size", "3", "--json")
+            .AssertSuccess();
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "adapter_config.json")))!;
+        Assert.Equal(peftType, (string?)config["peft_type"], ignoreCase: true);
+        CliRunner.Run("generate", "--model", tiny.ModelDir, "--adapter", outDir, "--prompt", "Count to 2.", "--max-new-tokens", "3").AssertSuccess();
+    }
+
+    [Fact]
+    public void Resume_continues_from_the_latest_checkpoint()
+    {
+        using var tmp = new TempDir();
+        var data = tmp.File("data.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 8).Select(i => $"{{\"instruction\": \"Double {i}.\", \"output\": \"{2 * i}\"}}"));
+        string[] Args(string outDir, params string[] extra) =>
+            ["train", "--model", tiny.ModelDir, "--data", data, "--method", "lora", "--out", outDir, "--batch-size", "2", "--save-steps", "2",
+             "--lr-scheduler", "constant", "--json", .. extra]; // a constant rate: the 2-step and 4-step runs share a schedule
+
+        var straight = tmp.File("straight");
+        CliRunner.Run(Args(straight, "--max-steps", "4")).AssertSuccess();
+        var resumed = tmp.File("resumed");
+        CliRunner.Run(Args(resumed, "--max-steps", "2")).AssertSuccess();
+        var summary = CliRunner.Run(Args(resumed, "--max-steps", "4", "--resume")).AssertSuccess().LastJson();
+        Assert.Equal(4, summary.GetProperty("steps").GetInt32());
+
+        static double[] Losses(string dir) => File.ReadLines(Path.Combine(dir, "metrics.jsonl")).Select(l => (double)JsonNode.Parse(l)!["loss"]!).ToArray();
+        var expected = Losses(straight);
+        var actual = Losses(resumed);
+        Assert.Equal(4, actual.Length);
+        for (int i = 0; i < 4; i++) Assert.Equal(expected[i], actual[i], 1e-6);
+    }
+}
