@@ -11,8 +11,8 @@ public static class LossPlot
         ArgumentNullException.ThrowIfNull(steps);
         if (steps.Count == 0) throw new ArgumentException("no training steps to plot");
         var plot = new Plot();
-        var line = plot.Add.Scatter(steps.Select(s => (double)s.Step).ToArray(), steps.Select(s => s.Loss).ToArray());
-        line.LegendText = "training loss";
+        // One series: the title says what it is, and no legend hides the last points.
+        plot.Add.Scatter(steps.Select(s => (double)s.Step).ToArray(), steps.Select(s => s.Loss).ToArray());
         plot.Title("Training loss");
         plot.XLabel("step");
         plot.YLabel("loss (per labelled token)");
