@@ -66,12 +66,13 @@ internal static class TrainCommand
         var resume = new Option<bool>("--resume") { Description = "Continue from the latest checkpoint-{step} folder in --out." };
         var maxSteps = new Option<int?>("--max-steps") { Description = "Stop after N optimizer steps (overrides --epochs).", HelpName = "N" }
             .Check(v => v is null or >= 1, "must be at least 1");
+        var device = CommonOptions.Device();
         var json = CommonOptions.Json("Print one JSON object last: final_loss, steps, tokens_per_second, seconds, output.");
 
         var command = new Command("train", "Fine-tune a model or train an adapter (LoRA, IA3, prefix, prompt, bottleneck) on instruction data.")
         {
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
-            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, json,
+            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, device, json,
         };
         command.SetAction(parse =>
         {
@@ -98,12 +99,12 @@ internal static class TrainCommand
             recipe.Validate(parse.GetValue(config) is null ? "options" : $"{parse.GetValue(config)} with the options");
             if (recipe.Method is null) throw new CliUsageException($"--method is required (one of {string.Join(", ", TrainRecipe.Methods)}) unless the recipe sets 'method'");
             return Run(context, recipe, parse.GetRequiredValue(model), parse.GetRequiredValue(data), parse.GetRequiredValue(output),
-                parse.GetValue(resume), parse.GetValue(json));
+                parse.GetValue(resume), parse.GetValue(json), new LoadOptions { Device = Devices.Parse(parse.GetRequiredValue(device)) });
         });
         return command;
     }
 
-    private static int Run(CliContext context, TrainRecipe recipe, string modelDir, string dataPath, string outDir, bool resume, bool json)
+    private static int Run(CliContext context, TrainRecipe recipe, string modelDir, string dataPath, string outDir, bool resume, bool json, LoadOptions load)
     {
         // Cheap checks first: the data and recipe should fail before the weights are read.
         var records = InstructionDataset.Load(dataPath, BadRecordPolicy.Fail);
@@ -112,11 +113,14 @@ internal static class TrainCommand
         string? checkpoint = resume ? LatestCheckpoint(outDir) : null;
         if (Path.GetFullPath(outDir).TrimEnd('/', '\\') == Path.GetFullPath(modelDir).TrimEnd('/', '\\'))
             throw new ArgumentException($"{outDir}: the output folder must differ from the model folder");
+        // A finished run is not silently replaced (as merge refuses to); --resume continues one.
+        if (checkpoint is null && (File.Exists(Path.Combine(outDir, "adapter_config.json")) || File.Exists(Path.Combine(outDir, "model.safetensors"))))
+            throw new IOException($"{outDir}: already holds a trained adapter or model; choose a new folder (or --resume a run saved with --save-steps)");
         Directory.CreateDirectory(outDir);
         // A fresh run starts a fresh log; a resumed one appends (the trainer opens it in append mode then).
         if (checkpoint is null && options.MetricsPath is not null) File.Delete(options.MetricsPath);
 
-        using var lm = TextModel.Load(modelDir);
+        using var lm = TextModel.Load(modelDir, load);
         var dataset = SftTokenizer.Tokenize(records.Items, lm.Tokenizer, recipe.ToSftOptions());
         // The adapter's random initialisation is part of the run: the same seed gives the same adapter.
         TorchSharp.torch.manual_seed(options.Seed);

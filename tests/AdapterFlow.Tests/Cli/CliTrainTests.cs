@@ -44,6 +44,9 @@ public class CliTrainTests(TinyModelFixture tiny)
 
         foreach (var name in new[] { "adapter_config.json", "adapter_model.safetensors", "tokenizer.json" })
             Assert.True(File.Exists(Path.Combine(outDir, name)), $"{name} missing");
+        // A second run into the same folder is refused rather than replacing the adapter.
+        Assert.Contains("already holds", CliRunner.Run("train", "--model", tiny.ModelDir, "--data", WriteDataset(tmp), "--method", "lora",
+            "--out", outDir, "--max-steps", "1").AssertUsageError());
         var adapterConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "adapter_config.json")))!;
         Assert.Equal("LORA", (string?)adapterConfig["peft_type"]);
         Assert.Equal(4, (int?)adapterConfig["r"]);
@@ -132,7 +135,7 @@ public class CliTrainTests(TinyModelFixture tiny)
         var help = CliRunner.Run("train", "--help").AssertSuccess().Stdout;
         foreach (var option in new[] { "--model", "--data", "--method", "--out", "--config", "--epochs", "--learning-rate", "--batch-size",
                      "--micro-batch-size", "--cutoff-len", "--warmup-steps", "--lr-scheduler", "--lora-r", "--lora-alpha", "--lora-dropout",
-                     "--target-modules", "--train-on-inputs", "--seed", "--save-steps", "--resume", "--max-steps", "--json" })
+                     "--target-modules", "--train-on-inputs", "--seed", "--save-steps", "--resume", "--max-steps", "--device", "--json" })
             Assert.Contains(option, help);
     }
 }
