@@ -45,7 +45,7 @@ internal static class TrainCommand
             .Check(v => v is null or > 0, "must be positive");
         var batchSize = new Option<int?>("--batch-size") { Description = "Examples per optimizer step (default 8).", HelpName = "B" }
             .Check(v => v is null or >= 1, "must be at least 1");
-        var microBatchSize = new Option<int?>("--micro-batch-size") { Description = "Examples per forward pass; gradients accumulate up to --batch-size (default: the batch size, at most 8).", HelpName = "M" }
+        var microBatchSize = new Option<int?>("--micro-batch-size") { Description = "Examples per forward pass; gradients accumulate up to --batch-size (default: the largest divisor of the batch size up to 8).", HelpName = "M" }
             .Check(v => v is null or >= 1, "must be at least 1");
         var cutoff = new Option<int?>("--cutoff-len") { Description = "Truncate examples to this many tokens (default 256).", HelpName = "N" }
             .Check(v => v is null or >= 1, "must be at least 1");

@@ -129,7 +129,7 @@ public sealed record TrainRecipe
         Positive("bottleneck_size", BottleneckSize); Positive("num_virtual_tokens", NumVirtualTokens);
         if (WarmupSteps is < 0) throw new ArgumentException($"{source}: warmup_steps must be non-negative (got {WarmupSteps})");
         if (LoraDropout is < 0 or >= 1) throw new ArgumentException($"{source}: lora_dropout must be in [0, 1) (got {LoraDropout?.ToString(CultureInfo.InvariantCulture)})");
-        int batch = BatchSize ?? new TrainerOptions().BatchSize, micro = MicroBatchSize ?? Math.Min(batch, new TrainerOptions().MicroBatchSize);
+        int batch = BatchSize ?? new TrainerOptions().BatchSize, micro = MicroBatchSize ?? DefaultMicroBatch(batch);
         if (batch % micro != 0) throw new ArgumentException($"{source}: batch_size ({batch}) must be a multiple of micro_batch_size ({micro})");
     }
 
@@ -143,7 +143,7 @@ public sealed record TrainRecipe
             Epochs = Epochs ?? defaults.Epochs,
             LearningRate = LearningRate ?? defaults.LearningRate,
             BatchSize = batch,
-            MicroBatchSize = MicroBatchSize ?? Math.Min(batch, defaults.MicroBatchSize),
+            MicroBatchSize = MicroBatchSize ?? DefaultMicroBatch(batch),
             WarmupSteps = WarmupSteps ?? defaults.WarmupSteps,
             Schedule = LrScheduler is null ? defaults.Schedule : LearningRateSchedule.ParseKind(LrScheduler),
             Seed = Seed ?? defaults.Seed,
@@ -184,6 +184,14 @@ public sealed record TrainRecipe
                 return bottleneck;
             default: throw new ArgumentException($"unknown method '{Method}'");
         }
+    }
+
+    /// <summary>Without a micro-batch size: the largest divisor of the batch up to the trainer's default (8).</summary>
+    private static int DefaultMicroBatch(int batch)
+    {
+        int micro = Math.Min(batch, new TrainerOptions().MicroBatchSize);
+        while (batch % micro != 0) micro--;
+        return micro;
     }
 
     private static string ParseMethod(string value, string where) => Methods.Contains(value)

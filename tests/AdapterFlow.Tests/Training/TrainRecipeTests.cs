@@ -54,6 +54,19 @@ public class TrainRecipeTests
         Assert.Equal(3e-2, prefixRecipe.ToTrainerOptions(null).LearningRate);
     }
 
+    [Theory]
+    [InlineData(12, 6)]
+    [InlineData(16, 8)]
+    [InlineData(3, 3)]
+    [InlineData(7, 7)]
+    [InlineData(14, 7)]
+    public void Default_micro_batch_divides_the_batch(int batch, int micro)
+    {
+        var recipe = new TrainRecipe { Method = "lora", BatchSize = batch };
+        recipe.Validate("test");
+        Assert.Equal(micro, recipe.ToTrainerOptions(null).MicroBatchSize);
+    }
+
     [Fact]
     public void Overlay_keeps_unset_values()
     {
