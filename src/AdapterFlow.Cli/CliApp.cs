@@ -70,6 +70,7 @@ public static class CliApp
         root.Add(QuickstartCommand.Create(context));
         root.Add(EvalCommand.Create(context));
         root.Add(MergeCommand.Create(context));
+        root.Add(TrainCommand.Create(context));
         return root;
     }
 

@@ -195,7 +195,11 @@ public sealed class Trainer : IDisposable
             using var scope = NewDisposeScope();
             using var inputs = collator.Collate(micro, device);
             var output = _model.forward(new ForwardInput { InputIds = inputs.InputIds, AttentionMask = inputs.AttentionMask });
-            var microLoss = CausalLMLoss.Sum(output.Logits, inputs.Labels) / divisor;
+            // Prompt tuning puts its virtual tokens' logits first; they have no labels (PEFT pads the labels with
+            // -100 for them), so only the positions of the real tokens count.
+            var logits = output.Logits;
+            if (logits.shape[1] > inputs.Labels.shape[1]) logits = logits[.., ^(int)inputs.Labels.shape[1]..];
+            var microLoss = CausalLMLoss.Sum(logits, inputs.Labels) / divisor;
             microLoss.backward();
             lossSum.add_(microLoss.detach());
             tokens += inputs.Tokens;

@@ -12,6 +12,9 @@ public class CliHelpAndErrorTests
         { "forward", ["--model", "--adapter", "--inputs", "--out", "--device", "--dtype"] },
         { "quickstart", ["--out", "--preset", "--device", "--json"] },
         { "merge", ["--model", "--adapter", "--out", "--json"] },
+        { "train", ["--model", "--data", "--method", "--out", "--config", "--epochs", "--learning-rate", "--batch-size", "--micro-batch-size",
+                    "--cutoff-len", "--warmup-steps", "--lr-scheduler", "--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules",
+                    "--train-on-inputs", "--seed", "--save-steps", "--resume", "--max-steps", "--device", "--json"] },
     };
 
     [Theory]
@@ -38,7 +41,7 @@ public class CliHelpAndErrorTests
         {
             var run = CliRunner.Run(args).AssertSuccess();
             Assert.Contains("adapterflow [command] [options]", run.Stdout);
-            foreach (var command in new[] { "init", "inspect", "generate", "tokenize", "forward", "quickstart", "merge" })
+            foreach (var command in new[] { "init", "inspect", "generate", "tokenize", "forward", "quickstart", "merge", "train" })
                 Assert.Contains("  " + command, run.Stdout);
         }
     }

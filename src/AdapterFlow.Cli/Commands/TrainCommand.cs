@@ -1,0 +1,225 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using AdapterFlow.Adapters;
+using AdapterFlow.Data;
+using AdapterFlow.Models;
+using AdapterFlow.Training;
+using Spectre.Console;
+
+namespace AdapterFlow.Cli.Commands;
+
+/// <summary>
+/// <c>adapterflow train</c>: supervised fine-tuning of a whole model or an adapter on instruction data, over the
+/// library's <see cref="Trainer"/>. Settings come from an optional recipe file overlaid by the flags.
+/// </summary>
+internal static class TrainCommand
+{
+    public static Command Create(CliContext context)
+    {
+        var model = CommonOptions.ModelDir("The base model folder (config.json + model.safetensors + tokenizer.json).");
+        var data = new Option<string>("--data")
+        {
+            Description = "Training data: {instruction, input?, output} records as a JSON array (.json) or JSON Lines (.jsonl).",
+            Required = true,
+            HelpName = "FILE",
+        };
+        var method = new Option<string?>("--method")
+        {
+            Description = "What to train: the whole model or one adapter kind (required unless the recipe sets it).",
+            HelpName = string.Join("|", TrainRecipe.Methods),
+        }.AcceptOnlyFromAmong([.. TrainRecipe.Methods]);
+        var output = new Option<string>("--out", "-o")
+        {
+            Description = "Output folder: the adapter (PEFT format) or full model, tokenizer files, metrics.jsonl, loss.png, checkpoints.",
+            Required = true,
+            HelpName = "DIR",
+        };
+        var config = new Option<string?>("--config")
+        {
+            Description = "A recipe file (.yaml/.yml/.json) whose snake_case keys are these options; flags override it.",
+            HelpName = "RECIPE",
+        };
+        var epochs = new Option<int?>("--epochs") { Description = "Passes over the data (default 1)." }.Check(v => v is null or >= 1, "must be at least 1");
+        var learningRate = new Option<double?>("--learning-rate") { Description = "Peak learning rate (default 3e-4).", HelpName = "LR" }
+            .Check(v => v is null or > 0, "must be positive");
+        var batchSize = new Option<int?>("--batch-size") { Description = "Examples per optimizer step (default 8).", HelpName = "B" }
+            .Check(v => v is null or >= 1, "must be at least 1");
+        var microBatchSize = new Option<int?>("--micro-batch-size") { Description = "Examples per forward pass; gradients accumulate up to --batch-size (default: the largest divisor of the batch size up to 8).", HelpName = "M" }
+            .Check(v => v is null or >= 1, "must be at least 1");
+        var cutoff = new Option<int?>("--cutoff-len") { Description = "Truncate examples to this many tokens (default 256).", HelpName = "N" }
+            .Check(v => v is null or >= 1, "must be at least 1");
+        var warmup = new Option<int?>("--warmup-steps") { Description = "Linear warmup steps (default 0).", HelpName = "N" }
+            .Check(v => v is null or >= 0, "must not be negative");
+        var scheduler = new Option<string?>("--lr-scheduler") { Description = "Learning-rate schedule after warmup (default linear).", HelpName = "constant|linear|cosine" }
+            .AcceptOnlyFromAmong("constant", "linear", "cosine");
+        var loraR = new Option<int?>("--lora-r") { Description = "LoRA rank (default 8).", HelpName = "R" }.Check(v => v is null or >= 1, "must be at least 1");
+        var loraAlpha = new Option<double?>("--lora-alpha") { Description = "LoRA alpha; the update is scaled by alpha/r (default 16).", HelpName = "A" }
+            .Check(v => v is null or > 0, "must be positive");
+        var loraDropout = new Option<double?>("--lora-dropout") { Description = "Dropout on the LoRA input (default 0.05).", HelpName = "D" }
+            .Check(v => v is null or (>= 0 and < 1), "must be in [0, 1)");
+        var targets = new Option<string?>("--target-modules") { Description = "Comma-separated module names to adapt (default: the method's defaults for the architecture).", HelpName = "a,b,c" };
+        var trainOnInputs = new Option<bool>("--train-on-inputs") { Description = "Also train on the prompt tokens (default: only the response is learned)." };
+        var seed = new Option<long?>("--seed") { Description = "Seed for data order, dropout and initialisation (default 42).", HelpName = "S" };
+        var saveSteps = new Option<int?>("--save-steps") { Description = "Write a resumable checkpoint-{step} folder every N steps and at the end.", HelpName = "N" }
+            .Check(v => v is null or >= 1, "must be at least 1");
+        var resume = new Option<bool>("--resume") { Description = "Continue from the latest checkpoint-{step} folder in --out." };
+        var maxSteps = new Option<int?>("--max-steps") { Description = "Stop after N optimizer steps (overrides --epochs).", HelpName = "N" }
+            .Check(v => v is null or >= 1, "must be at least 1");
+        var device = CommonOptions.Device();
+        var json = CommonOptions.Json("Print one JSON object last: final_loss, steps, tokens_per_second, seconds, output.");
+
+        var command = new Command("train", "Fine-tune a model or train an adapter (LoRA, IA3, prefix, prompt, bottleneck) on instruction data.")
+        {
+            model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
+            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, device, json,
+        };
+        command.SetAction(parse =>
+        {
+            var flags = new TrainRecipe
+            {
+                Method = parse.GetValue(method),
+                Epochs = parse.GetValue(epochs),
+                LearningRate = parse.GetValue(learningRate),
+                BatchSize = parse.GetValue(batchSize),
+                MicroBatchSize = parse.GetValue(microBatchSize),
+                CutoffLen = parse.GetValue(cutoff),
+                WarmupSteps = parse.GetValue(warmup),
+                LrScheduler = parse.GetValue(scheduler),
+                LoraR = parse.GetValue(loraR),
+                LoraAlpha = parse.GetValue(loraAlpha),
+                LoraDropout = parse.GetValue(loraDropout),
+                TargetModules = parse.GetValue(targets)?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
+                TrainOnInputs = parse.GetValue(trainOnInputs) ? true : null,
+                Seed = parse.GetValue(seed),
+                SaveSteps = parse.GetValue(saveSteps),
+                MaxSteps = parse.GetValue(maxSteps),
+            };
+            var recipe = parse.GetValue(config) is { } recipePath ? TrainRecipe.Load(recipePath).OverlaidBy(flags) : flags;
+            recipe.Validate(parse.GetValue(config) is null ? "options" : $"{parse.GetValue(config)} with the options");
+            if (recipe.Method is null) throw new CliUsageException($"--method is required (one of {string.Join(", ", TrainRecipe.Methods)}) unless the recipe sets 'method'");
+            return Run(context, recipe, parse.GetRequiredValue(model), parse.GetRequiredValue(data), parse.GetRequiredValue(output),
+                parse.GetValue(resume), parse.GetValue(json), new LoadOptions { Device = Devices.Parse(parse.GetRequiredValue(device)) });
+        });
+        return command;
+    }
+
+    private static int Run(CliContext context, TrainRecipe recipe, string modelDir, string dataPath, string outDir, bool resume, bool json, LoadOptions load)
+    {
+        // Cheap checks first: the data and recipe should fail before the weights are read.
+        var records = InstructionDataset.Load(dataPath, BadRecordPolicy.Fail);
+        var peftConfig = recipe.ToPeftConfig();
+        var options = recipe.ToTrainerOptions(outDir);
+        string? checkpoint = resume ? LatestCheckpoint(outDir) : null;
+        if (Path.GetFullPath(outDir).TrimEnd('/', '\\') == Path.GetFullPath(modelDir).TrimEnd('/', '\\'))
+            throw new ArgumentException($"{outDir}: the output folder must differ from the model folder");
+        // A finished run is not silently replaced (as merge refuses to); --resume continues one.
+        if (checkpoint is null && (File.Exists(Path.Combine(outDir, "adapter_config.json")) || File.Exists(Path.Combine(outDir, "model.safetensors"))))
+            throw new IOException($"{outDir}: already holds a trained adapter or model; choose a new folder (or --resume a run saved with --save-steps)");
+        Directory.CreateDirectory(outDir);
+        // A fresh run starts a fresh log; a resumed one appends (the trainer opens it in append mode then).
+        if (checkpoint is null && options.MetricsPath is not null) File.Delete(options.MetricsPath);
+
+        using var lm = TextModel.Load(modelDir, load);
+        var dataset = SftTokenizer.Tokenize(records.Items, lm.Tokenizer, recipe.ToSftOptions());
+        // The adapter's random initialisation is part of the run: the same seed gives the same adapter.
+        TorchSharp.torch.manual_seed(options.Seed);
+        PeftModel? peft = peftConfig is null ? null : PeftModel.Create(lm.Model, peftConfig, tokenizer: lm.Tokenizer);
+        using var trainer = peft is null ? Trainer.ForModel(lm.Model, options) : Trainer.ForAdapter(peft, options);
+        if (checkpoint is not null) trainer.LoadCheckpoint(checkpoint);
+        var collator = new Collator(lm.Tokenizer.PadTokenId ?? lm.Tokenizer.EosTokenId ?? 0, padToMultipleOf: 8);
+        int totalSteps = trainer.TotalSteps(dataset.Examples.Count);
+
+        var clock = Stopwatch.StartNew();
+        TrainingResult result;
+        if (!json && context.Console.Profile.Out.IsTerminal)
+        {
+            result = context.Console.Progress()
+                .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                .Start(progress =>
+                {
+                    var task = progress.AddTask($"step {trainer.Step}/{totalSteps}", maxValue: totalSteps);
+                    task.Value = trainer.Step;
+                    return trainer.Train(dataset.Examples, collator, step =>
+                    {
+                        task.Description = $"step {step.Step}/{totalSteps}  loss {step.Loss:F4}  lr {step.LearningRate:G3}  {step.TokensPerSecond:F0} tok/s";
+                        task.Value = step.Step;
+                    });
+                });
+        }
+        else
+        {
+            result = trainer.Train(dataset.Examples, collator);
+        }
+        double seconds = clock.Elapsed.TotalSeconds;
+
+        if (peft is null) AutoModel.Save(lm.Model, outDir);
+        else peft.SavePretrained(outDir);
+        foreach (var name in AdapterMerge.CompanionFiles)
+        {
+            var source = Path.Combine(modelDir, name);
+            if (File.Exists(source)) File.Copy(source, Path.Combine(outDir, name), overwrite: true);
+        }
+        // The plot covers the whole run, also the part before a resume: read it back from the log.
+        var allSteps = ReadMetrics(options.MetricsPath!, result.Steps);
+        var plotPath = Path.Combine(outDir, "loss.png");
+        if (allSteps.Count > 0) LossPlot.Save(allSteps, plotPath);
+
+        long tokens = result.Steps.Sum(s => s.Tokens);
+        double tokensPerSecond = seconds > 0 ? tokens / seconds : 0;
+        if (json)
+        {
+            context.WriteJson(new JsonObject
+            {
+                ["final_loss"] = double.IsFinite(result.FinalLoss) ? result.FinalLoss : null,
+                ["steps"] = trainer.Step,
+                ["tokens_per_second"] = tokensPerSecond,
+                ["seconds"] = seconds,
+                ["output"] = outDir,
+                ["method"] = recipe.Method,
+                ["truncated_examples"] = dataset.TruncatedExamples,
+            });
+        }
+        else
+        {
+            var table = new Table().AddColumn("").AddColumn("");
+            table.ShowHeaders = false;
+            table.AddRow("method", Markup.Escape(recipe.Method!));
+            table.AddRow("steps", $"{trainer.Step} ({dataset.Examples.Count} examples, {dataset.TruncatedExamples} truncated)");
+            table.AddRow("final loss", double.IsFinite(result.FinalLoss) ? result.FinalLoss.ToString("F4") : "-");
+            table.AddRow("tokens/s", tokensPerSecond.ToString("F0"));
+            table.AddRow("time", $"{seconds:F1} s");
+            table.AddRow(peft is null ? "model" : "adapter", Markup.Escape(outDir));
+            table.AddRow("metrics", Markup.Escape(options.MetricsPath!));
+            if (allSteps.Count > 0) table.AddRow("loss plot", Markup.Escape(plotPath));
+            context.Console.Write(table);
+        }
+        return CliApp.Success;
+    }
+
+    /// <summary>The checkpoint-{step} folder with the highest step in <paramref name="outDir"/>.</summary>
+    private static string LatestCheckpoint(string outDir)
+    {
+        var latest = (Directory.Exists(outDir) ? Directory.GetDirectories(outDir, "checkpoint-*") : [])
+            .Select(dir => (dir, ok: int.TryParse(Path.GetFileName(dir)["checkpoint-".Length..], out var step), step))
+            .Where(c => c.ok)
+            .OrderByDescending(c => c.step)
+            .FirstOrDefault();
+        return latest.dir ?? throw new CliUsageException($"{outDir}: --resume found no checkpoint-{{step}} folder (train with --save-steps)");
+    }
+
+    private static List<StepMetrics> ReadMetrics(string path, IReadOnlyList<StepMetrics> fallback)
+    {
+        if (!File.Exists(path)) return [.. fallback];
+        var steps = new List<StepMetrics>();
+        foreach (var line in File.ReadLines(path))
+        {
+            if (string.IsNullOrWhiteSpace(line)) continue;
+            var node = JsonNode.Parse(line)!;
+            steps.Add(new StepMetrics((int)node["step"]!, (int?)node["epoch"] ?? 0, (double)node["loss"]!, (double?)node["learning_rate"] ?? 0,
+                (double?)node["grad_norm"], (long?)node["tokens"] ?? 0, (long?)node["label_tokens"] ?? 0, (double?)node["tokens_per_second"] ?? 0,
+                (double?)node["elapsed_seconds"] ?? 0));
+        }
+        return steps;
+    }
+}

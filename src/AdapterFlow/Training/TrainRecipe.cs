@@ -1,0 +1,229 @@
+using System.Globalization;
+using AdapterFlow.Adapters;
+using AdapterFlow.Adapters.Bottleneck;
+using AdapterFlow.Adapters.IA3;
+using AdapterFlow.Adapters.Lora;
+using AdapterFlow.Adapters.PrefixTuning;
+using AdapterFlow.Adapters.PromptTuning;
+using YamlDotNet.Core;
+using YamlDotNet.Serialization;
+
+namespace AdapterFlow.Training;
+
+/// <summary>
+/// A training run's settings as a recipe file (YAML or JSON, snake_case keys) or command-line flags: every value
+/// is optional so a file can be overlaid by flags (<see cref="OverlaidBy"/>). <see cref="ToTrainerOptions"/> and
+/// <see cref="ToPeftConfig"/> turn it into the library's options; unset values take the library defaults.
+/// </summary>
+public sealed record TrainRecipe
+{
+    public static readonly IReadOnlyList<string> Methods = ["full", "lora", "ia3", "prefix", "prompt", "bottleneck"];
+
+    public string? Method { get; init; }
+    public int? Epochs { get; init; }
+    public double? LearningRate { get; init; }
+    public int? BatchSize { get; init; }
+    public int? MicroBatchSize { get; init; }
+    public int? CutoffLen { get; init; }
+    public int? WarmupSteps { get; init; }
+    public string? LrScheduler { get; init; }
+    public int? LoraR { get; init; }
+    public double? LoraAlpha { get; init; }
+    public double? LoraDropout { get; init; }
+    public IReadOnlyList<string>? TargetModules { get; init; }
+    public bool? TrainOnInputs { get; init; }
+    public long? Seed { get; init; }
+    public int? SaveSteps { get; init; }
+    public int? MaxSteps { get; init; }
+    /// <summary>Bottleneck adapters: hidden size of the down/up projection (LLM-Adapters' bottleneck_size).</summary>
+    public int? BottleneckSize { get; init; }
+    /// <summary>Bottleneck adapters: parallel to the module instead of after it.</summary>
+    public bool? UseParallelAdapter { get; init; }
+    /// <summary>Prefix and prompt tuning: number of virtual tokens.</summary>
+    public int? NumVirtualTokens { get; init; }
+
+    /// <summary>This recipe with every value <paramref name="overrides"/> sets replacing this one's.</summary>
+    public TrainRecipe OverlaidBy(TrainRecipe overrides) => new()
+    {
+        Method = overrides.Method ?? Method,
+        Epochs = overrides.Epochs ?? Epochs,
+        LearningRate = overrides.LearningRate ?? LearningRate,
+        BatchSize = overrides.BatchSize ?? BatchSize,
+        MicroBatchSize = overrides.MicroBatchSize ?? MicroBatchSize,
+        CutoffLen = overrides.CutoffLen ?? CutoffLen,
+        WarmupSteps = overrides.WarmupSteps ?? WarmupSteps,
+        LrScheduler = overrides.LrScheduler ?? LrScheduler,
+        LoraR = overrides.LoraR ?? LoraR,
+        LoraAlpha = overrides.LoraAlpha ?? LoraAlpha,
+        LoraDropout = overrides.LoraDropout ?? LoraDropout,
+        TargetModules = overrides.TargetModules ?? TargetModules,
+        TrainOnInputs = overrides.TrainOnInputs ?? TrainOnInputs,
+        Seed = overrides.Seed ?? Seed,
+        SaveSteps = overrides.SaveSteps ?? SaveSteps,
+        MaxSteps = overrides.MaxSteps ?? MaxSteps,
+        BottleneckSize = overrides.BottleneckSize ?? BottleneckSize,
+        UseParallelAdapter = overrides.UseParallelAdapter ?? UseParallelAdapter,
+        NumVirtualTokens = overrides.NumVirtualTokens ?? NumVirtualTokens,
+    };
+
+    /// <summary>
+    /// Reads a recipe file: a YAML or JSON mapping of snake_case keys (JSON is read by the YAML parser, of which it
+    /// is a subset). Unknown keys and bad values raise <see cref="InvalidDataException"/> naming the file and key.
+    /// </summary>
+    public static TrainRecipe Load(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: recipe file not found", path);
+        Dictionary<string, object?>? map;
+        try
+        {
+            map = new DeserializerBuilder().Build().Deserialize<Dictionary<string, object?>>(File.ReadAllText(path));
+        }
+        catch (YamlException e)
+        {
+            throw new InvalidDataException($"{path}: not a YAML/JSON mapping of settings ({e.Start.Line}:{e.Start.Column}: {(e.InnerException ?? e).Message})");
+        }
+        var recipe = new TrainRecipe();
+        foreach (var (key, value) in map ?? [])
+        {
+            string where = $"{path}: key '{key}'";
+            recipe = key switch
+            {
+                "method" => recipe with { Method = ParseMethod(Text(value, where), where) },
+                "epochs" => recipe with { Epochs = Int(value, where) },
+                "learning_rate" => recipe with { LearningRate = Real(value, where) },
+                "batch_size" => recipe with { BatchSize = Int(value, where) },
+                "micro_batch_size" => recipe with { MicroBatchSize = Int(value, where) },
+                "cutoff_len" => recipe with { CutoffLen = Int(value, where) },
+                "warmup_steps" => recipe with { WarmupSteps = Int(value, where) },
+                "lr_scheduler" => recipe with { LrScheduler = ParseScheduler(Text(value, where), where) },
+                "lora_r" => recipe with { LoraR = Int(value, where) },
+                "lora_alpha" => recipe with { LoraAlpha = Real(value, where) },
+                "lora_dropout" => recipe with { LoraDropout = Real(value, where) },
+                "target_modules" => recipe with { TargetModules = Names(value, where) },
+                "train_on_inputs" => recipe with { TrainOnInputs = Bool(value, where) },
+                "seed" => recipe with { Seed = Int(value, where) },
+                "save_steps" => recipe with { SaveSteps = Int(value, where) },
+                "max_steps" => recipe with { MaxSteps = Int(value, where) },
+                "bottleneck_size" => recipe with { BottleneckSize = Int(value, where) },
+                "use_parallel_adapter" => recipe with { UseParallelAdapter = Bool(value, where) },
+                "num_virtual_tokens" => recipe with { NumVirtualTokens = Int(value, where) },
+                _ => throw new InvalidDataException($"{path}: unknown key '{key}'"),
+            };
+        }
+        recipe.Validate(path);
+        return recipe;
+    }
+
+    /// <summary>Checks ranges and combinations; <paramref name="source"/> names where the values came from.</summary>
+    public void Validate(string source)
+    {
+        void Positive(string key, double? value)
+        {
+            if (value is double v && !(v > 0)) throw new ArgumentException($"{source}: {key} must be positive (got {v.ToString(CultureInfo.InvariantCulture)})");
+        }
+        if (Method is not null) ParseMethod(Method, source);
+        if (LrScheduler is not null) ParseScheduler(LrScheduler, source);
+        Positive("epochs", Epochs); Positive("learning_rate", LearningRate); Positive("batch_size", BatchSize);
+        Positive("micro_batch_size", MicroBatchSize); Positive("cutoff_len", CutoffLen); Positive("lora_r", LoraR);
+        Positive("lora_alpha", LoraAlpha); Positive("save_steps", SaveSteps); Positive("max_steps", MaxSteps);
+        Positive("bottleneck_size", BottleneckSize); Positive("num_virtual_tokens", NumVirtualTokens);
+        if (WarmupSteps is < 0) throw new ArgumentException($"{source}: warmup_steps must be non-negative (got {WarmupSteps})");
+        if (LoraDropout is < 0 or >= 1) throw new ArgumentException($"{source}: lora_dropout must be in [0, 1) (got {LoraDropout?.ToString(CultureInfo.InvariantCulture)})");
+        int batch = BatchSize ?? new TrainerOptions().BatchSize, micro = MicroBatchSize ?? DefaultMicroBatch(batch);
+        if (batch % micro != 0) throw new ArgumentException($"{source}: batch_size ({batch}) must be a multiple of micro_batch_size ({micro})");
+    }
+
+    /// <summary>The trainer's options; <paramref name="outputDirectory"/> receives metrics.jsonl and checkpoints.</summary>
+    public TrainerOptions ToTrainerOptions(string? outputDirectory)
+    {
+        var defaults = new TrainerOptions();
+        int batch = BatchSize ?? defaults.BatchSize;
+        return defaults with
+        {
+            Epochs = Epochs ?? defaults.Epochs,
+            LearningRate = LearningRate ?? defaults.LearningRate,
+            BatchSize = batch,
+            MicroBatchSize = MicroBatchSize ?? DefaultMicroBatch(batch),
+            WarmupSteps = WarmupSteps ?? defaults.WarmupSteps,
+            Schedule = LrScheduler is null ? defaults.Schedule : LearningRateSchedule.ParseKind(LrScheduler),
+            Seed = Seed ?? defaults.Seed,
+            MaxSteps = MaxSteps,
+            MetricsPath = outputDirectory is null ? null : Path.Combine(outputDirectory, "metrics.jsonl"),
+            CheckpointDirectory = outputDirectory is null || SaveSteps is null ? null : outputDirectory,
+            CheckpointEvery = SaveSteps ?? defaults.CheckpointEvery,
+        };
+    }
+
+    /// <summary>Tokenisation options (cutoff, whether the prompt is trained on).</summary>
+    public SftOptions ToSftOptions()
+    {
+        var defaults = new SftOptions();
+        return defaults with { CutoffLength = CutoffLen ?? defaults.CutoffLength, TrainOnInputs = TrainOnInputs ?? false };
+    }
+
+    /// <summary>The adapter's configuration for the recipe's method; null for full fine-tuning.</summary>
+    public PeftConfig? ToPeftConfig()
+    {
+        var targets = TargetModules is { Count: > 0 } t ? ModuleSelector.Names(t) : null;
+        switch (Method ?? throw new ArgumentException("no training method given (full, lora, ia3, prefix, prompt or bottleneck)"))
+        {
+            case "full": return null;
+            case "lora":
+                var lora = new LoraConfig { R = LoraR ?? 8, LoraAlpha = LoraAlpha ?? 16, LoraDropout = LoraDropout ?? 0.05 };
+                if (targets is not null) lora.TargetModules = targets;
+                return lora;
+            case "ia3":
+                var ia3 = new IA3Config();
+                if (targets is not null) ia3.TargetModules = targets;
+                return ia3;
+            case "prefix": return new PrefixTuningConfig { NumVirtualTokens = NumVirtualTokens ?? 10 };
+            case "prompt": return new PromptTuningConfig { NumVirtualTokens = NumVirtualTokens ?? 10 };
+            case "bottleneck":
+                var bottleneck = new BottleneckConfig { BottleneckSize = BottleneckSize ?? 256, UseParallelAdapter = UseParallelAdapter ?? false };
+                if (targets is not null) bottleneck.TargetModules = targets;
+                return bottleneck;
+            default: throw new ArgumentException($"unknown method '{Method}'");
+        }
+    }
+
+    /// <summary>Without a micro-batch size: the largest divisor of the batch up to the trainer's default (8).</summary>
+    private static int DefaultMicroBatch(int batch)
+    {
+        int micro = Math.Min(batch, new TrainerOptions().MicroBatchSize);
+        while (batch % micro != 0) micro--;
+        return micro;
+    }
+
+    private static string ParseMethod(string value, string where) => Methods.Contains(value)
+        ? value
+        : throw new ArgumentException($"{where}: unknown method '{value}' (expected {string.Join(", ", Methods)})");
+
+    private static string ParseScheduler(string value, string where) => value is "constant" or "linear" or "cosine"
+        ? value
+        : throw new ArgumentException($"{where}: unknown lr_scheduler '{value}' (expected constant, linear or cosine)");
+
+    private static string Text(object? value, string where) =>
+        value as string ?? throw new InvalidDataException($"{where}: expected a single value");
+
+    private static int Int(object? value, string where) =>
+        int.TryParse(Text(value, where), NumberStyles.Integer, CultureInfo.InvariantCulture, out var v)
+            ? v : throw new InvalidDataException($"{where}: expected an integer, got '{value}'");
+
+    private static double Real(object? value, string where) =>
+        double.TryParse(Text(value, where), NumberStyles.Float, CultureInfo.InvariantCulture, out var v) && double.IsFinite(v)
+            ? v : throw new InvalidDataException($"{where}: expected a number, got '{value}'");
+
+    private static bool Bool(object? value, string where) => Text(value, where).ToLowerInvariant() switch
+    {
+        "true" or "yes" => true,
+        "false" or "no" => false,
+        var other => throw new InvalidDataException($"{where}: expected true or false, got '{other}'"),
+    };
+
+    private static IReadOnlyList<string> Names(object? value, string where) => value switch
+    {
+        string s => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
+        List<object?> list => list.Select(item => Text(item, where)).ToArray(),
+        _ => throw new InvalidDataException($"{where}: expected a list of module names"),
+    };
+}

@@ -1,0 +1,79 @@
+using AdapterFlow.Adapters.Bottleneck;
+using AdapterFlow.Adapters.Lora;
+using AdapterFlow.Adapters.PrefixTuning;
+using AdapterFlow.Training;
+
+namespace AdapterFlow.Tests.Training;
+
+public class TrainRecipeTests
+{
+    private static string RecipesDir()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "AdapterFlow.sln"))) return Path.Combine(dir.FullName, "recipes");
+        throw new DirectoryNotFoundException("repository root (AdapterFlow.sln) not found");
+    }
+
+    [Fact]
+    public void Every_shipped_recipe_parses_into_valid_options()
+    {
+        var files = Directory.GetFiles(RecipesDir()).Where(f => f.EndsWith(".yaml") || f.EndsWith(".json")).ToArray();
+        Assert.True(files.Length >= 4, $"expected the math recipes, found {files.Length}");
+        foreach (var file in files)
+        {
+            var recipe = TrainRecipe.Load(file);
+            var options = recipe.ToTrainerOptions("out");
+            options.Validate();
+            Assert.NotNull(recipe.ToPeftConfig());
+            Assert.Equal(3, options.Epochs);
+            Assert.Equal(16, options.BatchSize);
+            Assert.Equal(4, options.MicroBatchSize);
+            Assert.Equal(100, options.WarmupSteps);
+            Assert.Equal(256, recipe.ToSftOptions().CutoffLength);
+        }
+    }
+
+    [Fact]
+    public void Math_recipes_hold_llm_adapters_settings()
+    {
+        var lora = TrainRecipe.Load(Path.Combine(RecipesDir(), "math-lora.yaml"));
+        var config = Assert.IsType<LoraConfig>(lora.ToPeftConfig());
+        Assert.Equal(32, config.R);
+        Assert.Equal(64, config.LoraAlpha);
+        Assert.Equal(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], config.TargetModules!.List!);
+        Assert.Equal(3e-4, lora.ToTrainerOptions(null).LearningRate);
+
+        var series = Assert.IsType<BottleneckConfig>(TrainRecipe.Load(Path.Combine(RecipesDir(), "math-bottleneck-series.yaml")).ToPeftConfig());
+        Assert.Equal(256, series.BottleneckSize);
+        Assert.False(series.UseParallelAdapter);
+        var parallel = Assert.IsType<BottleneckConfig>(TrainRecipe.Load(Path.Combine(RecipesDir(), "math-bottleneck-parallel.yaml")).ToPeftConfig());
+        Assert.True(parallel.UseParallelAdapter);
+
+        var prefixRecipe = TrainRecipe.Load(Path.Combine(RecipesDir(), "math-prefix.json"));
+        Assert.Equal(10, Assert.IsType<PrefixTuningConfig>(prefixRecipe.ToPeftConfig()).NumVirtualTokens);
+        Assert.Equal(3e-2, prefixRecipe.ToTrainerOptions(null).LearningRate);
+    }
+
+    [Theory]
+    [InlineData(12, 6)]
+    [InlineData(16, 8)]
+    [InlineData(3, 3)]
+    [InlineData(7, 7)]
+    [InlineData(14, 7)]
+    public void Default_micro_batch_divides_the_batch(int batch, int micro)
+    {
+        var recipe = new TrainRecipe { Method = "lora", BatchSize = batch };
+        recipe.Validate("test");
+        Assert.Equal(micro, recipe.ToTrainerOptions(null).MicroBatchSize);
+    }
+
+    [Fact]
+    public void Overlay_keeps_unset_values()
+    {
+        var file = new TrainRecipe { Method = "lora", LoraR = 32, Epochs = 3 };
+        var merged = file.OverlaidBy(new TrainRecipe { LoraR = 4 });
+        Assert.Equal(4, merged.LoraR);
+        Assert.Equal(3, merged.Epochs);
+        Assert.Equal("lora", merged.Method);
+    }
+}
