@@ -5,6 +5,7 @@ using AdapterFlow.Training;
 
 namespace AdapterFlow.Tests.Training;
 
+[Collection(GlobalTorchRngCollection.Name)]
 public sealed class CheckpointTests : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("af-training-ckpt-").FullName;

@@ -9,6 +9,7 @@ using static TorchSharp.torch;
 
 namespace AdapterFlow.Tests.Training;
 
+[Collection(GlobalTorchRngCollection.Name)]
 public class TrainerTests
 {
     private const int Vocab = 64;
