@@ -44,6 +44,24 @@ public static class DecoderParts
     }
 
     /// <summary>Tokens already in the cache (0 without one).</summary>
+    /// <summary>
+    /// Shared Prepare of the rotary families without a family-specific mask (GPT-J, GPT-NeoX): embeddings (with
+    /// dropout in training), positions, the causal/padding mask and the rotary tables once for all layers.
+    /// </summary>
+    public static RotaryLayerContext PrepareRotary(ForwardInput input, Func<Tensor, Tensor> embedTokens, RotaryEmbedding rotary,
+        double embeddingDropout, bool training, out Tensor hidden)
+    {
+        var embeds = Embed(input, embedTokens);
+        long batch = embeds.shape[0], time = embeds.shape[1];
+        int past = PastLength(input.Cache);
+        var device = embeds.device;
+        var positions = Positions(input, batch, time, past, device);
+        hidden = Dropout(embeds, embeddingDropout, training);
+        var (mask, isCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device);
+        var (cos, sin) = rotary.Tables(positions, embeds.dtype, past + time);
+        return new RotaryLayerContext(mask, isCausal, positions, input.Cache, past, cos, sin);
+    }
+
     public static int PastLength(KVCache? cache) => cache?.Length ?? 0;
 
     /// <summary>Positions as given, else past .. past + time - 1 in every row; validated against [batch, time].</summary>

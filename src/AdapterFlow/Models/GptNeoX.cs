@@ -236,18 +236,8 @@ public sealed class GptNeoXForCausalLM : CausalLM
 
     public override Tensor EmbedTokens(Tensor inputIds) => gpt_neox.embed_in.forward(inputIds);
 
-    protected override LayerContext Prepare(ForwardInput input, out Tensor hidden)
-    {
-        var embeds = DecoderParts.Embed(input, EmbedTokens);
-        long batch = embeds.shape[0], time = embeds.shape[1];
-        int past = DecoderParts.PastLength(input.Cache);
-        var device = embeds.device;
-        var positions = DecoderParts.Positions(input, batch, time, past, device);
-        hidden = DecoderParts.Dropout(embeds, _config.HiddenDropout, training);
-        var (mask, isCausal) = Attention.BuildMask(input.AttentionMask, batch, time, past, device);
-        var (cos, sin) = _rotary.Tables(positions, embeds.dtype, past + time);
-        return new RotaryLayerContext(mask, isCausal, positions, input.Cache, past, cos, sin);
-    }
+    protected override LayerContext Prepare(ForwardInput input, out Tensor hidden) =>
+        DecoderParts.PrepareRotary(input, EmbedTokens, _rotary, _config.HiddenDropout, training, out hidden);
 
     protected override Tensor RunLayer(int index, Tensor hidden, LayerContext context)
     {
