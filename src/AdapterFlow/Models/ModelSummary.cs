@@ -60,30 +60,7 @@ public sealed record ModelSummary
                 dtypeCounts[name] = dtypeCounts.GetValueOrDefault(name) + n;
             }
         }
-        return new ModelSummary
-        {
-            Path = System.IO.Path.GetFullPath(directory),
-            ModelType = config.ModelType,
-            Architecture = config.Architecture,
-            Parameters = parameters,
-            DTypes = dtypeCounts.OrderByDescending(kv => kv.Value).Select(kv => kv.Key).ToList(),
-            ConfigDType = config.DType,
-            CheckpointBytes = bytes,
-            Tensors = tensors,
-            Layers = config.NumHiddenLayers,
-            Heads = config.NumAttentionHeads,
-            KeyValueHeads = config.NumKeyValueHeads,
-            HeadDim = config.HeadDim,
-            HiddenSize = config.HiddenSize,
-            IntermediateSize = config.IntermediateSize,
-            VocabSize = config.VocabSize,
-            ContextLength = config.MaxPositionEmbeddings > 0 ? config.MaxPositionEmbeddings : null,
-            TiedEmbeddings = config.TieWordEmbeddings,
-            BosTokenId = config.BosTokenId,
-            EosTokenIds = config.EosTokenIds,
-            PadTokenId = config.PadTokenId,
-            HasTokenizer = File.Exists(System.IO.Path.Combine(directory, "tokenizer.json")),
-        };
+        return Build(config, directory, "safetensors", parameters, dtypeCounts, bytes, tensors, directory);
     }
 
     /// <summary>Where the weights came from: "safetensors", "gguf" or "llama2.c".</summary>
@@ -107,32 +84,37 @@ public sealed record ModelSummary
             dtypeCounts[dtype] = dtypeCounts.GetValueOrDefault(dtype) + t.numel();
         }
         var folder = Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!;
-        return new ModelSummary
-        {
-            Path = System.IO.Path.GetFullPath(path),
-            Format = imported.Format,
-            ModelType = config.ModelType,
-            Architecture = config.Architecture,
-            Parameters = parameters,
-            DTypes = dtypeCounts.OrderByDescending(kv => kv.Value).Select(kv => kv.Key).ToList(),
-            ConfigDType = config.DType,
-            CheckpointBytes = File.Exists(path) ? new FileInfo(path).Length : Directory.GetFiles(path).Sum(f => new FileInfo(f).Length),
-            Tensors = imported.Tensors.Names.Count,
-            Layers = config.NumHiddenLayers,
-            Heads = config.NumAttentionHeads,
-            KeyValueHeads = config.NumKeyValueHeads,
-            HeadDim = config.HeadDim,
-            HiddenSize = config.HiddenSize,
-            IntermediateSize = config.IntermediateSize,
-            VocabSize = config.VocabSize,
-            ContextLength = config.MaxPositionEmbeddings > 0 ? config.MaxPositionEmbeddings : null,
-            TiedEmbeddings = config.TieWordEmbeddings,
-            BosTokenId = config.BosTokenId,
-            EosTokenIds = config.EosTokenIds,
-            PadTokenId = config.PadTokenId,
-            HasTokenizer = File.Exists(System.IO.Path.Combine(folder, "tokenizer.json")),
-        };
+        long bytes = File.Exists(path) ? new FileInfo(path).Length : Directory.GetFiles(path).Sum(f => new FileInfo(f).Length);
+        return Build(config, path, imported.Format, parameters, dtypeCounts, bytes, imported.Tensors.Names.Count, folder);
     }
+
+    /// <summary>The summary fields both layouts share: everything the config says, plus what was counted.</summary>
+    private static ModelSummary Build(ModelConfig config, string path, string format, long parameters,
+        Dictionary<string, long> dtypeCounts, long bytes, int tensors, string folder) => new()
+    {
+        Path = System.IO.Path.GetFullPath(path),
+        Format = format,
+        ModelType = config.ModelType,
+        Architecture = config.Architecture,
+        Parameters = parameters,
+        DTypes = dtypeCounts.OrderByDescending(kv => kv.Value).Select(kv => kv.Key).ToList(),
+        ConfigDType = config.DType,
+        CheckpointBytes = bytes,
+        Tensors = tensors,
+        Layers = config.NumHiddenLayers,
+        Heads = config.NumAttentionHeads,
+        KeyValueHeads = config.NumKeyValueHeads,
+        HeadDim = config.HeadDim,
+        HiddenSize = config.HiddenSize,
+        IntermediateSize = config.IntermediateSize,
+        VocabSize = config.VocabSize,
+        ContextLength = config.MaxPositionEmbeddings > 0 ? config.MaxPositionEmbeddings : null,
+        TiedEmbeddings = config.TieWordEmbeddings,
+        BosTokenId = config.BosTokenId,
+        EosTokenIds = config.EosTokenIds,
+        PadTokenId = config.PadTokenId,
+        HasTokenizer = File.Exists(System.IO.Path.Combine(folder, "tokenizer.json")),
+    };
 
     /// <summary>One JSON object with every field (snake_case keys), for scripts.</summary>
     public JsonObject ToJson() => new()
