@@ -69,6 +69,9 @@ public sealed class PeftModel : CausalLM
     protected override LayerContext Prepare(ForwardInput input, out Tensor hidden) => throw StagesNotUsed();
     protected override Tensor RunLayer(int index, Tensor hidden, LayerContext context) => throw StagesNotUsed();
     protected override Tensor Head(Tensor hidden) => throw StagesNotUsed();
+
+    /// <summary>The wrapped model's final norm and head (with any adapter on them, as they are wrapped in place).</summary>
+    public override Tensor HeadLogits(Tensor hidden) => Model.HeadLogits(hidden);
     private static NotSupportedException StagesNotUsed() => new("PeftModel runs the wrapped model's forward; its layer stages are not used");
 
     public IReadOnlyDictionary<string, PeftConfig> Configs => _configs;
@@ -472,14 +475,12 @@ public sealed class PeftModel : CausalLM
             ? torch.cat([torch.ones(batch, virtualTokens.shape[1], dtype: m.dtype, device: m.device), m], 1)
             : null;
         // PEFT ignores position_ids with prompt learning; positions run over virtual + real tokens.
-        return Model.forward(new ForwardInput
+        return Model.forward(input with
         {
+            InputIds = null,
             InputsEmbeds = torch.cat([virtualTokens, embeds], 1),
             AttentionMask = mask,
-            Cache = input.Cache,
-            ExitLayer = input.ExitLayer,
-            OutputHiddenStates = input.OutputHiddenStates,
-            LastPositionOnly = input.LastPositionOnly,
+            PositionIds = null,
         });
     }
 
@@ -565,17 +566,7 @@ public sealed class PeftModel : CausalLM
             // A mask that leaves out the virtual tokens gets ones for them, as PEFT prepends.
             if (mask is not null && mask.shape[1] == cache.Length + time - n)
                 mask = torch.cat([torch.ones(batch, n, dtype: mask.dtype, device: mask.device), mask], 1);
-            return Model.forward(new ForwardInput
-            {
-                InputIds = input.InputIds,
-                InputsEmbeds = input.InputsEmbeds,
-                AttentionMask = mask,
-                PositionIds = input.PositionIds,
-                Cache = cache,
-                ExitLayer = input.ExitLayer,
-                OutputHiddenStates = input.OutputHiddenStates,
-                LastPositionOnly = input.LastPositionOnly,
-            });
+            return Model.forward(input with { AttentionMask = mask, Cache = cache });
         }
         finally
         {

@@ -241,7 +241,7 @@ public sealed class BloomForCausalLM : CausalLM
     {
         var embeds = DecoderParts.Embed(input, EmbedTokens);
         long batch = embeds.shape[0], time = embeds.shape[1];
-        int past = DecoderParts.PastLength(input.Cache);
+        int past = input.PastLength;
         var device = embeds.device;
         hidden = transformer.word_embeddings_layernorm.forward(embeds);
         // An explicit mask makes BuildMask always return the boolean mask the ALiBi bias is merged with.

@@ -3,8 +3,11 @@ using static TorchSharp.torch;
 
 namespace AdapterFlow.Models;
 
-/// <summary>What one forward pass of a causal language model gets.</summary>
-public sealed class ForwardInput
+/// <summary>
+/// What one forward pass of a causal language model gets. A record, so wrappers (adapters) pass it on with
+/// <c>input with { ... }</c> and never drop a field they do not know about.
+/// </summary>
+public sealed record ForwardInput
 {
     /// <summary>Token ids, int64 [batch, time]. Give this or <see cref="InputsEmbeds"/>.</summary>
     public Tensor? InputIds { get; init; }
@@ -27,6 +30,25 @@ public sealed class ForwardInput
     /// <summary>Run only the first N decoder layers, then the final norm and head (early exit). Null = all layers.</summary>
     public int? ExitLayer { get; init; }
 
+    /// <summary>
+    /// Start at this decoder layer instead of 0, with <see cref="LayerInput"/> as the hidden state entering it
+    /// (self-speculative verification runs the remaining layers on the draft's cached exit states). The ids or
+    /// embeddings are still needed for the batch shape; the cache's past length is that of this layer.
+    /// </summary>
+    public int StartLayer { get; init; }
+
+    /// <summary>The hidden state [batch, time, hidden] entering <see cref="StartLayer"/> (required when it is above 0).</summary>
+    public Tensor? LayerInput { get; init; }
+
+    /// <summary>
+    /// Layer dropout (LayerSkip): per layer, the probability that a batch row skips it (its hidden state passes
+    /// through unchanged). Applied only while the model is training; null or zeros = no dropout.
+    /// </summary>
+    public IReadOnlyList<double>? LayerDropout { get; init; }
+
+    /// <summary>Tokens already in the cache for the first layer this pass runs (0 without a cache).</summary>
+    public int PastLength => Cache?.LayerLength(StartLayer) ?? 0;
+
     /// <summary>Return the hidden state before each layer and after the last one run.</summary>
     public bool OutputHiddenStates { get; init; }
 
@@ -47,8 +69,9 @@ public sealed class ForwardOutput
     public Tensor Logits { get; }
 
     /// <summary>
-    /// With <see cref="ForwardInput.OutputHiddenStates"/>: element 0 is the embedding output and element i + 1 the
-    /// output of decoder layer i, before the final norm.
+    /// With <see cref="ForwardInput.OutputHiddenStates"/>: element 0 is the hidden state entering the first layer
+    /// run (the embedding output unless <see cref="ForwardInput.StartLayer"/> is set) and element i + 1 the output
+    /// of the i-th layer run, before the final norm.
     /// </summary>
     public IReadOnlyList<Tensor>? HiddenStates { get; }
 }
@@ -107,22 +130,59 @@ public abstract class CausalLM : nn.Module<ForwardInput, ForwardOutput>
     /// <summary>Final norm (if the family has one) and output head.</summary>
     protected abstract Tensor Head(Tensor hidden);
 
+    /// <summary>
+    /// The final norm and output head applied to a hidden state [batch, time, hidden] taken after any layer:
+    /// early-exit logits, as LayerSkip shares one head across all exits.
+    /// </summary>
+    public virtual Tensor HeadLogits(Tensor hidden) => Head(hidden);
+
     public override ForwardOutput forward(ForwardInput input)
     {
-        var context = Prepare(input, out var hidden);
+        int start = input.StartLayer;
         int layers = input.ExitLayer ?? NumLayers;
         if (layers < 1 || layers > NumLayers)
             throw new ArgumentOutOfRangeException(nameof(input), $"exit layer {layers} is outside 1..{NumLayers}");
-        var states = input.OutputHiddenStates ? new List<Tensor>(layers + 1) : null;
-        for (int i = 0; i < layers; i++)
+        if (start < 0 || start >= layers)
+            throw new ArgumentOutOfRangeException(nameof(input), $"start layer {start} is outside 0..{layers - 1} (exit layer {layers})");
+        if ((start > 0) != (input.LayerInput is not null))
+            throw new ArgumentException(start > 0 ? $"start layer {start} needs LayerInput, the hidden state entering it" : "LayerInput is only used with a StartLayer above 0");
+        if (input.LayerDropout is { } rates && rates.Count != NumLayers)
+            throw new ArgumentException($"layer dropout gives {rates.Count} rates for {NumLayers} layers");
+        var context = Prepare(input, out var hidden);
+        if (input.LayerInput is { } given)
+        {
+            if (given.dim() != 3 || given.shape[0] != hidden.shape[0] || given.shape[1] != hidden.shape[1] || given.shape[2] != hidden.shape[2])
+                throw new ArgumentException($"layer input has shape [{string.Join(", ", given.shape)}]; expected [{string.Join(", ", hidden.shape)}]");
+            hidden = given;
+        }
+        var states = input.OutputHiddenStates ? new List<Tensor>(layers - start + 1) : null;
+        var dropout = training ? input.LayerDropout : null;
+        for (int i = start; i < layers; i++)
         {
             states?.Add(hidden);
-            hidden = RunLayer(i, hidden, context);
+            hidden = dropout is not null && dropout[i] > 0
+                ? RunLayerWithDropout(i, hidden, context, dropout[i])
+                : RunLayer(i, hidden, context);
         }
         states?.Add(hidden);
         if (input.LastPositionOnly)
             hidden = hidden.narrow(1, hidden.shape[1] - 1, 1);
         return new ForwardOutput(Head(hidden), states);
+    }
+
+    /// <summary>
+    /// Runs a layer for the rows that keep it; rows drawn (with probability <paramref name="rate"/>, from torch's
+    /// generator so seeded runs repeat) to skip it pass their hidden state through. When every row skips, the
+    /// layer is not run at all; otherwise it runs on the whole batch and the skipping rows are restored, which
+    /// keeps the shared mask and positions valid for every family.
+    /// </summary>
+    private Tensor RunLayerWithDropout(int index, Tensor hidden, LayerContext context, double rate)
+    {
+        if (rate >= 1) return hidden;
+        var keep = torch.rand(hidden.shape[0], device: hidden.device).ge(rate);
+        if (!keep.any().item<bool>()) return hidden;
+        var output = RunLayer(index, hidden, context);
+        return torch.where(keep.view(-1, 1, 1), output, hidden);
     }
 
     /// <summary>Convenience overload: logits for token ids.</summary>

@@ -53,7 +53,7 @@ public static class DecoderParts
     {
         var embeds = Embed(input, embedTokens);
         long batch = embeds.shape[0], time = embeds.shape[1];
-        int past = PastLength(input.Cache);
+        int past = input.PastLength;
         var device = embeds.device;
         var positions = Positions(input, batch, time, past, device);
         hidden = Dropout(embeds, embeddingDropout, training);
@@ -62,7 +62,6 @@ public static class DecoderParts
         return new RotaryLayerContext(mask, isCausal, positions, input.Cache, past, cos, sin);
     }
 
-    public static int PastLength(KVCache? cache) => cache?.Length ?? 0;
 
     /// <summary>Positions as given, else past .. past + time - 1 in every row; validated against [batch, time].</summary>
     public static Tensor Positions(ForwardInput input, long batch, long time, long past, Device device)

@@ -288,7 +288,7 @@ public sealed class Gpt2LMHeadModel : CausalLM
     {
         var embeds = DecoderParts.Embed(input, EmbedTokens);
         long batch = embeds.shape[0], time = embeds.shape[1];
-        int past = DecoderParts.PastLength(input.Cache);
+        int past = input.PastLength;
         var device = embeds.device;
         DecoderParts.CheckPositionTable(input, past, time, _config.MaxPositionEmbeddings, "n_positions");
         var positions = DecoderParts.Positions(input, batch, time, past, device);

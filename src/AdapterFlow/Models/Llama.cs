@@ -242,7 +242,7 @@ public class LlamaForCausalLM : CausalLM
             throw new ArgumentException("give exactly one of InputIds and InputsEmbeds");
         hidden = input.InputsEmbeds ?? EmbedTokens(input.InputIds!);
         long batch = hidden.shape[0], time = hidden.shape[1];
-        int past = input.Cache?.Length ?? 0;
+        int past = input.PastLength;
         var device = hidden.device;
         Tensor positions;
         long sequenceLength = past + time;

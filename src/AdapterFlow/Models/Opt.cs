@@ -255,7 +255,7 @@ public sealed class OptForCausalLM : CausalLM
         var decoder = model.decoder;
         var embeds = DecoderParts.Embed(input, EmbedTokens);
         long batch = embeds.shape[0], time = embeds.shape[1];
-        int past = DecoderParts.PastLength(input.Cache);
+        int past = input.PastLength;
         var device = embeds.device;
         DecoderParts.CheckPositionTable(input, past, time, _config.MaxPositionEmbeddings, "max_position_embeddings");
         // The mask is checked (and its shape reported) before positions are cut from it.
