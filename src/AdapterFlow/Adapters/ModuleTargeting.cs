@@ -35,7 +35,8 @@ public sealed record ModuleSelector(string? Regex, IReadOnlyList<string>? List)
 /// <summary>Finding modules by path and swapping one for a wrapper in place (PEFT's _replace_module).</summary>
 public static class ModuleSurgery
 {
-    private static readonly Regex LayerIndex = new(@"^.*\.[^.]*\.(\d+)\.", RegexOptions.Compiled);
+    // Lazy, as PEFT 0.20: the first numbered segment is the layer (not a nested index such as an expert's).
+    private static readonly Regex LayerIndex = new(@"^.*?\.[^.]*\.(\d+)\.", RegexOptions.Compiled);
 
     /// <summary>Every module of <paramref name="root"/> with its dotted path (the root itself excluded).</summary>
     public static IEnumerable<(string Path, nn.Module Module)> Modules(nn.Module root) =>
@@ -46,7 +47,7 @@ public static class ModuleSurgery
     {
         var match = layersPattern is null
             ? LayerIndex.Match(path)
-            : Regex.Match(path, $@"^.*\.(?:{layersPattern})\.(\d+)\.");
+            : Regex.Match(path, $@"^.*?\.(?:{layersPattern})\.(\d+)\.");
         return match.Success ? int.Parse(match.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) : null;
     }
 

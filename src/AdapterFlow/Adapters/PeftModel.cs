@@ -100,9 +100,16 @@ public sealed class PeftModel : CausalLM
         return peft;
     }
 
-    /// <summary>Adds an adapter saved in PEFT's format under a new name (it does not become active).</summary>
+    /// <summary>
+    /// Adds an adapter saved in PEFT's format under a new name (it does not become active). For a name other than
+    /// "default", a sub-folder of that name (as <see cref="SavePretrained"/> writes) is used when present.
+    /// </summary>
     public void LoadAdapter(string directory, string adapterName, bool isTrainable = false)
     {
+        // SavePretrained puts a non-default adapter in <folder>/<name>: given the parent folder, that sub-folder is the
+        // adapter meant (the parent's own adapter_config.json is the default adapter's).
+        if (adapterName != DefaultAdapter && File.Exists(Path.Combine(directory, adapterName, ConfigFile)))
+            directory = Path.Combine(directory, adapterName);
         var config = PeftConfig.Load(directory);
         var weights = Path.Combine(directory, WeightsFile);
         if (!File.Exists(weights)) throw new FileNotFoundException($"{weights}: adapter weights not found", weights);
@@ -148,8 +155,11 @@ public sealed class PeftModel : CausalLM
     // ---------------------------------------------------------------- injection
 
     /// <summary>Module paths a tuner config selects, with PEFT's rules (targets, layers_to_transform, exclusions).</summary>
-    private List<string> SelectTargets(ModuleSelector targets, ModuleSelector? exclude, IReadOnlyList<int>? layers, string? layersPattern, string what)
+    private List<string> SelectTargets(ModuleSelector targets, ModuleSelector? exclude, IReadOnlyList<int>? layers, string? layersPattern, string what,
+        IReadOnlyList<string>? modulesToSave = null)
     {
+        // As PEFT: a module in modules_to_save (or inside one) is trained in full, never wrapped by the tuner too.
+        var savedPatterns = (modulesToSave ?? []).Select(m => new System.Text.RegularExpressions.Regex($@"^(.*\.)?{m}(\..*)?$")).ToArray();
         var candidates = new List<(string Path, nn.Module Module)>();
         var wrapped = new List<string>();
         foreach (var (path, module) in ModuleSurgery.Modules(Model))
@@ -173,6 +183,7 @@ public sealed class PeftModel : CausalLM
                 if (layer is null || !layers.Contains(layer.Value)) continue;
             }
             if (exclude is not null && !exclude.IsAllLinear && exclude.Matches(path)) continue;
+            if (savedPatterns.Any(p => p.IsMatch(path))) continue;
             selected.Add(path);
         }
         if (selected.Count == 0)
@@ -237,7 +248,7 @@ public sealed class PeftModel : CausalLM
     {
         config.Validate();
         config.TargetModules ??= ModuleSelector.Names(DefaultTargets.ForLora(Model.Config.ModelType));
-        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, config.LayersToTransform, config.LayersPattern, config.Source);
+        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, config.LayersToTransform, config.LayersPattern, config.Source, config.ModulesToSave);
         // As PEFT: a resolved all-linear is written back as the list of modules it chose.
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
@@ -252,6 +263,7 @@ public sealed class PeftModel : CausalLM
             var layer = Wrap(path, b => new LoraLinear(b));
             config.FanInFanOut |= LinearParts.FanInFanOut(layer.BaseLayer);
             layer.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.LoraDropout, config.InitLoraWeights, config.UseDora);
+            LoraWeightInit.Apply(layer, adapter, config.InitLoraWeights, config.Source);
         }
     }
 
@@ -264,7 +276,7 @@ public sealed class PeftModel : CausalLM
             config.TargetModules = ModuleSelector.Names(t);
             config.FeedforwardModules ??= ModuleSelector.Names(f);
         }
-        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, null, null, config.Source);
+        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, null, null, config.Source, config.ModulesToSave);
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
         {
@@ -282,7 +294,7 @@ public sealed class PeftModel : CausalLM
         config.Validate();
         var modelType = Model.Config.ModelType;
         config.TargetModules ??= ModuleSelector.Names(BottleneckDefaults.DefaultTargets(modelType));
-        var targets = SelectTargets(config.TargetModules, null, null, null, config.Source);
+        var targets = SelectTargets(config.TargetModules, null, null, null, config.Source, config.ModulesToSave);
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
         {
@@ -313,6 +325,10 @@ public sealed class PeftModel : CausalLM
             throw new ArgumentException($"{config.Source}: token_dim {config.TokenDim} differs from the model's embedding width {words.shape[1]}");
         if (config.NumLayers == 0) config.NumLayers = Model.NumLayers;
         if (config.NumAttentionHeads == 0) config.NumAttentionHeads = Model.Config.NumAttentionHeads;
+        // PEFT has no default hidden size (None fails); the token width is the usual choice, and writing it back keeps
+        // the saved config loadable by PEFT.
+        if (config.EncoderHiddenSize == 0) config.EncoderHiddenSize = config.TokenDim;
+        config.Validate();
         prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype, table: _loadingTable));
     }
 
@@ -437,7 +453,7 @@ public sealed class PeftModel : CausalLM
     {
         var layers = _layers.Values.OfType<IRoutableAdapterLayer>().ToArray();
         // Virtual-token adapters (prompt, prefix, P-tuning) change the sequence itself, so rows cannot differ in them.
-        if (layers.Length == 0)
+        if (layers.Length == 0 || _configs.Values.Any(c => c is PromptLearningConfig))
             throw new NotSupportedException($"per-row adapters (mixed batches) need LoRA, IA3 or bottleneck adapters, not {_configs[_active].PeftType}");
         if (layers.Length != _layers.Count)
             throw new NotSupportedException(
