@@ -175,4 +175,26 @@ public class PeftParityTests
         });
         Assert.IsType<ModulesToSaveWrapper>(saved.AdapterLayers["lm_head"]);
     }
+
+    [SkippableFact]
+    public void Ia3_weighted_adapter_is_the_weighted_sum_of_vectors()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new IA3Config { InitIA3Weights = false });
+        peft.AddAdapter("b", new IA3Config { InitIA3Weights = false, TargetModules = ModuleSelector.Names("v_proj", "down_proj"), FeedforwardModules = ModuleSelector.Names("down_proj") });
+        peft.AddWeightedAdapter(["default", "b"], [0.25, 0.75], "mix");
+        foreach (var layer in peft.AdapterLayers.Values.Cast<IA3Linear>())
+        {
+            var expected = layer.Vector("default") * 0.25 + (layer.ia3_l.Contains("b") ? layer.Vector("b") * 0.75 : torch.zeros_like(layer.Vector("default")));
+            Assert.True((layer.Vector("mix") - expected).abs().max().item<float>() < 1e-6);
+        }
+        var mix = (IA3Config)peft.Configs["mix"];
+        Assert.All(mix.FeedforwardModules!.List!, f => Assert.EndsWith("down_proj", f));
+        peft.SetAdapter("mix");
+        Assert.False(peft.Logits(Ids()).isnan().any().item<bool>());
+        // PEFT's rule: feed-forward modules must be targets.
+        Assert.Throws<ArgumentException>(() => PeftModel.Create(PeftReferenceTests.LoadBase("llama"),
+            new IA3Config { TargetModules = ModuleSelector.Names("k_proj"), FeedforwardModules = ModuleSelector.Names("down_proj") }));
+    }
 }
