@@ -729,10 +729,31 @@ public sealed class PeftModel : CausalLM
         var config = _configs[adapterName];
         string where = file.Path;
         using var no = torch.no_grad();
+        var embeddingLayers = SavedEmbeddingLayers();
         foreach (var name in file.Names.Order(StringComparer.Ordinal))
         {
             if (!expected.TryGetValue(name, out var target))
+            {
+                // PEFT's save_embedding_layers (on by default when an embedding is a LoRA target, or the vocabulary was
+                // resized) stores the full input/output embedding matrices beside the adapter; PEFT loads them into the
+                // model, and so does this.
+                if (embeddingLayers.TryGetValue(name, out var layer))
+                {
+                    var shape = file.Entry(name).Shape;
+                    if (layer is null)
+                    {
+                        // A tied head has no matrix of its own: the input embedding's entry sets both.
+                        continue;
+                    }
+                    if (!shape.SequenceEqual(layer.shape))
+                        throw new InvalidDataException(
+                            $"{where}: embedding tensor '{name}' has shape [{string.Join(", ", shape)}], but {Model.GetType().Name} has [{string.Join(", ", layer.shape)}] (the adapter was trained with a resized vocabulary; resize the model's embeddings to {shape[0]} tokens first)");
+                    using var embedding = file.Load(name);
+                    layer.copy_(embedding);
+                    continue;
+                }
                 throw new InvalidDataException($"{where}: {DescribeUnexpected(name, config)}");
+            }
             var entry = file.Entry(name);
             if (!entry.Shape.SequenceEqual(target.shape))
                 throw new InvalidDataException(
@@ -743,6 +764,37 @@ public sealed class PeftModel : CausalLM
         var missing = expected.Keys.FirstOrDefault(k => !file.Contains(k));
         if (missing is not null)
             throw new InvalidDataException($"{where}: tensor '{missing}' is missing (the adapter_config.json selects module '{ModuleOf(missing)}')");
+    }
+
+    /// <summary>
+    /// The names under which PEFT saves the input and output embedding matrices (save_embedding_layers), with the
+    /// Parameter each loads into; null for a tied output head, which has none of its own.
+    /// </summary>
+    private Dictionary<string, Parameter?> SavedEmbeddingLayers()
+    {
+        var result = new Dictionary<string, Parameter?>(StringComparer.Ordinal);
+        var head = OutputHeadPath();
+        var parameters = Model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (path, module) in ModuleSurgery.Modules(Model))
+        {
+            bool embedding = module is TorchSharp.Modules.Embedding && TokenEmbeddingNames.Contains(OwnerName(path));
+            bool isHead = path == head || path == head + ".base_layer" || path == head + ".original_module";
+            if (!embedding && !isHead) continue;
+            if (parameters.TryGetValue(path + ".weight", out var weight)) result[Prefix + path + ".weight"] = weight;
+            else if (module is TiedLMHead) result[Prefix + path + ".weight"] = null;
+        }
+        return result;
+    }
+
+    // The token embeddings of the families (get_input_embeddings in transformers); the model's own name, so that a
+    // LoRA-wrapped or trained copy (…embed_tokens.base_layer / .original_module) is found by its owner's name.
+    private static readonly HashSet<string> TokenEmbeddingNames = ["embed_tokens", "wte", "word_embeddings", "embed_in"];
+
+    private static string OwnerName(string path)
+    {
+        foreach (var wrapperPart in new[] { ".base_layer", ".original_module" })
+            if (path.EndsWith(wrapperPart, StringComparison.Ordinal)) path = path[..^wrapperPart.Length];
+        return path[(path.LastIndexOf('.') + 1)..];
     }
 
     private static string ModuleOf(string tensorName)

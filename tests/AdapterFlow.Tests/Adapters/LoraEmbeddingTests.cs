@@ -121,4 +121,47 @@ public class LoraEmbeddingTests
             if (Directory.Exists(output)) Directory.Delete(output, true);
         }
     }
+
+    [SkippableTheory]
+    [InlineData("llama")]   // tied head: PEFT writes lm_head.weight too; the embedding entry sets both
+    [InlineData("mistral")] // untied head
+    public void Peft_saved_embedding_layers_load_into_the_model(string arch)
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-lora-embsave-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var peft = PeftModel.Create(PeftReferenceTests.LoadBase(arch),
+                new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("embed_tokens", "v_proj") });
+            peft.SavePretrained(output);
+            // What PEFT's save_embedding_layers adds (its default when an embedding is a target): the full matrices.
+            var file = Path.Combine(output, "adapter_model.safetensors");
+            var tensors = new List<KeyValuePair<string, Tensor>>();
+            using (var saved = SafetensorsFile.Open(file))
+                foreach (var name in saved.Names) tensors.Add(new(name, saved.Load(name)));
+            var model = PeftReferenceTests.LoadBase(arch);
+            var embedding = model.state_dict()["model.embed_tokens.weight"] + 0.01f;
+            tensors.Add(new("base_model.model.model.embed_tokens.base_layer.weight", embedding));
+            var head = model.Config.TieWordEmbeddings ? embedding : model.state_dict()["lm_head.weight"] - 0.02f;
+            tensors.Add(new("base_model.model.lm_head.weight", head));
+            SafetensorsWriter.Save(file, tensors, new Dictionary<string, string> { ["format"] = "pt" });
+
+            var reloaded = PeftModel.FromPretrained(model, output);
+            var state = reloaded.state_dict();
+            Assert.True(state["base_model.model.model.embed_tokens.base_layer.weight"].eq(embedding).all().item<bool>(), "embedding not loaded");
+            if (!model.Config.TieWordEmbeddings)
+                Assert.True(state["base_model.model.lm_head.weight"].eq(head).all().item<bool>(), "output embedding not loaded");
+
+            // A resized vocabulary is named in one line.
+            tensors[^2] = new("base_model.model.model.embed_tokens.base_layer.weight", torch.zeros(embedding.shape[0] + 3, embedding.shape[1]));
+            SafetensorsWriter.Save(file, tensors, new Dictionary<string, string> { ["format"] = "pt" });
+            var error = Assert.Throws<InvalidDataException>(() => PeftModel.FromPretrained(PeftReferenceTests.LoadBase(arch), output));
+            Assert.Contains("resized vocabulary", error.Message);
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
+    }
 }
