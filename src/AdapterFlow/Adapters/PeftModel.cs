@@ -255,9 +255,8 @@ public sealed class PeftModel : CausalLM
         {
             if (ModuleSurgery.Find(Model, path) is TorchSharp.Modules.Embedding || _layers.GetValueOrDefault(path) is LoraEmbedding)
             {
-                if (config.UseDora) throw new NotSupportedException($"{config.Source}: DoRA on embedding '{path}' is not supported");
                 var embedding = Wrap(path, b => new LoraEmbedding(b), allowEmbedding: true);
-                embedding.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.InitLoraWeights);
+                embedding.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.InitLoraWeights, config.UseDora);
                 continue;
             }
             var layer = Wrap(path, b => new LoraLinear(b));
@@ -649,6 +648,7 @@ public sealed class PeftModel : CausalLM
                     // PEFT's ParameterDict entries: the file drops the adapter name.
                     map[module + ".lora_embedding_A"] = emb.A(adapterName);
                     map[module + ".lora_embedding_B"] = emb.B(adapterName);
+                    if (emb.IsDora(adapterName)) map[module + ".lora_magnitude_vector"] = emb.Magnitude(adapterName);
                     break;
                 case BottleneckLinear bn when bn.adapter_down.Contains(adapterName):
                     // LLM-Adapters' names: the adapter's tensors sit directly under the adapted module.

@@ -20,7 +20,7 @@ public class MixedBatchTests
     {
         { "llama", "ia3" }, { "gpt2", "ia3" }, { "bloom", "ia3" },
         { "llama", "series" }, { "gpt2", "series" }, { "llama", "parallel" }, { "opt", "parallel" },
-        { "llama", "lora_embedding" }, { "gpt2", "lora_embedding" },
+        { "llama", "lora_embedding" }, { "gpt2", "lora_embedding" }, { "mistral", "dora_embedding" },
     };
 
     private static PeftConfig Config(string method, string arch, int variant) => method switch
@@ -32,6 +32,11 @@ public class MixedBatchTests
         {
             R = 2 + variant, InitLoraWeights = LoraInit.Random,
             TargetModules = ModuleSelector.Names(arch == "gpt2" ? ["wte", "c_attn"] : ["embed_tokens", "v_proj"]),
+        },
+        "dora_embedding" => new LoraConfig
+        {
+            R = 2 + variant, InitLoraWeights = LoraInit.Random, UseDora = true,
+            TargetModules = ModuleSelector.Names(["embed_tokens"]),
         },
         _ => throw new ArgumentException(method),
     };
