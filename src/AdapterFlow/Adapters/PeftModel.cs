@@ -46,7 +46,7 @@ public sealed class PeftModel : CausalLM
     private readonly Dictionary<string, IAdapterLayer> _layers = new(); // module path (in the CausalLM) → wrapper
     private string _active = DefaultAdapter;
     private bool _unloaded;
-    private bool _loadingTable;
+    private bool _loadingSaved;
 
     private PeftModel(CausalLM model) : base(nameof(PeftModel))
     {
@@ -117,9 +117,9 @@ public sealed class PeftModel : CausalLM
         bool first = _configs.Count == 0;
         // Saved virtual tokens are the computed table (PEFT saves a re-parameterised prompt so), so a loaded prompt
         // is a plain table even when the adapter is loaded to train further.
-        _loadingTable = true;
+        _loadingSaved = true;
         try { AddAdapter(adapterName, config, tokenizer: null, activate: first); }
-        finally { _loadingTable = false; }
+        finally { _loadingSaved = false; }
         using var file = SafetensorsFile.Open(weights);
         LoadWeights(adapterName, file);
     }
@@ -247,6 +247,10 @@ public sealed class PeftModel : CausalLM
     private void InjectLora(string adapter, LoraConfig config)
     {
         config.Validate();
+        // EVA and LoRA-GA compute A (and B) from data passes before training; a saved adapter carries the result.
+        if (config.InitLoraWeights is LoraInit.Eva or LoraInit.LoraGa && !_loadingSaved)
+            throw new NotSupportedException(
+                $"{config.Source}: init_lora_weights \"{(config.InitLoraWeights == LoraInit.Eva ? "eva" : "lora_ga")}\" needs statistics from passes over training data, which AdapterFlow does not compute; saved adapters made so load normally");
         config.TargetModules ??= ModuleSelector.Names(DefaultTargets.ForLora(Model.Config.ModelType));
         var targets = SelectTargets(config.TargetModules, config.ExcludeModules, config.LayersToTransform, config.LayersPattern, config.Source, config.ModulesToSave);
         // As PEFT: a resolved all-linear is written back as the list of modules it chose.
@@ -328,7 +332,7 @@ public sealed class PeftModel : CausalLM
         // the saved config loadable by PEFT.
         if (config.EncoderHiddenSize == 0) config.EncoderHiddenSize = config.TokenDim;
         config.Validate();
-        prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype, table: _loadingTable));
+        prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype, table: _loadingSaved));
     }
 
     private void AddPrefixTuning(string adapter, PrefixTuningConfig config)
@@ -344,7 +348,7 @@ public sealed class PeftModel : CausalLM
         if (config.NumTransformerSubmodules != 1)
             throw new ArgumentException($"{config.Source}: num_transformer_submodules must be 1 for a decoder-only model");
         var weight = Model.parameters().First();
-        prompt_encoder.Add(adapter, new PrefixEncoder(config, weight.device, weight.dtype, table: _loadingTable));
+        prompt_encoder.Add(adapter, new PrefixEncoder(config, weight.device, weight.dtype, table: _loadingSaved));
     }
 
     /// <summary>The token-embedding matrix: the Embedding whose rows EmbedTokens returns (GPT-2's position table can have the same shape).</summary>

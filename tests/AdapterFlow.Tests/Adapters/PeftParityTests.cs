@@ -122,12 +122,60 @@ public class PeftParityTests
         }
     }
 
+    [SkippableFact]
+    public void Orthogonal_init_starts_as_identity_with_both_factors_nonzero()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var model = PeftReferenceTests.LoadBase("llama");
+        var before = model.Logits(Ids());
+        var peft = PeftModel.Create(model, new LoraConfig { R = 4, InitLoraWeights = LoraInit.Orthogonal });
+        Assert.True((peft.Logits(Ids()) - before).abs().max().item<float>() < 1e-5, "orthogonal init changed the output");
+        foreach (var layer in peft.AdapterLayers.Values.Cast<LoraLinear>())
+        {
+            Assert.True(layer.A("default").weight!.abs().max().item<float>() > 1e-3);
+            Assert.True(layer.B("default").weight!.abs().max().item<float>() > 1e-3);
+            Assert.True(layer.B("default").weight!.matmul(layer.A("default").weight!).abs().max().item<float>() < 1e-5, "B·A ≠ 0");
+        }
+        Assert.Throws<ArgumentException>(() => PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 3, InitLoraWeights = LoraInit.Orthogonal }));
+    }
+
+    [SkippableTheory]
+    [InlineData("eva")]
+    [InlineData("lora_ga")]
+    public void Data_driven_inits_load_from_files_but_cannot_start_a_new_adapter(string init)
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-datainit-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random });
+            var logits = peft.Logits(Ids());
+            peft.SavePretrained(output);
+            // The same adapter as if made by PEFT with this init: the file holds the resulting A and B.
+            var path = Path.Combine(output, PeftModel.ConfigFile);
+            var json = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+            json["init_lora_weights"] = init;
+            File.WriteAllText(path, json.ToJsonString());
+            var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output);
+            Assert.True(reloaded.Logits(Ids()).eq(logits).all().item<bool>());
+            var config = PeftConfig.Load(output);
+            config.InferenceMode = false;
+            var error = Assert.Throws<NotSupportedException>(() => PeftModel.Create(PeftReferenceTests.LoadBase("llama"), config));
+            Assert.Contains(init, error.Message);
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
+    }
+
     [Theory]
     [InlineData("loftq")]
     [InlineData("pissa_niter_4")]
     [InlineData("corda")]
-    [InlineData("eva")]
-    [InlineData("orthogonal")]
+    [InlineData("mica")]
     public void Unsupported_init_modes_are_refused_naming_the_supported_ones(string init)
     {
         var json = JsonNode.Parse($"{{\"peft_type\": \"LORA\", \"r\": 4, \"init_lora_weights\": \"{init}\"}}")!.AsObject();

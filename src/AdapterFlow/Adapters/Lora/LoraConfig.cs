@@ -20,6 +20,15 @@ public enum LoraInit
     Pissa,
     /// <summary>OLoRA ("olora"): A and B from the QR decomposition of W (B = Q[:, :r], A = R[:r]); W_res = W − s·B·A.</summary>
     Olora,
+    /// <summary>
+    /// "orthogonal": A and B random (÷10) from the odd and even rows of a random orthogonal r×r matrix, so B·A = 0 at the
+    /// start while both get gradients. r must be even.
+    /// </summary>
+    Orthogonal,
+    /// <summary>EVA ("eva"): data-driven A. Only a saved adapter can be loaded (its A and B are in the file).</summary>
+    Eva,
+    /// <summary>LoRA-GA ("lora_ga"): gradient-driven A and B. Only a saved adapter can be loaded (its A and B are in the file).</summary>
+    LoraGa,
 }
 
 /// <summary>LoRA's adapter_config.json (PEFT's LoraConfig).</summary>
@@ -109,6 +118,9 @@ public sealed class LoraConfig : PeftConfig
             JsonValue v when v.TryGetValue<string>(out var s) && s == "gaussian" => LoraInit.Gaussian,
             JsonValue v when v.TryGetValue<string>(out var s) && s == "pissa" => LoraInit.Pissa,
             JsonValue v when v.TryGetValue<string>(out var s) && s.Equals("olora", StringComparison.OrdinalIgnoreCase) => LoraInit.Olora,
+            JsonValue v when v.TryGetValue<string>(out var s) && s == "orthogonal" => LoraInit.Orthogonal,
+            JsonValue v when v.TryGetValue<string>(out var s) && s == "eva" => LoraInit.Eva,
+            JsonValue v when v.TryGetValue<string>(out var s) && s == "lora_ga" => LoraInit.LoraGa,
             var other => throw new InvalidDataException(UnsupportedInit(path, other.ToJsonString())),
         };
         c.RankPattern = PeftJson.NumberMap(json, path, "rank_pattern");
@@ -132,11 +144,11 @@ public sealed class LoraConfig : PeftConfig
             _ when name.StartsWith("pissa_niter_", StringComparison.Ordinal) =>
                 "PiSSA with a randomised SVD cannot be recomputed from the base model; use \"pissa\", or convert the adapter to plain LoRA with PEFT (save_pretrained(path_initial_model_for_weight_conversion=...))",
             "loftq" => "LoftQ needs a quantised base model, which AdapterFlow does not have",
-            "corda" or "eva" or "lora_ga" => $"{name} needs statistics from data passes before training, which AdapterFlow does not compute",
-            "orthogonal" or "mica" => $"the {name} initialisation is not implemented",
+            "corda" => "CorDA moves a data-dependent part of W into the adapter, which cannot be recomputed from the base model; convert the adapter to plain LoRA with PEFT (save_pretrained(path_initial_model_for_weight_conversion=...))",
+            "mica" => "the MiCA initialisation is not implemented",
             _ => "not a PEFT init_lora_weights value",
         };
-        return $"{path}: init_lora_weights {value} is not supported ({why}); supported: true, false, \"gaussian\", \"pissa\", \"olora\"";
+        return $"{path}: init_lora_weights {value} is not supported ({why}); supported: true, false, \"gaussian\", \"pissa\", \"olora\", \"orthogonal\" (and saved \"eva\" / \"lora_ga\" adapters)";
     }
 
     internal static string? ReadLayersPattern(JsonObject json, string path)
@@ -168,6 +180,9 @@ public sealed class LoraConfig : PeftConfig
             LoraInit.Random => JsonValue.Create(false),
             LoraInit.Pissa => JsonValue.Create("pissa"),
             LoraInit.Olora => JsonValue.Create("olora"),
+            LoraInit.Orthogonal => JsonValue.Create("orthogonal"),
+            LoraInit.Eva => JsonValue.Create("eva"),
+            LoraInit.LoraGa => JsonValue.Create("lora_ga"),
             _ => JsonValue.Create("gaussian"),
         };
         o["rank_pattern"] = PeftJson.NumberMapJson(RankPattern);

@@ -11,15 +11,27 @@ namespace AdapterFlow.Adapters.Lora;
 /// </summary>
 internal static class LoraWeightInit
 {
-    /// <summary>Applies <paramref name="init"/> (Pissa or Olora; others are done by the layer) to one adapter of a layer.</summary>
+    /// <summary>Applies <paramref name="init"/> (Pissa, Olora or Orthogonal; others are done by the layer) to one adapter of a layer.</summary>
     public static void Apply(LoraLinear layer, string adapter, LoraInit init, string source)
     {
-        if (init is not (LoraInit.Pissa or LoraInit.Olora)) return;
+        if (init is not (LoraInit.Pissa or LoraInit.Olora or LoraInit.Orthogonal)) return;
         using var scope = torch.NewDisposeScope();
         using var no = torch.no_grad();
         var a = layer.A(adapter).weight!;
         var b = layer.B(adapter).weight!;
         long r = a.shape[0];
+        if (init == LoraInit.Orthogonal)
+        {
+            // PEFT's orthogonal_init: the odd and even rows of a random orthogonal matrix are mutually orthogonal, so
+            // B·A = Gᴮ·Q_even·Q_oddᵀ·Gᴬ = 0 while A and B are both non-zero (drawn from torch's global generator, as PEFT).
+            if (r % 2 != 0) throw new ArgumentException($"{source}: orthogonal initialisation needs an even rank, got r = {r}");
+            var (qFull, _) = torch.linalg.qr(torch.randn(r, r));
+            var odd = qFull.index_select(0, torch.arange(0, r, 2));
+            var even = qFull.index_select(0, torch.arange(1, r, 2));
+            a.copy_(torch.randn(a.shape[1], r / 2).matmul(odd).t() / 10.0);
+            b.copy_(torch.randn(r / 2, b.shape[0]).t().matmul(even) / 10.0);
+            return;
+        }
         double s = layer.Scaling(adapter);
         // [out, in] for Linear and Conv1D alike (a transposed view of Conv1D's [in, out]), so writes land in place.
         var stored = LinearParts.WeightOutIn(layer.BaseLayer);
