@@ -42,6 +42,24 @@ public class PeftParityTests
             peft.TrainableParametersLine());
     }
 
+    [SkippableFact]
+    public void Reparameterised_prompt_encoders_count_as_peft()
+    {
+        using var scope = torch.NewDisposeScope();
+        var model = PeftReferenceTests.LoadBase("llama");
+        long baseCount = model.ParameterCount();
+        var c = model.Config;
+        long d = c.HiddenSize, kv = c.NumKeyValueHeads * c.HeadDim, layers = c.NumHiddenLayers, h = 16, n = 3;
+        // PEFT's PrefixEncoder with prefix_projection: Embedding(n, token_dim) → Linear(token_dim, h) → Tanh → Linear(h, layers·2·token_dim).
+        var prefix = PeftModel.Create(model, new AdapterFlow.Adapters.PrefixTuning.PrefixTuningConfig { NumVirtualTokens = (int)n, PrefixProjection = true, EncoderHiddenSize = (int)h });
+        long prefixCount = n * kv + (kv * h + h) + (h * layers * 2 * kv + layers * 2 * kv);
+        Assert.Equal((prefixCount, baseCount + prefixCount), prefix.CountParameters());
+        // PEFT's PromptEncoder, MLP: Embedding(n, d) → Linear(d, h) → ReLU → Linear(h, h) → ReLU → Linear(h, d).
+        var ptuning = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new AdapterFlow.Adapters.PTuning.PromptEncoderConfig { NumVirtualTokens = (int)n, EncoderHiddenSize = (int)h });
+        long ptuningCount = n * d + (d * h + h) + (h * h + h) + (h * d + d);
+        Assert.Equal((ptuningCount, baseCount + ptuningCount), ptuning.CountParameters());
+    }
+
     /// <summary>PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the eight families (peft 0.20).</summary>
     public static TheoryData<string, string[]> LoraDefaults() => new()
     {

@@ -156,8 +156,8 @@ public static class LoraCombination
             else
             {
                 // Whole updates sᵢ·BᵢAᵢ ([out, in]; an embedding's [hidden, vocab]) merged with the weights wᵢ, then
-                // factored. PEFT up to 0.20 multiplied the weights by sᵢ once more (scaling applied twice); fixed
-                // upstream (huggingface/peft#3111), this follows the fix.
+                // factored. PEFT 0.20 multiplies the weights by sᵢ once more (the scaling applied twice); this follows
+                // the maintainers' fix (huggingface/peft#3111), which drops the extra factor.
                 var updates = present.Select(x => x.f.B.to_type(ScalarType.Float32).matmul(x.f.A.to_type(ScalarType.Float32)) * x.f.S).ToArray();
                 var merged = TaskTensorMerging.Merge(UpdateMerge(combination), updates, present.Select(x => x.w).ToArray(),
                     density ?? 1, majoritySignMethod, generator);
