@@ -45,7 +45,8 @@ public static class ModuleSurgery
     /// <summary>The layer number in a path such as model.layers.3.mlp.up_proj (PEFT's default layers pattern).</summary>
     public static int? LayerOf(string path, string? layersPattern = null)
     {
-        var match = layersPattern is null
+        // An empty pattern means any module list, as PEFT.
+        var match = string.IsNullOrEmpty(layersPattern)
             ? LayerIndex.Match(path)
             : Regex.Match(path, $@"^.*?\.(?:{layersPattern})\.(\d+)\.");
         return match.Success ? int.Parse(match.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) : null;

@@ -218,6 +218,11 @@ public class PeftParityTests
             R = 2, TargetModules = ModuleSelector.Names("c_attn"), LayersToTransform = [0], LayersPattern = "h",
         });
         Assert.Equal(["transformer.h.0.attn.c_attn"], gpt2.AdapterLayers.Keys);
+        var anyList = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig
+        {
+            R = 2, TargetModules = ModuleSelector.Names("q_proj"), LayersToTransform = [0], LayersPattern = "",
+        });
+        Assert.Equal(["model.layers.0.self_attn.q_proj"], anyList.AdapterLayers.Keys);
         // A pattern that names no module list selects nothing: a clear error.
         Assert.Throws<ArgumentException>(() => PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig
         {
