@@ -66,13 +66,21 @@ internal static class TrainCommand
         var resume = new Option<bool>("--resume") { Description = "Continue from the latest checkpoint-{step} folder in --out." };
         var maxSteps = new Option<int?>("--max-steps") { Description = "Stop after N optimizer steps (overrides --epochs).", HelpName = "N" }
             .Check(v => v is null or >= 1, "must be at least 1");
+        var precision = new Option<string?>("--precision")
+        {
+            Description = "Number formats of the run (default fp32). fp32: everything in float32. bf16-mixed: forward and backward in " +
+                          "bfloat16 (the whole model is held in bfloat16; faster where the CPU has bfloat16 matrix units), float32 master " +
+                          "weights, gradients and AdamW state; the result is saved in float32. bf16: weights, gradients and AdamW state all " +
+                          "in bfloat16 (least memory, small updates can be lost); the result is saved in bfloat16.",
+            HelpName = string.Join("|", TrainingPrecisionNames.All),
+        }.AcceptOnlyFromAmong([.. TrainingPrecisionNames.All]);
         var device = CommonOptions.Device();
         var json = CommonOptions.Json("Print one JSON object last: final_loss, steps, tokens_per_second, seconds, output.");
 
         var command = new Command("train", "Fine-tune a model or train an adapter (LoRA, IA3, prefix, prompt, bottleneck) on instruction data.")
         {
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
-            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, device, json,
+            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, precision, device, json,
         };
         command.SetAction(parse =>
         {
@@ -94,6 +102,7 @@ internal static class TrainCommand
                 Seed = parse.GetValue(seed),
                 SaveSteps = parse.GetValue(saveSteps),
                 MaxSteps = parse.GetValue(maxSteps),
+                Precision = parse.GetValue(precision),
             };
             var recipe = parse.GetValue(config) is { } recipePath ? TrainRecipe.Load(recipePath).OverlaidBy(flags) : flags;
             recipe.Validate(parse.GetValue(config) is null ? "options" : $"{parse.GetValue(config)} with the options");
@@ -153,6 +162,8 @@ internal static class TrainCommand
         }
         double seconds = clock.Elapsed.TotalSeconds;
 
+        // Mixed precision trained float32 master weights: save those, not their bfloat16 copies.
+        trainer.RestoreFloat32Weights();
         if (peft is null) AutoModel.Save(lm.Model, outDir);
         else peft.SavePretrained(outDir);
         foreach (var name in AdapterMerge.CompanionFiles)
@@ -177,6 +188,7 @@ internal static class TrainCommand
                 ["seconds"] = seconds,
                 ["output"] = outDir,
                 ["method"] = recipe.Method,
+                ["precision"] = TrainingPrecisionNames.Name(options.Precision),
                 ["truncated_examples"] = dataset.TruncatedExamples,
             });
         }
@@ -185,6 +197,7 @@ internal static class TrainCommand
             var table = new Table().AddColumn("").AddColumn("");
             table.ShowHeaders = false;
             table.AddRow("method", Markup.Escape(recipe.Method!));
+            table.AddRow("precision", TrainingPrecisionNames.Name(options.Precision));
             table.AddRow("steps", $"{trainer.Step} ({dataset.Examples.Count} examples, {dataset.TruncatedExamples} truncated)");
             table.AddRow("final loss", double.IsFinite(result.FinalLoss) ? result.FinalLoss.ToString("F4") : "-");
             table.AddRow("tokens/s", tokensPerSecond.ToString("F0"));

@@ -41,6 +41,8 @@ public sealed record TrainRecipe
     public bool? UseParallelAdapter { get; init; }
     /// <summary>Prefix and prompt tuning: number of virtual tokens.</summary>
     public int? NumVirtualTokens { get; init; }
+    /// <summary>Training precision: fp32, bf16-mixed or bf16 (<see cref="TrainingPrecisionNames"/>).</summary>
+    public string? Precision { get; init; }
 
     /// <summary>This recipe with every value <paramref name="overrides"/> sets replacing this one's.</summary>
     public TrainRecipe OverlaidBy(TrainRecipe overrides) => new()
@@ -64,6 +66,7 @@ public sealed record TrainRecipe
         BottleneckSize = overrides.BottleneckSize ?? BottleneckSize,
         UseParallelAdapter = overrides.UseParallelAdapter ?? UseParallelAdapter,
         NumVirtualTokens = overrides.NumVirtualTokens ?? NumVirtualTokens,
+        Precision = overrides.Precision ?? Precision,
     };
 
     /// <summary>
@@ -107,6 +110,7 @@ public sealed record TrainRecipe
                 "bottleneck_size" => recipe with { BottleneckSize = Int(value, where) },
                 "use_parallel_adapter" => recipe with { UseParallelAdapter = Bool(value, where) },
                 "num_virtual_tokens" => recipe with { NumVirtualTokens = Int(value, where) },
+                "precision" => recipe with { Precision = ParsePrecision(Text(value, where), where) },
                 _ => throw new InvalidDataException($"{path}: unknown key '{key}'"),
             };
         }
@@ -123,6 +127,7 @@ public sealed record TrainRecipe
         }
         if (Method is not null) ParseMethod(Method, source);
         if (LrScheduler is not null) ParseScheduler(LrScheduler, source);
+        if (Precision is not null) ParsePrecision(Precision, source);
         Positive("epochs", Epochs); Positive("learning_rate", LearningRate); Positive("batch_size", BatchSize);
         Positive("micro_batch_size", MicroBatchSize); Positive("cutoff_len", CutoffLen); Positive("lora_r", LoraR);
         Positive("lora_alpha", LoraAlpha); Positive("save_steps", SaveSteps); Positive("max_steps", MaxSteps);
@@ -151,6 +156,7 @@ public sealed record TrainRecipe
             MetricsPath = outputDirectory is null ? null : Path.Combine(outputDirectory, "metrics.jsonl"),
             CheckpointDirectory = outputDirectory is null || SaveSteps is null ? null : outputDirectory,
             CheckpointEvery = SaveSteps ?? defaults.CheckpointEvery,
+            Precision = Precision is null ? defaults.Precision : TrainingPrecisionNames.Parse(Precision),
         };
     }
 
@@ -201,6 +207,10 @@ public sealed record TrainRecipe
     private static string ParseScheduler(string value, string where) => value is "constant" or "linear" or "cosine"
         ? value
         : throw new ArgumentException($"{where}: unknown lr_scheduler '{value}' (expected constant, linear or cosine)");
+
+    private static string ParsePrecision(string value, string where) => TrainingPrecisionNames.All.Contains(value)
+        ? value
+        : throw new ArgumentException($"{where}: unknown precision '{value}' (expected {string.Join(", ", TrainingPrecisionNames.All)})");
 
     private static string Text(object? value, string where) =>
         value as string ?? throw new InvalidDataException($"{where}: expected a single value");
