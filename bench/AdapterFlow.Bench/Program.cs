@@ -63,8 +63,8 @@ string TrainTable()
                      $"AdamW, gradient clipping at 1.0; one warm-up step, then the mean of {steps} complete optimizer steps " +
                      "(forward + backward + clipping + AdamW step), each setting in a fresh process.");
     table.AppendLine();
-    table.AppendLine("| method | precision | batch × length | trainable params | tokens/s | s/step | speed-up vs fp32 | model GFLOP/s | % of GEMM peak (dtype) | peak RSS GiB | max \\|Δ loss\\| vs fp32 |");
-    table.AppendLine("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    table.AppendLine("| method | precision | batch × length | trainable params | tokens/s | s/step | speed-up vs fp32 | model GFLOP/s | % of GEMM peak (dtype) | peak RSS GiB | RSS before training GiB | max \\|Δ loss\\| vs fp32 |");
+    table.AppendLine("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     foreach (var r in results)
     {
         var fp32 = results.First(x => x.Method == r.Method && x.Batch == r.Batch && x.Length == r.Length && x.Precision == "fp32");
@@ -75,13 +75,14 @@ string TrainTable()
         table.AppendLine(string.Create(CultureInfo.InvariantCulture,
             $"| {r.Method} | {r.Precision} | {r.Batch} × {r.Length} | {r.TrainableParameters:N0} | {r.TokensPerSecond:F0} | {r.SecondsPerStep:F2} | " +
             $"{r.TokensPerSecond / fp32.TokensPerSecond:F2}× | {flops / 1e9:F1} | {100 * flops / peakFlops:F0}% ({(bf16 ? "BF16" : "F32")}) | " +
-            $"{r.PeakRssBytes / (1 << 30):F2}{(r.PeakIsTrainingOnly ? "" : "*")} | {(bf16 ? lossGap.ToString("F4", CultureInfo.InvariantCulture) : "—")} |"));
+            $"{r.PeakRssBytes / (1 << 30):F2}{(r.PeakIsTrainingOnly ? "" : "*")} | {r.RssBeforeBytes / (1 << 30):F2} | {(bf16 ? lossGap.ToString("F4", CultureInfo.InvariantCulture) : "—")} |"));
     }
     table.AppendLine();
     table.AppendLine("Model FLOPs per token: 6N for full training; for LoRA 2N forward + 2N backward through the activations + 2·N_lora for the " +
                      "adapter's weight gradients (N = all parameters including the adapter's; attention's own FLOPs not counted). " +
                      "The % is of the measured GEMM peak of the dtype the model computes in. Peak RSS is the process's resident-memory " +
-                     "high-water mark (Linux VmHWM) over the training steps only, reset after the model and trainer were built" +
+                     "high-water mark (Linux VmHWM) over the training steps only, reset after the model and trainer were built (so it starts from the resident size then, shown as " +
+                     "\"RSS before training\": the model, the runtime, and memory glibc kept from building the model)" +
                      (results.Any(r => !r.PeakIsTrainingOnly) ? " (* where the reset was not allowed: the whole process)" : "") +
                      "; it includes the .NET runtime and libtorch. Losses are on random tokens (about ln 32000 ≈ 10.4); " +
                      "the last column is the largest per-step difference from the fp32 run of the same setting.");

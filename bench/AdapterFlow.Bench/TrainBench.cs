@@ -12,7 +12,7 @@ namespace AdapterFlow.Bench;
 
 /// <summary>One measured training setting: complete optimizer steps through the library's <see cref="Trainer"/>.</summary>
 public sealed record TrainResult(string Method, string Precision, int Batch, int Length, long Parameters, long TrainableParameters,
-    double TokensPerSecond, double SecondsPerStep, double ModelFlopsPerToken, double PeakRssBytes, bool PeakIsTrainingOnly, double[] Losses);
+    double TokensPerSecond, double SecondsPerStep, double ModelFlopsPerToken, double RssBeforeBytes, double PeakRssBytes, bool PeakIsTrainingOnly, double[] Losses);
 
 /// <summary>
 /// Training throughput of the benchmark model: full fine-tuning and LoRA r = 32 on q, k, v, up, down, under each
@@ -59,6 +59,7 @@ public static class TrainBench
     public static TrainResult Measure(string method, TrainingPrecision precision, int batch, int length, int steps, Device device)
     {
         var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device);
+        torch.manual_seed(1); // the LoRA's random init: the same adapter in every setting, so losses compare
         long parameters = model.ParameterCount();
         nn.Module<ForwardInput, ForwardOutput> trained = method switch
         {
@@ -82,6 +83,7 @@ public static class TrainBench
         }).ToArray();
 
         // The peak covers training only (weights, gradients, optimizer state, activations), not model construction.
+        double before = PeakMemory.ResidentBytes();
         bool trainingOnly = PeakMemory.Reset();
         var metrics = trainer.Train(data, new Collator(padTokenId: 0)).Steps;
         double peak = PeakMemory.HighWaterMarkBytes();
@@ -93,7 +95,7 @@ public static class TrainBench
         double flopsPerToken = method == "full" ? 6.0 * parameters : 4.0 * (parameters + trainable) + 2.0 * trainable;
         trained.Dispose();
         return new TrainResult(method, TrainingPrecisionNames.Name(precision), batch, length, parameters, trainable,
-            batch * length / seconds, seconds, flopsPerToken, peak, trainingOnly, metrics.Select(s => s.Loss).ToArray());
+            batch * length / seconds, seconds, flopsPerToken, before, peak, trainingOnly, metrics.Select(s => s.Loss).ToArray());
     }
 }
 
@@ -114,12 +116,17 @@ public static class PeakMemory
         }
     }
 
-    public static double HighWaterMarkBytes()
+    public static double HighWaterMarkBytes() => StatusBytes("VmHWM:");
+
+    /// <summary>Current resident size (VmRSS).</summary>
+    public static double ResidentBytes() => StatusBytes("VmRSS:");
+
+    private static double StatusBytes(string field)
     {
         if (!File.Exists("/proc/self/status")) return double.NaN;
         foreach (var line in File.ReadLines("/proc/self/status"))
-            if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
-                return double.Parse(line["VmHWM:".Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture) * 1024;
+            if (line.StartsWith(field, StringComparison.Ordinal))
+                return double.Parse(line[field.Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture) * 1024;
         return double.NaN;
     }
 }

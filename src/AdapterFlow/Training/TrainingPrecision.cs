@@ -93,7 +93,11 @@ internal sealed class PrecisionPlan : IDisposable
         var masterNames = trainable.Select(p => p.Name).ToArray();
         Parameter[] masters;
         using (no_grad())
+        {
+            // Owned by the trainer for its lifetime, not by whatever dispose scope the caller is in.
             masters = trainable.Select(p => new Parameter(p.Parameter.detach().to(ScalarType.Float32, copy: true), requires_grad: true)).ToArray();
+            foreach (var master in masters) master.DetachFromDisposeScope();
+        }
         if (NeedsConversion(model, compute)) model.to(compute);
         var plan = new PrecisionPlan(model, masterNames, masters, Find(model, masterNames, precision));
         return (masterNames.Zip(masters).ToList(), plan);

@@ -8,13 +8,14 @@ using AdapterFlow.IO;
 using AdapterFlow.Models;
 using AdapterFlow.Training;
 using TorchSharp;
+using Xunit.Abstractions;
 using static TorchSharp.torch;
 
 namespace AdapterFlow.Tests.Training;
 
 /// <summary>BFloat16 training: mixed precision with float32 master weights, and pure bfloat16.</summary>
 [Collection(GlobalTorchRngCollection.Name)]
-public sealed class MixedPrecisionTests : IDisposable
+public sealed class MixedPrecisionTests(ITestOutputHelper output) : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("af-training-bf16-").FullName;
 
@@ -40,6 +41,9 @@ public sealed class MixedPrecisionTests : IDisposable
     {
         var fp32 = FullLosses(TrainingPrecision.Float32);
         var mixed = FullLosses(TrainingPrecision.BFloat16Mixed);
+        output.WriteLine($"fp32:       {string.Join(" ", fp32.Select(l => l.ToString("F4")))}");
+        output.WriteLine($"bf16-mixed: {string.Join(" ", mixed.Select(l => l.ToString("F4")))}");
+        output.WriteLine($"largest relative difference {fp32.Zip(mixed).Max(p => Math.Abs(p.First - p.Second) / p.First):P2}");
         Assert.True(mixed[^1] < 0.6 * mixed[0], $"bf16-mixed loss went from {mixed[0]} to {mixed[^1]}");
         // bfloat16 has 8 significant bits: the curves differ by rounding, not in shape.
         for (int i = 0; i < fp32.Length; i++)
