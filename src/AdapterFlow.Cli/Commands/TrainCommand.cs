@@ -105,6 +105,14 @@ internal static class TrainCommand
             Description = "Factor on every early layer's weight before normalising (LayerSkip's e_scale, default 1); below 1 the last layer keeps more weight.",
             HelpName = "E",
         }.Check(v => v is null or > 0, "must be positive");
+        var precision = new Option<string?>("--precision")
+        {
+            Description = "Number formats of the run (default fp32). fp32: everything in float32. bf16-mixed: forward and backward in " +
+                          "bfloat16 (the whole model is held in bfloat16; faster where the CPU has bfloat16 matrix units), float32 master " +
+                          "weights, gradients and AdamW state; the result is saved in float32. bf16: weights, gradients and AdamW state all " +
+                          "in bfloat16 (least memory, small updates can be lost); the result is saved in bfloat16.",
+            HelpName = string.Join("|", TrainingPrecisionNames.All),
+        }.AcceptOnlyFromAmong([.. TrainingPrecisionNames.All]);
         var device = CommonOptions.Device();
         var json = CommonOptions.Json("Print one JSON object last: final_loss, steps, tokens_per_second, seconds, output.");
 
@@ -113,7 +121,7 @@ internal static class TrainCommand
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
             loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps,
             layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale,
-            device, json,
+            precision, device, json,
         };
         command.SetAction(parse =>
         {
@@ -143,6 +151,7 @@ internal static class TrainCommand
                 EarlyExitCurriculum = parse.GetValue(earlyExitCurriculum),
                 EarlyExitRotation = parse.GetValue(earlyExitRotation),
                 EarlyExitLayerScale = parse.GetValue(earlyExitLayerScale),
+                Precision = parse.GetValue(precision),
             };
             var recipe = parse.GetValue(config) is { } recipePath ? TrainRecipe.Load(recipePath).OverlaidBy(flags) : flags;
             recipe.Validate(parse.GetValue(config) is null ? "options" : $"{parse.GetValue(config)} with the options");
@@ -202,6 +211,8 @@ internal static class TrainCommand
         }
         double seconds = clock.Elapsed.TotalSeconds;
 
+        // Mixed precision trained float32 master weights: save those, not their bfloat16 copies.
+        trainer.RestoreFloat32Weights();
         if (peft is null) AutoModel.Save(lm.Model, outDir);
         else peft.SavePretrained(outDir);
         foreach (var name in AdapterMerge.CompanionFiles)
@@ -226,6 +237,7 @@ internal static class TrainCommand
                 ["seconds"] = seconds,
                 ["output"] = outDir,
                 ["method"] = recipe.Method,
+                ["precision"] = TrainingPrecisionNames.Name(options.Precision),
                 ["truncated_examples"] = dataset.TruncatedExamples,
                 ["early_exit_loss"] = result.Steps.Count > 0 ? result.Steps[^1].EarlyExitLoss : null,
             });
@@ -235,6 +247,7 @@ internal static class TrainCommand
             var table = new Table().AddColumn("").AddColumn("");
             table.ShowHeaders = false;
             table.AddRow("method", Markup.Escape(recipe.Method!));
+            table.AddRow("precision", TrainingPrecisionNames.Name(options.Precision));
             table.AddRow("steps", $"{trainer.Step} ({dataset.Examples.Count} examples, {dataset.TruncatedExamples} truncated)");
             table.AddRow("final loss", double.IsFinite(result.FinalLoss) ? result.FinalLoss.ToString("F4") : "-");
             if (result.Steps.Count > 0 && result.Steps[^1].EarlyExitLoss is double exitLoss)

@@ -201,24 +201,28 @@ public sealed class AdapterModules : nn.Module
 /// <summary>A module holding one Parameter per adapter name (PEFT's nn.ParameterDict keyed by adapter).</summary>
 public sealed class AdapterParameters : nn.Module
 {
-    private readonly Dictionary<string, Parameter> _items = new();
+    // Only the names are kept here; the tensors are read from the registered parameters, because converting the
+    // module (to(dtype), to(device)) replaces those Parameter objects.
+    private readonly List<string> _keys = new();
 
     public AdapterParameters() : base(nameof(AdapterParameters)) { }
 
-    public bool Contains(string adapter) => _items.ContainsKey(adapter);
-    public Parameter this[string adapter] => _items[adapter];
-    public IEnumerable<string> Keys => _items.Keys;
-    public int Count => _items.Count;
+    public bool Contains(string adapter) => _internal_params.ContainsKey(adapter);
+    public Parameter this[string adapter] => _internal_params[adapter];
+    public IEnumerable<string> Keys => _keys;
+    public int Count => _keys.Count;
 
     public void Add(string adapter, Parameter parameter)
     {
-        _items.Add(adapter, parameter);
+        if (Contains(adapter)) throw new ArgumentException($"adapter '{adapter}' already has a parameter here");
         register_parameter(adapter, parameter);
+        _keys.Add(adapter);
     }
 
     public void Remove(string adapter)
     {
-        if (!_items.Remove(adapter, out var p)) return;
+        if (!_internal_params.TryGetValue(adapter, out var p)) return;
+        _keys.Remove(adapter);
         _internal_params.Remove(adapter);
         p.Dispose();
     }

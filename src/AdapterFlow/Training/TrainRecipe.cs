@@ -57,6 +57,8 @@ public sealed record TrainRecipe
     public int? EarlyExitRotation { get; init; }
     /// <summary>LayerSkip's e_scale: factor on every early layer's weight before normalising.</summary>
     public double? EarlyExitLayerScale { get; init; }
+    /// <summary>Training precision: fp32, bf16-mixed or bf16 (<see cref="TrainingPrecisionNames"/>).</summary>
+    public string? Precision { get; init; }
 
     /// <summary>This recipe with every value <paramref name="overrides"/> sets replacing this one's.</summary>
     public TrainRecipe OverlaidBy(TrainRecipe overrides) => new()
@@ -88,6 +90,7 @@ public sealed record TrainRecipe
         EarlyExitCurriculum = overrides.EarlyExitCurriculum ?? EarlyExitCurriculum,
         EarlyExitRotation = overrides.EarlyExitRotation ?? EarlyExitRotation,
         EarlyExitLayerScale = overrides.EarlyExitLayerScale ?? EarlyExitLayerScale,
+        Precision = overrides.Precision ?? Precision,
     };
 
     /// <summary>
@@ -139,6 +142,7 @@ public sealed record TrainRecipe
                 "early_exit_curriculum" => recipe with { EarlyExitCurriculum = Named(value, where, EarlyExitOptions.ParseCurriculum) },
                 "early_exit_rotation" => recipe with { EarlyExitRotation = Int(value, where) },
                 "early_exit_layer_scale" => recipe with { EarlyExitLayerScale = Real(value, where) },
+                "precision" => recipe with { Precision = ParsePrecision(Text(value, where), where) },
                 _ => throw new InvalidDataException($"{path}: unknown key '{key}'"),
             };
         }
@@ -155,6 +159,7 @@ public sealed record TrainRecipe
         }
         if (Method is not null) ParseMethod(Method, source);
         if (LrScheduler is not null) ParseScheduler(LrScheduler, source);
+        if (Precision is not null) ParsePrecision(Precision, source);
         Positive("epochs", Epochs); Positive("learning_rate", LearningRate); Positive("batch_size", BatchSize);
         Positive("micro_batch_size", MicroBatchSize); Positive("cutoff_len", CutoffLen); Positive("lora_r", LoraR);
         Positive("lora_alpha", LoraAlpha); Positive("save_steps", SaveSteps); Positive("max_steps", MaxSteps);
@@ -221,6 +226,7 @@ public sealed record TrainRecipe
             CheckpointEvery = SaveSteps ?? defaults.CheckpointEvery,
             LayerDropout = ToLayerDropoutOptions(),
             EarlyExit = ToEarlyExitOptions(),
+            Precision = Precision is null ? defaults.Precision : TrainingPrecisionNames.Parse(Precision),
         };
     }
 
@@ -280,6 +286,10 @@ public sealed record TrainRecipe
         catch (ArgumentException e) { throw new InvalidDataException($"{where}: {e.Message}"); }
         return text;
     }
+
+    private static string ParsePrecision(string value, string where) => TrainingPrecisionNames.All.Contains(value)
+        ? value
+        : throw new ArgumentException($"{where}: unknown precision '{value}' (expected {string.Join(", ", TrainingPrecisionNames.All)})");
 
     private static string Text(object? value, string where) =>
         value as string ?? throw new InvalidDataException($"{where}: expected a single value");

@@ -47,6 +47,8 @@ public sealed class Trainer : IDisposable
     // LayerSkip's schedules, built by Train once the run's length is known (null when off).
     private LayerDropoutSchedule? _layerDropout;
     private EarlyExitSchedule? _earlyExit;
+    // BFloat16Mixed only: the float32 master weights the optimizer steps and the model's bfloat16 copies of them.
+    private readonly PrecisionPlan? _precision;
 
     public Trainer(nn.Module<ForwardInput, ForwardOutput> model, IEnumerable<(string Name, Parameter Parameter)> trainable, TrainerOptions? options = null)
     {
@@ -58,6 +60,9 @@ public sealed class Trainer : IDisposable
         _model = model;
         var named = trainable.ToList();
         if (named.Count == 0) throw new ArgumentException("there are no trainable parameters");
+        // The model is converted to the precision's compute dtype; under mixed precision the optimizer owns float32 masters.
+        (var optimized, _precision) = PrecisionPlan.Apply(model, named, Options.Precision);
+        named = [.. optimized];
         _named = named;
         _parameters = named.Select(p => p.Parameter).ToList();
         var decay = named.Where(p => !IsNoDecay(p.Name, p.Parameter)).Select(p => p.Parameter).ToList();
@@ -128,6 +133,7 @@ public sealed class Trainer : IDisposable
         var device = _parameters[0].device;
         PrepareLayerSkip(totalSteps);
 
+        _precision?.EnsureComputeForm();
         if (Step == 0) torch.manual_seed(Options.Seed);
         int endStep = Math.Min(totalSteps, stopAtStep ?? totalSteps);
         // Dropout is on while training; the caller's mode (eval for generation, say) comes back afterwards.
@@ -209,6 +215,7 @@ public sealed class Trainer : IDisposable
             using var scope = NewDisposeScope();
             using var inputs = collator.Collate(micro, device);
             lossSum.add_(MicroBatchLoss(inputs, divisor, layerDropout, exitWeights));
+            _precision?.AccumulateGradients();
             tokens += inputs.Tokens;
         }
         var losses = lossSum.cpu().data<float>().ToArray();
@@ -226,6 +233,7 @@ public sealed class Trainer : IDisposable
                 throw new TrainingDivergedException($"gradient norm became {norm.Value} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate or check the data");
         }
         _optimizer.step();
+        _precision?.CopyToModel();
         var elapsed = (clock.Elapsed - started).TotalSeconds;
         return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds,
             EarlyExitLoss: exitWeights is null ? null : losses[1],
@@ -341,6 +349,7 @@ public sealed class Trainer : IDisposable
                 parameter.copy_(value);
             }
         }
+        _precision?.CopyToModel();
         _optimizer.load_state_dict(Path.Combine(directory, OptimizerFile));
         using var rng = torch.tensor(Convert.FromBase64String(state.RngState), ScalarType.Byte);
         torch.set_rng_state(rng);
@@ -349,5 +358,24 @@ public sealed class Trainer : IDisposable
 
     private sealed record CheckpointState(int Step, long Seed, string RngState);
 
-    public void Dispose() => _optimizer.Dispose();
+    /// <summary>
+    /// After <see cref="TrainingPrecision.BFloat16Mixed"/> training: converts the model back to float32 and puts the
+    /// exact float32 master weights into its trained parameters, so that saving writes them in float32 (frozen
+    /// parameters keep their bfloat16-rounded values). No-op for the other precisions. Training again returns the
+    /// model to bfloat16.
+    /// </summary>
+    public void RestoreFloat32Weights() => _precision?.RestoreFloat32();
+
+    /// <summary>AdamW's moment tensors (first and second), for tests that check their dtype.</summary>
+    internal IEnumerable<Tensor> OptimizerMoments() =>
+        _optimizer.state_dict().State.OfType<AdamW.State>().SelectMany(s => new[] { s.exp_avg, s.exp_avg_sq });
+
+    /// <summary>The parameters the optimizer steps, by name: the model's own, or float32 masters under mixed precision.</summary>
+    public IReadOnlyList<(string Name, Parameter Parameter)> OptimizedParameters => _named;
+
+    public void Dispose()
+    {
+        _optimizer.Dispose();
+        _precision?.Dispose();
+    }
 }

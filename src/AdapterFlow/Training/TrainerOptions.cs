@@ -62,6 +62,12 @@ public sealed record TrainerOptions
     /// </summary>
     public EarlyExitOptions? EarlyExit { get; init; }
 
+    /// <summary>
+    /// Number formats of the run (see <see cref="TrainingPrecision"/>). The trainer converts the model it is given:
+    /// to float32 for <see cref="TrainingPrecision.Float32"/>, to bfloat16 for the other two.
+    /// </summary>
+    public TrainingPrecision Precision { get; init; } = TrainingPrecision.Float32;
+
     internal void Validate()
     {
         static void Positive(string name, double value)

@@ -76,6 +76,23 @@ public class CliTrainTests(TinyModelFixture tiny)
         CliRunner.Run("generate", "--model", outDir, "--prompt", "Add 1 and 2.", "--max-new-tokens", "3").AssertSuccess();
     }
 
+    [Theory]
+    [InlineData("bf16-mixed", "lora", "F32")]
+    [InlineData("bf16", "lora", "BF16")]
+    [InlineData("bf16-mixed", "full", "F32")]
+    public void Bf16_training_saves_in_the_documented_dtype(string precision, string method, string savedDType)
+    {
+        using var tmp = new TempDir();
+        var outDir = tmp.File($"{method}-{precision}");
+        var summary = CliRunner.Run("train", "--model", tiny.ModelDir, "--data", WriteDataset(tmp), "--method", method, "--out", outDir,
+            "--max-steps", "2", "--batch-size", "4", "--precision", precision, "--json").AssertSuccess().LastJson();
+        Assert.Equal(precision, summary.GetProperty("precision").GetString());
+        Assert.True(double.IsFinite(summary.GetProperty("final_loss").GetDouble()));
+        var weights = Path.Combine(outDir, method == "full" ? "model.safetensors" : "adapter_model.safetensors");
+        using var saved = AdapterFlow.IO.SafetensorsFile.Open(weights);
+        Assert.All(saved.Entries, e => Assert.Equal(savedDType, e.DType));
+    }
+
     [Fact]
     public void Flags_override_the_recipe()
     {

@@ -86,7 +86,9 @@ public sealed class BottleneckLinear : nn.Module<Tensor, Tensor>, IRoutableAdapt
     private Tensor Adapter(string adapter, Tensor x)
     {
         var dtype = x.dtype;
-        var h = x.dtype == ScalarType.Float32 ? x : x.to_type(ScalarType.Float32);
+        // The adapter's own dtype: float32 as created, bfloat16 after the whole model is converted (bf16 training).
+        var adapterType = Down(adapter).weight!.dtype;
+        var h = x.dtype == adapterType ? x : x.to_type(adapterType);
         double p = _dropout[adapter];
         if (p > 0 && training) h = nn.functional.dropout(h, p, true);
         var output = Up(adapter).forward(_act[adapter](Down(adapter).forward(h))).to_type(dtype);
