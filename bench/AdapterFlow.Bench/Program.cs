@@ -7,12 +7,18 @@ using static TorchSharp.torch;
 
 // Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|all] [--out docs/benchmarks.md]
 //        [--new-tokens 64] [--prompt 128] [--quick]
+//        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64]
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
 string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ordinal) ? args[0] : "decode";
-if (suite is not ("decode" or "adapters" or "all"))
+if (suite is not ("decode" or "adapters" or "speculative" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, speculative, all)");
+    return 2;
+}
+if (suite == "speculative" && Value("--model") is null)
+{
+    Console.Error.WriteLine("error: the speculative suite needs --model DIR (a model folder with tokenizer.json)");
     return 2;
 }
 bool quick = argsList.Contains("--quick");
@@ -30,6 +36,8 @@ Console.WriteLine("  " + machine);
 
 if (suite is "decode" or "all") WriteSection("decode", DecodeTable());
 if (suite is "adapters" or "all") WriteSection("adapters", AdapterTable());
+if (suite == "speculative") WriteSection(Value("--section") ?? "speculative", SpeculativeBench.Table(Value("--model")!, machine, newTokens,
+    Value("--exit-layers"), Value("--num-speculations"), int.Parse(Value("--repeats") ?? "2", CultureInfo.InvariantCulture)));
 return 0;
 
 string DecodeTable()
