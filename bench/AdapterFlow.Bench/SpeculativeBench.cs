@@ -32,8 +32,8 @@ public static class SpeculativeBench
         table.AppendLine(string.Create(CultureInfo.InvariantCulture,
             $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({model.Config.ModelType}, {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters, {model.DType}); ") +
             string.Create(CultureInfo.InvariantCulture,
-            $"{prompts.Length} built-in prompts one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), best of {repeats} passes after a warm-up. ") +
-            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode)."));
+            $"{prompts.Length} built-in prompts one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
+            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass)."));
         table.AppendLine();
         table.AppendLine("| exit layer E | drafts K | decode tok/s | speed-up | acceptance | tokens/round | same tokens as autoregressive |");
         table.AppendLine("|---:|---:|---:|---:|---:|---:|---|");

@@ -17,7 +17,7 @@ public sealed record SpeculativeSweepOptions
     /// <summary>Stop tokens; null = the model config's EOS ids.</summary>
     public IReadOnlyList<int>? StopTokenIds { get; init; }
 
-    /// <summary>Timed passes over the prompts per setting; the fastest counts (the machine may be busy).</summary>
+    /// <summary>Timed passes over the prompts per setting, each paired with a baseline pass just before it; the speed-up is the median ratio.</summary>
     public int Repeats { get; init; } = 1;
 }
 
@@ -25,7 +25,7 @@ public sealed record SpeculativeSweepOptions
 /// <param name="ExitLayer">Layers the draft runs (E).</param>
 /// <param name="NumSpeculations">Tokens drafted per round (K).</param>
 /// <param name="TokensPerSecond">Decode tokens per second over all prompts (prefill excluded: it is the same pass in every strategy).</param>
-/// <param name="Speedup">TokensPerSecond over the autoregressive baseline's (the faster of two baseline passes, before and after the sweep).</param>
+/// <param name="Speedup">Median over the timed passes of (this pass's tokens/s) / (tokens/s of the baseline pass run just before it).</param>
 /// <param name="AcceptanceRate">Drafted tokens the full model agreed with.</param>
 /// <param name="TokensPerRound">Decode tokens per verification round (1 = no gain from drafting).</param>
 /// <param name="IdenticalOutput">Every prompt's tokens equal the autoregressive ones (they must: anything else is a bug).</param>
@@ -33,7 +33,7 @@ public sealed record SpeculativeSweepOptions
 public sealed record SpeculativeSweepPoint(int ExitLayer, int NumSpeculations, double TokensPerSecond, double Speedup,
     double AcceptanceRate, double TokensPerRound, bool IdenticalOutput, IReadOnlyList<int> MismatchedPrompts);
 
-/// <summary>The outcome of a sweep: the autoregressive baseline measured in the same run and one point per (E, K).</summary>
+/// <summary>The outcome of a sweep: the autoregressive baseline (its fastest pass) measured in the same run and one point per (E, K).</summary>
 public sealed record SpeculativeSweepResult(int Layers, int Prompts, long GeneratedTokens, double BaselineTokensPerSecond,
     IReadOnlyList<SpeculativeSweepPoint> Points)
 {
@@ -102,26 +102,43 @@ public static class SpeculativeSweep
         long generated = baselineTokens.Sum(t => (long)t.Count);
         progress?.Invoke($"autoregressive: {baseline.Speed:F1} tok/s ({generated} tokens over {prompts.Count} prompts)");
 
-        var measuredPoints = new List<(int Exit, int K, Timing Timing, double Rate, int[] Mismatched)>();
+        // Paired measurements: each timed pass of a setting follows a pass of the baseline, and the speed-up is the
+        // median of the pairs' ratios. On a busy machine the speed drifts by large factors within seconds; pairs see
+        // (nearly) the same conditions, so their ratio is far steadier than either speed.
+        double bestBaseline = baseline.Speed;
+        var points = new List<SpeculativeSweepPoint>();
         foreach (var exit in exits)
             foreach (var k in options.NumSpeculations)
             {
                 var speculative = greedy with { Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k };
-                var (measured, tokens, rate) = Measure(generator, prompts, speculative, options.Repeats, cancellationToken);
-                var mismatched = Enumerable.Range(0, prompts.Count).Where(i => !tokens[i].SequenceEqual(baselineTokens[i])).ToArray();
-                measuredPoints.Add((exit, k, measured, rate, mismatched));
-                progress?.Invoke($"E={exit} K={k}: {measured.Speed:F1} tok/s, acceptance {100 * rate:F0}%, {TokensPerRound(measured):F2} tokens/round" +
+                var ratios = new List<double>(options.Repeats);
+                Timing best = default;
+                double rate = 0;
+                int[] mismatched = [];
+                for (int r = 0; r < options.Repeats; r++)
+                {
+                    var (reference, _, _) = Measure(generator, prompts, greedy, 1, cancellationToken);
+                    var (measured, tokens, passRate) = Measure(generator, prompts, speculative, 1, cancellationToken);
+                    bestBaseline = Math.Max(bestBaseline, reference.Speed);
+                    if (reference.Speed > 0) ratios.Add(measured.Speed / reference.Speed);
+                    if (r == 0 || measured.Speed > best.Speed) best = measured;
+                    rate = passRate;
+                    mismatched = Enumerable.Range(0, prompts.Count).Where(i => !tokens[i].SequenceEqual(baselineTokens[i])).ToArray();
+                }
+                var point = new SpeculativeSweepPoint(exit, k, best.Speed, Median(ratios), rate, TokensPerRound(best), mismatched.Length == 0, mismatched);
+                points.Add(point);
+                progress?.Invoke($"E={exit} K={k}: {point.TokensPerSecond:F1} tok/s, {point.Speedup:F2}x, acceptance {100 * rate:F0}%, {point.TokensPerRound:F2} tokens/round" +
                                  (mismatched.Length == 0 ? "" : $", OUTPUT DIFFERS for prompt(s) {string.Join(", ", mismatched)}"));
             }
+        return new SpeculativeSweepResult(layers, prompts.Count, generated, bestBaseline, points);
+    }
 
-        // The baseline again at the end, the faster of the two counting: a busy machine slows down at any time, and
-        // the speed-up should not profit from a slow baseline.
-        var (again, _, _) = Measure(generator, prompts, greedy, options.Repeats, cancellationToken);
-        double baselineSpeed = Math.Max(baseline.Speed, again.Speed);
-        progress?.Invoke($"autoregressive again: {again.Speed:F1} tok/s (baseline {baselineSpeed:F1} tok/s)");
-        var points = measuredPoints.Select(p => new SpeculativeSweepPoint(p.Exit, p.K, p.Timing.Speed,
-            baselineSpeed > 0 ? p.Timing.Speed / baselineSpeed : 0, p.Rate, TokensPerRound(p.Timing), p.Mismatched.Length == 0, p.Mismatched)).ToArray();
-        return new SpeculativeSweepResult(layers, prompts.Count, generated, baselineSpeed, points);
+    private static double Median(List<double> values)
+    {
+        if (values.Count == 0) return 0;
+        values.Sort();
+        int mid = values.Count / 2;
+        return values.Count % 2 == 1 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
     }
 
     private static double TokensPerRound(Timing t) => t.Steps > 0 ? (double)t.Tokens / t.Steps : 0;
