@@ -8,6 +8,7 @@ using static TorchSharp.torch;
 
 // Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|train|all] [--out docs/benchmarks.md]
 //        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick]
+//        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64]
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
 int IntValue(string name, int fallback) => Value(name) is { } v ? int.Parse(v, CultureInfo.InvariantCulture) : fallback;
@@ -15,9 +16,14 @@ string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ord
 // One training setting in a child process of the `train` suite (so that its peak memory is its own).
 if (suite == "train-one")
     return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3));
-if (suite is not ("decode" or "adapters" or "train" or "all"))
+if (suite is not ("decode" or "adapters" or "train" or "speculative" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, train, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, train, speculative, all)");
+    return 2;
+}
+if (suite == "speculative" && Value("--model") is null)
+{
+    Console.Error.WriteLine("error: the speculative suite needs --model DIR (a model folder with tokenizer.json)");
     return 2;
 }
 bool quick = argsList.Contains("--quick");
@@ -36,6 +42,8 @@ Console.WriteLine("  " + machine);
 if (suite is "decode" or "all") WriteSection("decode", DecodeTable());
 if (suite is "adapters" or "all") WriteSection("adapters", AdapterTable());
 if (suite is "train" or "all") WriteSection("train", TrainTable());
+if (suite == "speculative") WriteSection(Value("--section") ?? "speculative", SpeculativeBench.Table(Value("--model")!, machine, newTokens,
+    Value("--exit-layers"), Value("--num-speculations"), int.Parse(Value("--repeats") ?? "2", CultureInfo.InvariantCulture)));
 return 0;
 
 string TrainTable()

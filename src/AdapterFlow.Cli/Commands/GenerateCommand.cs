@@ -64,12 +64,35 @@ internal static class GenerateCommand
             HelpName = "STR",
             AllowMultipleArgumentsPerToken = false,
         };
+        var strategy = new Option<string>("--strategy")
+        {
+            Description = "How tokens are produced. autoregressive: the whole model for every token. early-exit: only the first " +
+                          "--exit-layer layers for every token (faster; output differs unless the model was trained for early exit). " +
+                          "self-speculative: LayerSkip's decoding: the first --exit-layer layers draft --num-speculations tokens, the " +
+                          "remaining layers check them in one pass; the output is exactly the autoregressive output (greedy: token for " +
+                          "token; sampling: the same distribution). It is faster when the model was trained with LayerSkip's recipe " +
+                          "(layer dropout + early-exit loss), otherwise about as fast or slower.",
+            HelpName = "autoregressive|early-exit|self-speculative",
+            DefaultValueFactory = _ => "autoregressive",
+        }.AcceptOnlyFromAmong("autoregressive", "early-exit", "self-speculative");
+        var exitLayer = new Option<int?>("--exit-layer")
+        {
+            HelpName = "E",
+            Description = "Layers run by early-exit decoding, or by the draft of self-speculative decoding (1 to the model's layer count).",
+        }.Check(e => e >= 1, "must be at least 1");
+        var numSpeculations = new Option<int?>("--num-speculations")
+        {
+            HelpName = "K",
+            Description = "Self-speculative decoding: tokens drafted per round before they are verified (default 4).",
+        }.Check(k => k >= 1, "must be at least 1");
         var device = CommonOptions.Device();
         var dtype = CommonOptions.DType();
-        var json = CommonOptions.Json("After the streamed text, print one JSON object as the last line: text, token_ids, prompt_tokens, new_tokens, speeds, finish_reason.");
+        var json = CommonOptions.Json("After the streamed text, print one JSON object as the last line: text, token_ids, prompt_tokens, new_tokens, " +
+                                      "tokens_per_second and other speeds, strategy, acceptance_rate (self-speculative; else null), finish_reason.");
         var command = new Command("generate", "Generate a continuation of a prompt, streaming text as it is produced.")
         {
-            model, adapter, prompt, promptIds, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, device, dtype, json,
+            model, adapter, prompt, promptIds, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, strategy, exitLayer, numSpeculations,
+            device, dtype, json,
         };
         command.SetAction(async (parse, cancellation) =>
         {
@@ -80,8 +103,12 @@ internal static class GenerateCommand
             var target = Devices.Parse(parse.GetRequiredValue(device));
             var load = new LoadOptions { Device = target, DType = parse.GetValue(dtype) is { } d ? Devices.ParseDType(d) : null };
             double t = parse.GetValue(temperature);
+            var (strategyKind, exit, speculations) = ReadStrategy(parse.GetValue(strategy)!, parse.GetValue(exitLayer), parse.GetValue(numSpeculations));
             var options = new GenerationOptions
             {
+                Strategy = strategyKind,
+                ExitLayer = exit,
+                NumSpeculations = speculations ?? new GenerationOptions().NumSpeculations,
                 MaxNewTokens = parse.GetValue(maxNewTokens),
                 // Temperature 0 means greedy, as in most command-line front ends (transformers itself rejects 0).
                 DoSample = t > 0,
@@ -101,6 +128,8 @@ internal static class GenerateCommand
             // Ids need no tokenizer: the model alone (with the adapter), and the tokenizer only when there is one to show text.
             using var idsModel = ids is null ? null : LoadForIds(modelPath, load, parse.GetValue(adapter));
             var generator = textModel?.CreateGenerator() ?? new TextGenerator(idsModel!.Value.Model, idsModel.Value.Tokenizer);
+            if (exit > generator.Model.NumLayers)
+                throw new CliUsageException($"--exit-layer {exit} is beyond the model's {generator.Model.NumLayers} layers");
             var started = Stopwatch.StartNew();
             var stream = ids is null ? generator.StreamAsync(promptText!, options) : generator.StreamAsync([ids], options);
             if (!asJson) context.Out.Write(promptText ?? (generator.Tokenizer is { } tk ? tk.Decode(ids!, skipSpecialTokens: false) : ""));
@@ -139,6 +168,11 @@ internal static class GenerateCommand
                     ["prefill_seconds"] = Math.Round(stats.PrefillTime.TotalSeconds, 4),
                     ["decode_seconds"] = Math.Round(stats.DecodeTime.TotalSeconds, 4),
                     ["seconds"] = Math.Round(seconds, 4),
+                    ["strategy"] = parse.GetValue(strategy),
+                    ["exit_layer"] = exit,
+                    ["num_speculations"] = strategyKind == DecodingStrategyKind.SelfSpeculative ? options.NumSpeculations : null,
+                    ["acceptance_rate"] = stats.AcceptanceRate is double rate ? Math.Round(rate, 4) : null,
+                    ["decode_steps"] = stats.DecodeSteps,
                     ["finish_reason"] = FinishReasonName(sequence.FinishReason),
                     ["stop_string"] = sequence.StopString,
                 });
@@ -150,11 +184,30 @@ internal static class GenerateCommand
                 context.Out.WriteLine(
                     $"[{sequence.Tokens.Count} new tokens after {stats.PromptTokens} prompt tokens; " +
                     $"prefill {Format.Number(stats.PromptTokensPerSecond, "0")} tok/s, decode {Format.Number(stats.GenerationTokensPerSecond, "0.#")} tok/s; " +
+                    (stats.AcceptanceRate is double accepted ? $"drafts accepted {Format.Number(100 * accepted, "0")}%; " : "") +
                     $"finished: {FinishReasonName(sequence.FinishReason)}]");
             }
             return CliApp.Success;
         });
         return command;
+    }
+
+    /// <summary>The strategy options, checked together: an exit layer only with a strategy that uses one, and so on.</summary>
+    internal static (DecodingStrategyKind Kind, int? ExitLayer, int? NumSpeculations) ReadStrategy(string name, int? exitLayer, int? numSpeculations)
+    {
+        var kind = name switch
+        {
+            "early-exit" => DecodingStrategyKind.EarlyExit,
+            "self-speculative" => DecodingStrategyKind.SelfSpeculative,
+            _ => DecodingStrategyKind.Autoregressive,
+        };
+        if (kind == DecodingStrategyKind.Autoregressive && exitLayer is not null)
+            throw new CliUsageException("--exit-layer needs --strategy early-exit or self-speculative");
+        if (kind != DecodingStrategyKind.Autoregressive && exitLayer is null)
+            throw new CliUsageException($"--strategy {name} needs --exit-layer E (the number of layers the {(kind == DecodingStrategyKind.EarlyExit ? "model" : "draft")} runs)");
+        if (kind != DecodingStrategyKind.SelfSpeculative && numSpeculations is not null)
+            throw new CliUsageException("--num-speculations is only used with --strategy self-speculative");
+        return (kind, exitLayer, numSpeculations);
     }
 
     private static int[] ParseIds(string text)

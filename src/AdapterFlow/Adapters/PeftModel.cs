@@ -583,7 +583,8 @@ public sealed class PeftModel : CausalLM
         {
             var mask = input.AttentionMask;
             // A mask that leaves out the virtual tokens gets ones for them, as PEFT prepends.
-            if (mask is not null && mask.shape[1] == cache.Length + time - n)
+            // (The cache length is that of the first layer run: with StartLayer the early layers may be ahead.)
+            if (mask is not null && mask.shape[1] == cache.LayerLength(input.StartLayer) + time - n)
                 mask = torch.cat([torch.ones(batch, n, dtype: mask.dtype, device: mask.device), mask], 1);
             return Model.forward(input with { AttentionMask = mask, Cache = cache });
         }

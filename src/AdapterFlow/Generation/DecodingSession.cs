@@ -32,12 +32,15 @@ public sealed class DecodingSession : IDisposable
     private readonly Tensor _promptPositions; // int64 [N, L]
     private readonly Tensor _positions;   // int64 [N, 1]: position of the most recently fed token
     private readonly Tensor _unfinished;  // bool [N]
+    private readonly Tensor _offsets;     // int64 [1, max + 2]: 0, 1, 2... (positions of several columns at once)
     private readonly Stopwatch _clock = new();
     private TimeSpan _prefillTime;
     private TimeSpan _decodeTime;
     private TimeSpan _stepStart;
     private long _decodeTokens;
     private int _decodeSteps;
+    private long _draftedTokens;
+    private long _acceptedDraftTokens;
     private bool _disposed;
 
     public DecodingSession(CausalLM model, IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options,
@@ -107,6 +110,8 @@ public sealed class DecodingSession : IDisposable
         _promptPositions = torch.tensor(positions, [n, l], ScalarType.Int64, Device).DetachFromDisposeScope();
         _positions = torch.tensor(last, [n, 1], ScalarType.Int64, Device).DetachFromDisposeScope();
         _unfinished = torch.ones([n], ScalarType.Bool, Device).DetachFromDisposeScope();
+        using (var range = torch.arange(0, max + 2, 1, ScalarType.Int64, Device))
+            _offsets = range.unsqueeze(0).DetachFromDisposeScope();
 
         Processors = LogitsProcessorList.FromOptions(options, StopTokenIds);
         Selector = TokenSelectors.For(options);
@@ -163,7 +168,8 @@ public sealed class DecodingSession : IDisposable
     public bool IsStopToken(int id) => _stopTokenSet.Contains(id);
 
     /// <summary>Runs the prompt through the model (filling the cache); returns float32 scores [N, vocab] for the next token.</summary>
-    public Tensor PrefillLogits()
+    /// <param name="exitLayer">Run only the first this many layers (early exit); null = all.</param>
+    public Tensor PrefillLogits(int? exitLayer = null)
     {
         if (GeneratedLength != 0 || Cache.Length != PastLength) throw new InvalidOperationException("the prompt was already run");
         _clock.Restart();
@@ -174,16 +180,17 @@ public sealed class DecodingSession : IDisposable
             PositionIds = _promptPositions,
             Cache = Cache,
             LastPositionOnly = true,
-            ExitLayer = Options.ExitLayer,
+            ExitLayer = exitLayer,
         });
         return output.Logits.select(1, -1).to_type(ScalarType.Float32);
     }
 
     /// <summary>Feeds the last chosen token of every row; returns float32 scores [N, vocab] for the next one.</summary>
-    public Tensor StepLogits()
+    /// <param name="exitLayer">Run only the first this many layers (early exit); null = all.</param>
+    public Tensor StepLogits(int? exitLayer = null)
     {
         if (GeneratedLength == 0) throw new InvalidOperationException("run the prompt first");
-        _stepStart = _clock.Elapsed;
+        BeginStep();
         _positions.add_(1);
         var output = Model.forward(new ForwardInput
         {
@@ -192,9 +199,136 @@ public sealed class DecodingSession : IDisposable
             PositionIds = _positions,
             Cache = Cache,
             LastPositionOnly = true,
-            ExitLayer = Options.ExitLayer,
+            ExitLayer = exitLayer,
         });
         return output.Logits.select(1, -1).to_type(ScalarType.Float32);
+    }
+
+    /// <summary>Marks the start of a decode step: its time counts from here until the tokens are accepted.</summary>
+    public void BeginStep() => _stepStart = _clock.Elapsed;
+
+    /// <summary>
+    /// Keys every cache layer holds between decode steps: virtual tokens, prompt, and every generated token but the
+    /// last, which the next step feeds. Multi-token strategies truncate the cache back to this after a step.
+    /// </summary>
+    public int CommittedCacheLength => PastLength + PromptLength + GeneratedLength - 1;
+
+    /// <summary>Generated tokens a row may still add (MaxNewTokens − GeneratedLength).</summary>
+    public int RemainingTokens => Options.MaxNewTokens - GeneratedLength;
+
+    /// <summary>
+    /// Writes tokens int64 [N] into tentative column <paramref name="index"/>: 0 is the column right after the last
+    /// chosen token. Tentative columns (drafts) are seen by <see cref="InputIdsWithTentative"/> and
+    /// <see cref="ForwardColumns"/> and are overwritten when tokens are accepted.
+    /// </summary>
+    public void WriteTentative(int index, Tensor tokens)
+    {
+        if (index < 0 || GeneratedLength + index >= Options.MaxNewTokens)
+            throw new ArgumentOutOfRangeException(nameof(index), $"tentative column {index} is beyond MaxNewTokens");
+        _sequences.narrow(1, PromptLength + GeneratedLength + index, 1).copy_(tokens.view(-1, 1));
+    }
+
+    /// <summary>Prompt, chosen ids and the first <paramref name="tentative"/> tentative columns, int64 [N, L + generated + tentative] (a view).</summary>
+    public Tensor InputIdsWithTentative(int tentative) => _sequences.narrow(1, 0, PromptLength + GeneratedLength + tentative);
+
+    /// <summary>
+    /// One forward pass over <paramref name="count"/> columns starting <paramref name="first"/> columns after the last
+    /// chosen token (0 = that token, which no pass has fed yet; 1.. = tentative columns), at their positions, through
+    /// layers <paramref name="startLayer"/> .. <paramref name="exitLayer"/> − 1 with the session's cache and mask.
+    /// The cache layer <paramref name="startLayer"/> must hold exactly the keys before the first column: in
+    /// self-speculative decoding the draft's layers run ahead of the verifier's, and each pass starts where its layers are.
+    /// </summary>
+    public ForwardOutput ForwardColumns(int first, int count, int startLayer = 0, int? exitLayer = null, Tensor? layerInput = null,
+        bool outputHiddenStates = false, bool lastPositionOnly = false, bool skipHead = false)
+    {
+        if (GeneratedLength == 0) throw new InvalidOperationException("run the prompt first");
+        int column = PromptLength + GeneratedLength - 1 + first;
+        if (first < 0 || count < 1 || column + count > _sequences.shape[1])
+            throw new ArgumentOutOfRangeException(nameof(count), $"columns {first}..{first + count - 1} after the last chosen token are outside the buffer");
+        int past = Cache.LayerLength(startLayer);
+        if (past != PastLength + column)
+            throw new InvalidOperationException($"cache layer {startLayer} holds {past} keys; a pass from column {column} needs {PastLength + column}");
+        return Model.forward(new ForwardInput
+        {
+            InputIds = _sequences.narrow(1, column, count),
+            AttentionMask = HasPadding ? MaskView(past + count) : null,
+            // _positions holds the position of the last fed column, the one before the last chosen token.
+            PositionIds = _positions + _offsets.narrow(1, 1 + first, count),
+            Cache = Cache,
+            StartLayer = startLayer,
+            ExitLayer = exitLayer,
+            LayerInput = layerInput,
+            OutputHiddenStates = outputHiddenStates,
+            LastPositionOnly = lastPositionOnly,
+            SkipHead = skipHead,
+        });
+    }
+
+    /// <summary>Adds to the self-speculative counters: tokens drafted and drafts the verifier agreed with.</summary>
+    public void RecordDrafts(long drafted, long accepted)
+    {
+        _draftedTokens += drafted;
+        _acceptedDraftTokens += accepted;
+    }
+
+    /// <summary>
+    /// Records <paramref name="count"/> chosen tokens per row at once (multi-token strategies): <paramref name="tokens"/>
+    /// is int64 [N, ≥ count] on the device and <paramref name="hostTokens"/> the same values already read to the host
+    /// (row-major, <paramref name="stride"/> per row), so this adds no device sync. Finished rows must hold the pad
+    /// id. Stop conditions apply token by token; a row that ends inside the block gets pad after its last token.
+    /// Counts as one decode step (timed from <see cref="BeginStep"/>). Returns the accepted tokens, column by column.
+    /// </summary>
+    public IReadOnlyList<GeneratedToken> AcceptColumns(Tensor tokens, long[] hostTokens, int stride, int count)
+    {
+        if (RowsPerPrompt != 1) throw new InvalidOperationException("AcceptColumns is for one row per prompt");
+        if (GeneratedLength == 0) throw new InvalidOperationException("run the prompt first");
+        if (count < 1 || count > stride || GeneratedLength + count > Options.MaxNewTokens)
+            throw new ArgumentOutOfRangeException(nameof(count), $"cannot accept {count} tokens with {RemainingTokens} left");
+        if (hostTokens.Length < _rows.Length * stride) throw new ArgumentException("hostTokens holds fewer than N × stride values");
+        var events = new List<GeneratedToken>(_rows.Length * count);
+        bool finishedNow = false, repadded = false;
+        for (int c = 0; c < count; c++)
+        {
+            for (int r = 0; r < _rows.Length; r++)
+            {
+                var row = _rows[r];
+                if (row.Finish is not null)
+                {
+                    if (hostTokens[r * stride + c] != PadTokenId)
+                    {
+                        hostTokens[r * stride + c] = PadTokenId;
+                        repadded = true;
+                    }
+                    continue;
+                }
+                int id = (int)hostTokens[r * stride + c];
+                var (text, reason) = row.Add(id, _stopTokenSet.Contains(id), row.Tokens.Count + 1 >= Options.MaxNewTokens);
+                events.Add(new GeneratedToken(r, id, text, reason));
+                if (reason is not null) finishedNow = true;
+            }
+        }
+        var target = _sequences.narrow(1, PromptLength + GeneratedLength, count);
+        if (repadded)
+        {
+            // A row ended inside the block: write the corrected block (rare; a small host-to-device copy).
+            var block = new long[_rows.Length * count];
+            for (int r = 0; r < _rows.Length; r++) Array.Copy(hostTokens, r * stride, block, r * count, count);
+            using var corrected = torch.tensor(block, [_rows.Length, count], ScalarType.Int64, Device);
+            target.copy_(corrected);
+        }
+        else target.copy_(tokens.narrow(1, 0, count));
+        GeneratedLength += count;
+        _positions.add_(count);
+        if (finishedNow)
+        {
+            var flags = _rows.Select(r => r.Finish is null).ToArray();
+            using var t = torch.tensor(flags, device: Device);
+            _unfinished.copy_(t);
+        }
+        _decodeTime += _clock.Elapsed - _stepStart;
+        _decodeTokens += events.Count;
+        _decodeSteps++;
+        return events;
     }
 
     /// <summary>
@@ -278,6 +412,8 @@ public sealed class DecodingSession : IDisposable
             DecodeTime = _decodeTime,
             DecodeTokens = _decodeTokens,
             DecodeSteps = _decodeSteps,
+            DraftedTokens = _draftedTokens,
+            AcceptedDraftTokens = _acceptedDraftTokens,
         };
         _clock.Stop();
         return new GenerationResult(_rows.Select(r => r.ToSequence()).ToArray(), stats);
@@ -289,7 +425,7 @@ public sealed class DecodingSession : IDisposable
         _disposed = true;
         Cache.Dispose();
         Selector.Dispose();
-        foreach (var t in new[] { _promptIds, _sequences, _mask, _promptPositions, _positions, _unfinished }) t.Dispose();
+        foreach (var t in new[] { _promptIds, _sequences, _mask, _promptPositions, _positions, _unfinished, _offsets }) t.Dispose();
     }
 
     /// <summary>Tokens, text and stop state of one prompt's output.</summary>

@@ -3,8 +3,8 @@ using TorchSharp;
 namespace AdapterFlow.Generation;
 
 /// <summary>
-/// A way of producing tokens from a model: plain autoregressive decoding, beam search, and later early-exit
-/// and self-speculative decoding. A strategy drives a <see cref="DecodingSession"/> (which owns the batch,
+/// A way of producing tokens from a model: plain autoregressive decoding, beam search, early-exit and
+/// self-speculative decoding. A strategy drives a <see cref="DecodingSession"/> (which owns the batch,
 /// the cache, the logits processors and the stop conditions) until every row is finished.
 /// </summary>
 public interface IDecodingStrategy
@@ -25,19 +25,44 @@ public sealed class AutoregressiveDecoding : IDecodingStrategy
 {
     public static AutoregressiveDecoding Instance { get; } = new();
 
-    public IEnumerable<IReadOnlyList<GeneratedToken>> Run(DecodingSession session)
+    public IEnumerable<IReadOnlyList<GeneratedToken>> Run(DecodingSession session) => Loop(session, exitLayer: null);
+
+    /// <summary>The one-token-per-step loop through the first <paramref name="exitLayer"/> layers (null = all).</summary>
+    internal static IEnumerable<IReadOnlyList<GeneratedToken>> Loop(DecodingSession session, int? exitLayer)
     {
         while (!session.AllFinished)
         {
             IReadOnlyList<GeneratedToken> accepted;
             using (var scope = torch.NewDisposeScope())
             using (var noGrad = torch.no_grad())
-            {
-                var logits = session.GeneratedLength == 0 ? session.PrefillLogits() : session.StepLogits();
-                var scores = session.Processors.Process(logits, session.InputIds, session.GeneratedLength);
-                accepted = session.Accept(session.Selector.Select(scores));
-            }
+                accepted = Step(session, exitLayer);
             yield return accepted;
         }
+    }
+
+    /// <summary>One step (the prefill when nothing was generated yet): forward, logits processors, token choice, accept.</summary>
+    internal static IReadOnlyList<GeneratedToken> Step(DecodingSession session, int? exitLayer)
+    {
+        var logits = session.GeneratedLength == 0 ? session.PrefillLogits(exitLayer) : session.StepLogits(exitLayer);
+        var scores = session.Processors.Process(logits, session.InputIds, session.GeneratedLength);
+        return session.Accept(session.Selector.Select(scores));
+    }
+}
+
+/// <summary>
+/// Early exit (LayerSkip's "early-exit inference"): every token, prompt included, runs only the first
+/// <see cref="GenerationOptions.ExitLayer"/> layers, then the model's shared final norm and head. Faster in
+/// proportion to the layers skipped; the output is the truncated model's, so it is only good for models trained
+/// to exit early (layer dropout + early-exit loss). Otherwise like <see cref="AutoregressiveDecoding"/>; only the
+/// first E layers of the cache are filled.
+/// </summary>
+public sealed class EarlyExitDecoding : IDecodingStrategy
+{
+    public static EarlyExitDecoding Instance { get; } = new();
+
+    public IEnumerable<IReadOnlyList<GeneratedToken>> Run(DecodingSession session)
+    {
+        int exit = session.Options.ExitLayer ?? throw new ArgumentException("early-exit decoding needs GenerationOptions.ExitLayer");
+        return AutoregressiveDecoding.Loop(session, exit);
     }
 }

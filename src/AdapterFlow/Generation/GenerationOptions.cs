@@ -62,8 +62,22 @@ public sealed record GenerationOptions
     /// <summary>Beam search: stop as soon as <see cref="NumBeams"/> hypotheses are finished (transformers' early_stopping=True).</summary>
     public bool EarlyStopping { get; init; }
 
-    /// <summary>Run only the first N decoder layers for every token (early exit, e.g. with a LayerSkip-trained model). Null = all layers.</summary>
+    /// <summary>
+    /// How tokens are produced: plain autoregressive decoding (the default; beam search when <see cref="NumBeams"/>
+    /// &gt; 1), early exit at <see cref="ExitLayer"/>, or LayerSkip's self-speculative decoding (draft with the first
+    /// <see cref="ExitLayer"/> layers, verify with the rest). See docs/generation.md.
+    /// </summary>
+    public DecodingStrategyKind Strategy { get; init; } = DecodingStrategyKind.Autoregressive;
+
+    /// <summary>
+    /// The layer count E of <see cref="DecodingStrategyKind.EarlyExit"/> (every token runs the first E layers, then the
+    /// shared final norm and head) and of <see cref="DecodingStrategyKind.SelfSpeculative"/> (the draft runs them).
+    /// Required by those strategies, unused by the others. 1 ≤ E ≤ the model's layer count.
+    /// </summary>
     public int? ExitLayer { get; init; }
+
+    /// <summary>Self-speculative decoding: tokens drafted per round before one verification pass (LayerSkip's d).</summary>
+    public int NumSpeculations { get; init; } = 4;
 
     /// <summary>Leave special tokens (EOS, pad...) out of the decoded text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
@@ -83,13 +97,29 @@ public sealed record GenerationOptions
         if (NumReturnSequences > 1 && NumBeams > 1) throw new ArgumentException("NumReturnSequences > 1 is not supported with beam search");
         if (NumBeams > 1 && DoSample) throw new ArgumentException("beam search with sampling (NumBeams > 1 and DoSample) is not supported");
         if (ExitLayer is < 1) throw new ArgumentException($"ExitLayer must be at least 1, got {ExitLayer}");
+        if (NumSpeculations < 1) throw new ArgumentException($"NumSpeculations must be at least 1, got {NumSpeculations}");
+        switch (Strategy)
+        {
+            case DecodingStrategyKind.Autoregressive:
+                if (ExitLayer is not null)
+                    throw new ArgumentException($"ExitLayer {ExitLayer} is used by the EarlyExit and SelfSpeculative strategies; set Strategy to one of them (it is Autoregressive)");
+                break;
+            case DecodingStrategyKind.EarlyExit:
+            case DecodingStrategyKind.SelfSpeculative:
+                if (ExitLayer is null) throw new ArgumentException($"the {Strategy} strategy needs ExitLayer (the number of layers the {(Strategy == DecodingStrategyKind.EarlyExit ? "model" : "draft")} runs)");
+                if (NumBeams > 1) throw new ArgumentException($"beam search (NumBeams {NumBeams}) is not supported with the {Strategy} strategy");
+                break;
+            default:
+                throw new ArgumentException($"unknown decoding strategy {(int)Strategy}");
+        }
         if (StopStrings is not null && StopStrings.Any(string.IsNullOrEmpty)) throw new ArgumentException("StopStrings must not contain an empty string");
     }
 
     /// <summary>
     /// Reads a Hugging Face <c>generation_config.json</c> (a file, or the model folder holding one) on top of
     /// <paramref name="defaults"/>: eos/pad ids, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-    /// max_new_tokens, min_new_tokens, num_beams, length_penalty, early_stopping. Absent keys keep the defaults.
+    /// max_new_tokens, min_new_tokens, num_beams, length_penalty, early_stopping, and transformers' LayerSkip keys
+    /// assistant_early_exit (→ self-speculative decoding with that exit layer) and num_assistant_tokens. Absent keys keep the defaults.
     /// </summary>
     public static GenerationOptions FromGenerationConfig(string fileOrDirectory, GenerationOptions? defaults = null)
     {
@@ -109,8 +139,13 @@ public sealed record GenerationOptions
         bool earlyStopping = o.EarlyStopping;
         // early_stopping may also be the string "never"; only true changes our behaviour.
         if (json["early_stopping"] is JsonValue es && es.TryGetValue<bool>(out var esBool)) earlyStopping = esBool;
+        // transformers' LayerSkip support: assistant_early_exit = E drafts with the first E layers of the model itself.
+        int? assistantExit = ConfigJson.OptionalInt(json, path, "assistant_early_exit");
         var result = o with
         {
+            Strategy = assistantExit is null ? o.Strategy : DecodingStrategyKind.SelfSpeculative,
+            ExitLayer = assistantExit ?? o.ExitLayer,
+            NumSpeculations = assistantExit is null ? o.NumSpeculations : ConfigJson.Int(json, path, "num_assistant_tokens", o.NumSpeculations),
             StopTokenIds = ConfigJson.IntOrIntList(json, path, "eos_token_id") ?? o.StopTokenIds,
             PadTokenId = ConfigJson.OptionalInt(json, path, "pad_token_id") ?? o.PadTokenId,
             DoSample = ConfigJson.Bool(json, path, "do_sample", o.DoSample),
@@ -130,4 +165,21 @@ public sealed record GenerationOptions
         catch (ArgumentException e) { throw new InvalidDataException($"{path}: {e.Message}"); }
         return result;
     }
+}
+
+/// <summary>The decoding strategies <see cref="TextGenerator"/> picks from <see cref="GenerationOptions.Strategy"/>.</summary>
+public enum DecodingStrategyKind
+{
+    /// <summary>One full forward pass per token (<see cref="AutoregressiveDecoding"/>; beam search when NumBeams &gt; 1).</summary>
+    Autoregressive,
+
+    /// <summary>Every token runs only the first <see cref="GenerationOptions.ExitLayer"/> layers (<see cref="EarlyExitDecoding"/>): faster, different output.</summary>
+    EarlyExit,
+
+    /// <summary>
+    /// Draft <see cref="GenerationOptions.NumSpeculations"/> tokens with the first <see cref="GenerationOptions.ExitLayer"/>
+    /// layers, verify them with the remaining layers in one pass (<see cref="SelfSpeculativeDecoding"/>). Same output as
+    /// autoregressive decoding (greedy: token for token; sampling: the same distribution).
+    /// </summary>
+    SelfSpeculative,
 }

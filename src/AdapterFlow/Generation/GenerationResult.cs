@@ -61,6 +61,15 @@ public sealed record GenerationStats
     /// <summary>Decode steps run (forward passes after the prefill).</summary>
     public int DecodeSteps { get; init; }
 
+    /// <summary>Self-speculative decoding: tokens drafted by the early layers (over the rows still generating). 0 otherwise.</summary>
+    public long DraftedTokens { get; init; }
+
+    /// <summary>Self-speculative decoding: drafted tokens the full model agreed with (the longest agreeing prefix of each row's draft).</summary>
+    public long AcceptedDraftTokens { get; init; }
+
+    /// <summary>Accepted drafts / drafted tokens (self-speculative decoding); null when nothing was drafted.</summary>
+    public double? AcceptanceRate => DraftedTokens > 0 ? (double)AcceptedDraftTokens / DraftedTokens : null;
+
     /// <summary>Prompt tokens per second of prefill.</summary>
     public double PromptTokensPerSecond => PrefillTime > TimeSpan.Zero ? PromptTokens / PrefillTime.TotalSeconds : 0;
 

@@ -14,6 +14,12 @@ public interface ILogitsProcessor
     /// <param name="inputIds">int64 [batch, length]: prompt (with its left padding) followed by the tokens generated so far.</param>
     /// <param name="generatedLength">Tokens generated so far (columns of <paramref name="inputIds"/> after the prompt).</param>
     Tensor Process(Tensor scores, Tensor inputIds, int generatedLength);
+
+    /// <summary>
+    /// False when the result depends on the scores alone (temperature, top-k/p, min-p): then a strategy may process
+    /// the scores of several positions in one call. True (the safe default) when it reads the ids or the length.
+    /// </summary>
+    bool DependsOnHistory => true;
 }
 
 /// <summary>
@@ -71,6 +77,8 @@ public sealed class TemperatureProcessor : ILogitsProcessor
 
     public double Temperature { get; }
 
+    public bool DependsOnHistory => false;
+
     public Tensor Process(Tensor scores, Tensor inputIds, int generatedLength) => scores / Temperature;
 }
 
@@ -84,6 +92,8 @@ public sealed class TopKProcessor : ILogitsProcessor
     }
 
     public int TopK { get; }
+
+    public bool DependsOnHistory => false;
 
     public Tensor Process(Tensor scores, Tensor inputIds, int generatedLength)
     {
@@ -109,6 +119,8 @@ public sealed class TopPProcessor : ILogitsProcessor
     public double TopP { get; }
     public int MinTokensToKeep { get; }
 
+    public bool DependsOnHistory => false;
+
     public Tensor Process(Tensor scores, Tensor inputIds, int generatedLength)
     {
         // Ascending order: the tokens to drop are the prefix whose cumulative probability stays within 1 - p.
@@ -133,6 +145,8 @@ public sealed class MinPProcessor : ILogitsProcessor
 
     public double MinP { get; }
 
+    public bool DependsOnHistory => false;
+
     public Tensor Process(Tensor scores, Tensor inputIds, int generatedLength)
     {
         var probs = scores.softmax(-1);
@@ -148,6 +162,8 @@ public sealed class LogitsProcessorList : ILogitsProcessor
     public LogitsProcessorList(IEnumerable<ILogitsProcessor> processors) => Processors = processors.ToList();
 
     public IReadOnlyList<ILogitsProcessor> Processors { get; }
+
+    public bool DependsOnHistory => Processors.Any(p => p.DependsOnHistory);
 
     public Tensor Process(Tensor scores, Tensor inputIds, int generatedLength)
     {

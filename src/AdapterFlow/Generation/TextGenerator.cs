@@ -5,8 +5,8 @@ namespace AdapterFlow.Generation;
 
 /// <summary>
 /// Generates text with any <see cref="CausalLM"/>: batches of prompts of different lengths (left padding),
-/// greedy, sampling (temperature, top-k, top-p, min-p, seed), repetition penalty, beam search, stop tokens and
-/// stop strings, and token-by-token streaming.
+/// greedy, sampling (temperature, top-k, top-p, min-p, seed), repetition penalty, beam search, early-exit and
+/// self-speculative decoding (LayerSkip), stop tokens and stop strings, and token-by-token streaming.
 /// <code>
 /// var generator = new TextGenerator(model, tokenizer);
 /// string text = generator.GenerateText("Once upon a time", new GenerationOptions { MaxNewTokens = 50 });
@@ -28,7 +28,10 @@ public sealed class TextGenerator
     /// <summary>Options used when a call passes none.</summary>
     public GenerationOptions Defaults { get; }
 
-    /// <summary>Decoding strategy to use; null picks beam search when NumBeams &gt; 1, else autoregressive decoding.</summary>
+    /// <summary>
+    /// Decoding strategy to use; null follows <see cref="GenerationOptions.Strategy"/> (beam search when NumBeams &gt; 1,
+    /// else autoregressive, early-exit or self-speculative decoding).
+    /// </summary>
     public IDecodingStrategy? Strategy { get; init; }
 
     /// <summary>Continues every prompt (token ids, without padding); returns one sequence per prompt.</summary>
@@ -83,8 +86,12 @@ public sealed class TextGenerator
 
     private static int RowsPerPrompt(GenerationOptions options) => options.NumBeams;
 
-    private IDecodingStrategy StrategyFor(GenerationOptions options) =>
-        Strategy ?? (options.NumBeams > 1 ? BeamSearchDecoding.Instance : AutoregressiveDecoding.Instance);
+    private IDecodingStrategy StrategyFor(GenerationOptions options) => Strategy ?? options.Strategy switch
+    {
+        DecodingStrategyKind.EarlyExit => EarlyExitDecoding.Instance,
+        DecodingStrategyKind.SelfSpeculative => SelfSpeculativeDecoding.Instance,
+        _ => options.NumBeams > 1 ? BeamSearchDecoding.Instance : AutoregressiveDecoding.Instance,
+    };
 }
 
 /// <summary>A token stream; <see cref="Result"/> is set once it has been enumerated to the end.</summary>

@@ -30,10 +30,20 @@ public sealed class SamplingSelector : ITokenSelector
 
     public Tensor Select(Tensor scores)
     {
-        if (_seed is long seed && _generator is null)
-            _generator = new torch.Generator(unchecked((ulong)seed), scores.device);
         var probs = scores.to_type(ScalarType.Float32).softmax(-1);
-        return torch.multinomial(probs, 1, generator: _generator).squeeze(-1);
+        return torch.multinomial(probs, 1, generator: GeneratorOn(scores.device)).squeeze(-1);
+    }
+
+    /// <summary>
+    /// The generator every draw of this generation uses (strategies that draw more, like self-speculative decoding,
+    /// share it so a seed fixes the whole output): created from the seed on first use, or null without a seed
+    /// (torch's global generator).
+    /// </summary>
+    public torch.Generator? GeneratorOn(Device device)
+    {
+        if (_seed is long seed && _generator is null)
+            _generator = new torch.Generator(unchecked((ulong)seed), device);
+        return _generator;
     }
 
     public void Dispose()

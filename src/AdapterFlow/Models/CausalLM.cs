@@ -54,6 +54,13 @@ public sealed record ForwardInput
 
     /// <summary>Compute logits for the last position only (decoding: saves the vocabulary GEMM on the prompt).</summary>
     public bool LastPositionOnly { get; init; }
+
+    /// <summary>
+    /// Skip the final norm and head: <see cref="ForwardOutput.Logits"/> is empty [batch, 0, vocab]. For passes whose
+    /// hidden states (<see cref="OutputHiddenStates"/>) only feed later layers, e.g. the last draft token of
+    /// self-speculative decoding, where the head would be a wasted vocabulary GEMM.
+    /// </summary>
+    public bool SkipHead { get; init; }
 }
 
 /// <summary>What a forward pass returns.</summary>
@@ -165,6 +172,8 @@ public abstract class CausalLM : nn.Module<ForwardInput, ForwardOutput>
                 : RunLayer(i, hidden, context);
         }
         states?.Add(hidden);
+        if (input.SkipHead)
+            return new ForwardOutput(torch.empty(hidden.shape[0], 0, Config.VocabSize, dtype: hidden.dtype, device: hidden.device), states);
         if (input.LastPositionOnly)
             hidden = hidden.narrow(1, hidden.shape[1] - 1, 1);
         return new ForwardOutput(Head(hidden), states);

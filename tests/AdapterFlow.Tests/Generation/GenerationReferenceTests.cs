@@ -106,7 +106,7 @@ public class GenerationReferenceTests
         using var reference = ReferenceCase.Open(arch);
         using var model = Load(reference);
         var prompts = UnpaddedPrompts(reference);
-        var result = new TextGenerator(model).Generate(prompts, new GenerationOptions { MaxNewTokens = 8, StopTokenIds = [], ExitLayer = 1 });
+        var result = new TextGenerator(model).Generate(prompts, new GenerationOptions { MaxNewTokens = 8, StopTokenIds = [], Strategy = DecodingStrategyKind.EarlyExit, ExitLayer = 1 });
         for (int r = 0; r < prompts.Length; r++)
         {
             var tokens = prompts[r].Select(i => (long)i).ToList();

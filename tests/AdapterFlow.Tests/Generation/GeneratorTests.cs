@@ -281,9 +281,14 @@ public class GeneratorTests
     public void ExitLayerIsPassedToTheModel()
     {
         using var model = new TinyLM();
-        var ex = Assert.Throws<ArgumentException>(() => new TextGenerator(model).Generate(PromptA, Plain(2) with { ExitLayer = 2 }));
+        var earlyExit = Plain(2) with { Strategy = DecodingStrategyKind.EarlyExit };
+        var ex = Assert.Throws<ArgumentException>(() => new TextGenerator(model).Generate(PromptA, earlyExit with { ExitLayer = 2 }));
         Assert.Contains("ExitLayer 2", ex.Message);
-        Assert.Equal(new TextGenerator(model).Generate(PromptA, Plain(5)).Tokens, new TextGenerator(model).Generate(PromptA, Plain(5) with { ExitLayer = 1 }).Tokens);
+        // The strategy is explicit: an exit layer alone is a mistake, and early exit without one too.
+        Assert.Contains("Strategy", Assert.Throws<ArgumentException>(() => new TextGenerator(model).Generate(PromptA, Plain(2) with { ExitLayer = 1 })).Message);
+        Assert.Contains("ExitLayer", Assert.Throws<ArgumentException>(() => new TextGenerator(model).Generate(PromptA, earlyExit)).Message);
+        Assert.Equal(new TextGenerator(model).Generate(PromptA, Plain(5)).Tokens,
+            new TextGenerator(model).Generate(PromptA, Plain(5) with { Strategy = DecodingStrategyKind.EarlyExit, ExitLayer = 1 }).Tokens);
     }
 
     [Fact]

@@ -32,6 +32,31 @@ public class StoriesGenerationTests
     }
 
     [SkippableFact]
+    public void SelfSpeculativeDecodingWritesTheGoldenStoryAtEveryExitLayer()
+    {
+        var (model, tokenizer, golden) = Load();
+        using var _ = model;
+        var ids = ((JsonArray)golden["token_ids"]!).Select(x => x!.GetValue<int>()).ToArray();
+        var generator = new TextGenerator(model, tokenizer);
+        for (int exit = 1; exit <= model.NumLayers; exit++)
+            foreach (var k in new[] { 2, 6 })
+            {
+                var result = generator.Generate([ids[0]], new GenerationOptions
+                {
+                    MaxNewTokens = 60, Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k,
+                });
+                Assert.Equal(ids.Skip(1), result.Tokens);
+                Assert.Equal(golden["text"]!.GetValue<string>(), result.Text);
+            }
+        // A padded batch of story openings: each row equals autoregressive decoding of the same batch.
+        string[] prompts = ["Once upon a time", "Lily and Tom went to the park. They saw a big", "One day, a little dog"];
+        var plain = new GenerationOptions { MaxNewTokens = 30 };
+        var expected = generator.Generate(prompts, plain);
+        var speculative = generator.Generate(prompts, plain with { Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = 3, NumSpeculations = 4 });
+        for (int r = 0; r < prompts.Length; r++) Assert.Equal(expected.Sequences[r].Tokens, speculative.Sequences[r].Tokens);
+    }
+
+    [SkippableFact]
     public async Task StreamedTextAddsUpToTheTextAndStopStringsCutIt()
     {
         var (model, tokenizer, golden) = Load();

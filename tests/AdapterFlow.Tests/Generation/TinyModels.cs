@@ -71,7 +71,7 @@ internal sealed class TinyLM : CausalLM
     {
         var embeds = input.InputsEmbeds ?? EmbedTokens(input.InputIds!);
         long batch = embeds.shape[0], time = embeds.shape[1];
-        int past = input.Cache?.Length ?? 0;
+        int past = input.PastLength;
         var positions = input.PositionIds ?? Attention.DefaultPositions(batch, time, past, embeds.device);
         var (mask, causal) = Attention.BuildMask(input.AttentionMask, batch, time, past, embeds.device);
         hidden = embeds + wpe.forward(positions);

@@ -1,0 +1,52 @@
+using System.Globalization;
+using System.Text;
+using AdapterFlow.Generation;
+
+namespace AdapterFlow.Bench;
+
+/// <summary>
+/// The `speculative` suite: <see cref="SpeculativeSweep"/> (the library code behind `adapterflow bench-speculative`) on
+/// a model folder, as a Markdown table for docs/benchmarks.md.
+/// </summary>
+public static class SpeculativeBench
+{
+    public static string Table(string modelDir, string machine, int newTokens, string? exitLayers, string? numSpeculations, int repeats)
+    {
+        using var textModel = TextModel.Load(modelDir);
+        var model = textModel.Model;
+        var prompts = SpeculativeSweep.DefaultPrompts.Select(t => textModel.Tokenizer.Encode(t, addSpecialTokens: true)).ToArray();
+        var options = new SpeculativeSweepOptions
+        {
+            ExitLayers = exitLayers is null ? null : Parse(exitLayers),
+            NumSpeculations = numSpeculations is null ? new SpeculativeSweepOptions().NumSpeculations : Parse(numSpeculations),
+            MaxNewTokens = newTokens,
+            StopTokenIds = textModel.GenerationStopTokenIds,
+            Repeats = repeats,
+        };
+        Console.WriteLine($"Self-speculative sweep on {modelDir}: {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters");
+        var result = SpeculativeSweep.Run(model, prompts, options, line => Console.WriteLine("  " + line));
+
+        var table = new StringBuilder();
+        table.AppendLine(machine);
+        table.AppendLine();
+        table.AppendLine(string.Create(CultureInfo.InvariantCulture,
+            $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({model.Config.ModelType}, {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters, {model.DType}); ") +
+            string.Create(CultureInfo.InvariantCulture,
+            $"{prompts.Length} built-in prompts one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
+            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass)."));
+        table.AppendLine();
+        table.AppendLine("| exit layer E | drafts K | decode tok/s | speed-up | acceptance | tokens/round | same tokens as autoregressive |");
+        table.AppendLine("|---:|---:|---:|---:|---:|---:|---|");
+        foreach (var p in result.Points)
+            table.AppendLine(string.Create(CultureInfo.InvariantCulture,
+                $"| {p.ExitLayer} | {p.NumSpeculations} | {p.TokensPerSecond:F1} | {p.Speedup:F2}× | {100 * p.AcceptanceRate:F0}% | {p.TokensPerRound:F2} | {(p.IdenticalOutput ? "yes" : "**NO**")} |"));
+        table.AppendLine();
+        table.AppendLine(result.Best is { } best
+            ? string.Create(CultureInfo.InvariantCulture, $"Best: E = {best.ExitLayer}, K = {best.NumSpeculations}: {best.Speedup:F2}× ({best.TokensPerSecond:F1} tok/s, acceptance {100 * best.AcceptanceRate:F0}%).")
+            : "No setting reproduced the autoregressive tokens (a bug).");
+        return table.ToString();
+    }
+
+    private static int[] Parse(string list) =>
+        list.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => int.Parse(x, CultureInfo.InvariantCulture)).ToArray();
+}
