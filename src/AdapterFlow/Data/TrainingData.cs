@@ -29,33 +29,14 @@ public sealed record LoadedRecords<T>(IReadOnlyList<T> Items, IReadOnlyList<stri
 /// </summary>
 public static class InstructionDataset
 {
-    public static LoadedRecords<InstructionExample> Load(string path, BadRecordPolicy policy = BadRecordPolicy.Fail)
-    {
-        var items = new List<InstructionExample>();
-        var problems = new List<string>();
-        foreach (var (element, line, parseError) in JsonRecords.Read(path))
+    public static LoadedRecords<InstructionExample> Load(string path, BadRecordPolicy policy = BadRecordPolicy.Fail) =>
+        JsonRecords.LoadObjects<InstructionExample>(path, policy, (element, line) =>
         {
-            string? error = parseError;
-            InstructionExample? example = null;
-            if (error is not null) { }
-            else if (element.ValueKind != JsonValueKind.Object) error = $"expected an object, got {element.ValueKind}";
-            else
-            {
-                var instruction = JsonRecords.String(element, "instruction", required: true, out error);
-                var input = error is null ? JsonRecords.String(element, "input", required: false, out error) : null;
-                var output = error is null ? JsonRecords.String(element, "output", required: true, out error) : null;
-                if (error is null) example = new InstructionExample(instruction!, input ?? "", output!, path, line);
-            }
-            if (error is not null)
-            {
-                var message = $"{path}:{line}: {error}";
-                if (policy == BadRecordPolicy.Fail) throw new InvalidDataException(message);
-                problems.Add(message);
-            }
-            else items.Add(example!);
-        }
-        return new LoadedRecords<InstructionExample>(items, problems);
-    }
+            var instruction = JsonRecords.String(element, "instruction", required: true, out var error);
+            var input = error is null ? JsonRecords.String(element, "input", required: false, out error) : null;
+            var output = error is null ? JsonRecords.String(element, "output", required: true, out error) : null;
+            return error is null ? (new InstructionExample(instruction!, input ?? "", output!, path, line), null) : (null, error);
+        });
 }
 
 /// <summary>One document of a plain-text corpus.</summary>
@@ -76,24 +57,34 @@ public static class TextCorpus
             var text = File.ReadAllText(path);
             return new LoadedRecords<TextDocument>(text.Length == 0 ? [] : [new TextDocument(text, path, 1)], []);
         }
-        var items = new List<TextDocument>();
-        var problems = new List<string>();
-        foreach (var (element, line, parseError) in JsonRecords.Read(path))
+        return JsonRecords.LoadObjects<TextDocument>(path, policy, (element, line) =>
         {
-            string? error = parseError;
-            string? text = null;
-            if (error is not null) { }
-            else if (element.ValueKind != JsonValueKind.Object) error = $"expected an object, got {element.ValueKind}";
-            else text = JsonRecords.String(element, "text", required: true, out error);
-            if (error is not null)
-            {
-                var message = $"{path}:{line}: {error}";
-                if (policy == BadRecordPolicy.Fail) throw new InvalidDataException(message);
-                problems.Add(message);
-            }
-            else items.Add(new TextDocument(text!, path, line));
+            var text = JsonRecords.String(element, "text", required: true, out var error);
+            return error is null ? (new TextDocument(text!, path, line), null) : (null, error);
+        });
+    }
+}
+
+/// <summary>Facts about a training data file.</summary>
+public static class DataFile
+{
+    /// <summary>
+    /// The shape of a data file's records, from its first record that is an object: <c>messages</c> → chat,
+    /// <c>chosen</c> → preference, <c>text</c> → text, otherwise instruction. A .txt file is text.
+    /// </summary>
+    public static DataShape DetectShape(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: data file not found");
+        if (Path.GetExtension(path).ToLowerInvariant() is not (".json" or ".jsonl")) return DataShape.Text;
+        foreach (var (element, _, error) in JsonRecords.Read(path))
+        {
+            if (error is not null || element.ValueKind != JsonValueKind.Object) continue;
+            if (element.TryGetProperty("messages", out _)) return DataShape.Chat;
+            if (element.TryGetProperty("chosen", out _)) return DataShape.Preference;
+            if (element.TryGetProperty("text", out _) && !element.TryGetProperty("instruction", out _)) return DataShape.Text;
+            return DataShape.Instruction;
         }
-        return new LoadedRecords<TextDocument>(items, problems);
+        return DataShape.Instruction;
     }
 }
 
@@ -164,6 +155,34 @@ internal static class JsonRecords
             }
         }
         return result;
+    }
+
+    /// <summary>
+    /// Reads a file's records, each an object that <paramref name="parse"/> turns into an item or an error; a bad
+    /// record (unparsable line, not an object, parse error) throws "file:line: error" under
+    /// <see cref="BadRecordPolicy.Fail"/> or is skipped and listed under <see cref="BadRecordPolicy.Skip"/>.
+    /// </summary>
+    public static LoadedRecords<T> LoadObjects<T>(string path, BadRecordPolicy policy, Func<JsonElement, int, (T? Item, string? Error)> parse)
+        where T : class
+    {
+        var items = new List<T>();
+        var problems = new List<string>();
+        foreach (var (element, line, parseError) in Read(path))
+        {
+            string? error = parseError;
+            T? item = null;
+            if (error is not null) { }
+            else if (element.ValueKind != JsonValueKind.Object) error = $"expected an object, got {element.ValueKind}";
+            else (item, error) = parse(element, line);
+            if (error is not null || item is null)
+            {
+                var message = $"{path}:{line}: {error ?? "bad record"}";
+                if (policy == BadRecordPolicy.Fail) throw new InvalidDataException(message);
+                problems.Add(message);
+            }
+            else items.Add(item);
+        }
+        return new LoadedRecords<T>(items, problems);
     }
 
     /// <summary>A string field; null with no error when absent/null and not required.</summary>
