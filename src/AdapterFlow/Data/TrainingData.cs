@@ -88,6 +88,41 @@ public static class DataFile
     }
 }
 
+/// <summary>Held-out splits that are the same in every process for the same seed.</summary>
+public static class HeldOut
+{
+    /// <summary>
+    /// Splits <paramref name="items"/> into training and held-out parts: a shuffle seeded by
+    /// <paramref name="seed"/> picks round(fraction × count) items (at least one) for evaluation; both parts keep
+    /// the file's order. The same seed and data always give the same split.
+    /// </summary>
+    public static (IReadOnlyList<T> Train, IReadOnlyList<T> Eval) Split<T>(IReadOnlyList<T> items, double fraction, long seed)
+    {
+        ArgumentNullException.ThrowIfNull(items);
+        if (!(fraction > 0 && fraction < 1)) throw new ArgumentException($"the held-out fraction must be in (0, 1), got {fraction}");
+        int evalCount = Math.Max(1, (int)Math.Round(fraction * items.Count));
+        if (evalCount >= items.Count)
+            throw new ArgumentException($"holding out {fraction} of {items.Count} records leaves nothing to train on");
+        var order = Enumerable.Range(0, items.Count).ToArray();
+        new Random(MixSeed(seed, 0x5EED)).Shuffle(order);
+        var held = order.Take(evalCount).ToHashSet();
+        var train = new List<T>(items.Count - evalCount);
+        var eval = new List<T>(evalCount);
+        for (int i = 0; i < items.Count; i++) (held.Contains(i) ? eval : train).Add(items[i]);
+        return (train, eval);
+    }
+
+    /// <summary>A 32-bit seed from a seed and a stream number (SplitMix64's finaliser; stable across processes, unlike HashCode).</summary>
+    public static int MixSeed(long seed, long stream)
+    {
+        ulong z = unchecked((ulong)seed + 0x9E3779B97F4A7C15UL * (ulong)(stream + 1));
+        z = unchecked((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL);
+        z = unchecked((z ^ (z >> 27)) * 0x94D049BB133111EBUL);
+        z ^= z >> 31;
+        return unchecked((int)z);
+    }
+}
+
 /// <summary>
 /// Reads the records of a JSON array or a JSON Lines file, each with the line it starts on. A JSON Lines line
 /// that does not parse is returned as a parse error (a bad record); a broken JSON array throws, as there is no

@@ -273,7 +273,8 @@ public sealed class Trainer : IDisposable
     /// <summary>The batches of one epoch: a shuffle seeded by (seed, epoch), so any step's batch can be found again.</summary>
     private List<int[]> EpochBatches(IReadOnlyList<Example> data, int epoch)
     {
-        var random = new Random(HashCode.Combine(Options.Seed, epoch));
+        // Not HashCode.Combine: it is salted per process, so a resumed process would shuffle differently.
+        var random = new Random(Data.HeldOut.MixSeed(Options.Seed, epoch));
         return Options.GroupByLength
             ? Batching.LengthGrouped(data.Select(e => e.Length).ToArray(), Options.BatchSize, random)
             : Batching.Shuffled(data.Count, Options.BatchSize, random);
