@@ -201,7 +201,7 @@ internal static class ChatJson
             if (messages[i].Role != expected)
                 return messages[i].Role == ChatRole.System
                     ? $"{field}[{i}]: a system message may only come first"
-                    : $"{field}[{i}]: expected a {RoleName(expected)} turn, got {RoleName(messages[i].Role)} (turns must alternate user/assistant)";
+                    : $"{field}[{i}]: expected {(expected == ChatRole.User ? "a user" : "an assistant")} turn, got {RoleName(messages[i].Role)} (turns must alternate user/assistant)";
         }
         if (mustEndWithUser && messages[^1].Role != ChatRole.User) return $"field '{field}' must end with a user turn";
         return null;

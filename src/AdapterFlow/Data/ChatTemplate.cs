@@ -34,7 +34,7 @@ public sealed record RenderedChat(string Text, IReadOnlyList<(int Start, int End
 /// when there is a system message and <see cref="System"/> is null, as Llama-2 folds it into the first
 /// instruction); assistant → <see cref="AssistantStart"/> + content + <see cref="AssistantEnd"/> +
 /// <see cref="AssistantAfter"/>, of which content + AssistantEnd is what SFT learns.
-/// The generation prompt (for DPO prompts and for generating) is <see cref="AssistantStart"/>.
+/// The generation prompt is <see cref="GenerationPrompt"/>, by default <see cref="AssistantStart"/>.
 /// </summary>
 /// <remarks>
 /// Hugging Face ships chat formats as Jinja programs (tokenizer_config.json "chat_template"). Rather than an
@@ -64,6 +64,9 @@ public sealed record ChatTemplate
     /// <summary>After an assistant reply's content, learned with it (the end-of-turn marker).</summary>
     public string AssistantEnd { get; init; } = "";
 
+    /// <summary>What add_generation_prompt appends (null: <see cref="AssistantStart"/>). Llama-2 has none: its prompt ends at "[/INST]".</summary>
+    public string? GenerationPrompt { get; init; }
+
     /// <summary>After <see cref="AssistantEnd"/>, not learned (a separator such as a newline).</summary>
     public string AssistantAfter { get; init; } = "";
 
@@ -87,6 +90,7 @@ public sealed record ChatTemplate
             FirstUserWithSystem = "{bos}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
             AssistantStart = " ",
             AssistantEnd = " {eos}",
+            GenerationPrompt = "",
             StripContent = true,
         },
         // meta-llama/Meta-Llama-3-*-Instruct: header tokens, <|eot_id|> ends every turn, BOS once.
@@ -177,7 +181,7 @@ public sealed record ChatTemplate
 
     /// <summary>
     /// Reads a template file: a YAML or JSON mapping with the keys name, begin, system, user,
-    /// first_user_with_system, assistant_start, assistant_end, assistant_after, default_system, strip_content
+    /// first_user_with_system, assistant_start, assistant_end, assistant_after, generation_prompt, default_system, strip_content
     /// (only user is required). Unknown keys and bad values raise an error naming the file and key.
     /// </summary>
     public static ChatTemplate Load(string path)
@@ -198,7 +202,7 @@ public sealed record ChatTemplate
             if (!map.TryGetValue(key, out var value) || value is null) return null;
             return value as string ?? throw new InvalidDataException($"{path}: key '{key}' must be a string");
         }
-        string[] known = ["name", "begin", "system", "user", "first_user_with_system", "assistant_start", "assistant_end", "assistant_after", "default_system", "strip_content"];
+        string[] known = ["name", "begin", "system", "user", "first_user_with_system", "assistant_start", "assistant_end", "assistant_after", "generation_prompt", "default_system", "strip_content"];
         foreach (var key in map.Keys)
             if (!known.Contains(key)) throw new InvalidDataException($"{path}: unknown key '{key}' (expected {string.Join(", ", known)})");
         var strip = Text("strip_content")?.ToLowerInvariant() switch
@@ -217,6 +221,7 @@ public sealed record ChatTemplate
             AssistantStart = Text("assistant_start") ?? "",
             AssistantEnd = Text("assistant_end") ?? "",
             AssistantAfter = Text("assistant_after") ?? "",
+            GenerationPrompt = Text("generation_prompt"),
             DefaultSystem = Text("default_system"),
             StripContent = strip,
         };
@@ -241,6 +246,7 @@ public sealed record ChatTemplate
         Check("assistant_start", AssistantStart, "bos", "eos");
         Check("assistant_end", AssistantEnd, "bos", "eos");
         Check("assistant_after", AssistantAfter, "bos", "eos");
+        Check("generation_prompt", GenerationPrompt, "bos", "eos");
         if (!User.Contains("{content}")) throw new InvalidDataException($"{source}: key 'user' must contain {{content}}");
         if (System is not null && !System.Contains("{content}")) throw new InvalidDataException($"{source}: key 'system' must contain {{content}}");
         if (FirstUserWithSystem is not null && !(FirstUserWithSystem.Contains("{content}") && FirstUserWithSystem.Contains("{system}")))
@@ -325,7 +331,7 @@ public sealed record ChatTemplate
                     throw new ArgumentException($"messages[{i}]: a system message may only come first");
             }
         }
-        if (addGenerationPrompt) Append(AssistantStart);
+        if (addGenerationPrompt) Append(GenerationPrompt ?? AssistantStart);
         return new RenderedChat(text.ToString(), spans);
     }
 
