@@ -34,7 +34,8 @@ public sealed record LearningRateSchedule(LrScheduleKind Kind, double PeakLearni
     {
         if (step < 0) throw new ArgumentOutOfRangeException(nameof(step), $"step must be non-negative, got {step}");
         if (step < WarmupSteps) return WarmupStartLearningRate + (PeakLearningRate - WarmupStartLearningRate) * step / Math.Max(1, WarmupSteps);
-        double progress = (double)(step - WarmupSteps) / Math.Max(1, TotalSteps - WarmupSteps);
+        // Clamped: past the last step the rate stays at the floor (transformers' cosine would rise again).
+        double progress = Math.Min(1.0, (double)(step - WarmupSteps) / Math.Max(1, TotalSteps - WarmupSteps));
         double factor = Kind switch
         {
             LrScheduleKind.Constant => 1.0,
