@@ -266,7 +266,17 @@ internal static class TrainCommand
                 ["best_step"] = trainer.BestStep,
                 ["best_eval_loss"] = trainer.BestEvalLoss,
                 ["best_output"] = trainer.BestStep is null ? null : bestDir,
+                ["learning_rate"] = options.LearningRate,
+                ["min_learning_rate"] = options.MinLearningRate,
+                ["warmup_steps"] = options.WarmupSteps,
             };
+            if (trainer.Objective is DpoObjective dpo)
+            {
+                summary["beta"] = dpo.Options.Beta;
+                summary["label_smoothing"] = dpo.Options.LabelSmoothing;
+                summary["reference"] = peft is null ? "precomputed" : "adapter disabled";
+            }
+            if (trainer.Evaluation is { } evaluation) summary["eval_every"] = evaluation.Every;
             var last = result.Steps.Count > 0 ? result.Steps[^1] : null;
             var lastEval = result.Steps.LastOrDefault(s => s.EvalLoss is not null);
             if (lastEval is not null) summary["eval_loss"] = lastEval.EvalLoss;

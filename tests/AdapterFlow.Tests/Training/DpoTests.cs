@@ -67,7 +67,7 @@ public class DpoTests
         // The base model's log-probabilities before any training: what the reference must be throughout.
         var before = DpoObjective.PrecomputeReference(model, data, Collate);
         var peft = Lora(model, dropout: 0.1);
-        using var trainer = Trainer.ForAdapter(peft, Options(16, lr: 2e-2));
+        using var trainer = Trainer.ForAdapter(peft, Options(10, lr: 3e-2) with { MicroBatchSize = 4 });
         trainer.Objective = new DpoObjective(new DpoOptions { Beta = 0.5 }, peft);
         var result = trainer.Train(data, Collate);
 
