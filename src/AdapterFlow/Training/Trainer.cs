@@ -276,7 +276,7 @@ public sealed class Trainer : IDisposable
         // Not HashCode.Combine: it is salted per process, so a resumed process would shuffle differently.
         var random = new Random(Data.HeldOut.MixSeed(Options.Seed, epoch));
         return Options.GroupByLength
-            ? Batching.LengthGrouped(data.Select(e => e.Length).ToArray(), Options.BatchSize, random)
+            ? Batching.LengthGrouped(data.Select(e => Math.Max(e.Length, e.Rejected?.Length ?? 0)).ToArray(), Options.BatchSize, random)
             : Batching.Shuffled(data.Count, Options.BatchSize, random);
     }
 
@@ -327,12 +327,9 @@ public sealed class Trainer : IDisposable
         return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds) { Extra = extra };
     }
 
-    private static long LabelTokenCount(Example example)
-    {
-        long count = 0;
-        for (int i = 1; i < example.Labels.Length; i++) if (example.Labels[i] != Example.IgnoreIndex) count++;
-        return count;
-    }
+    /// <summary>Labelled (predicted) tokens, of both sequences of a preference pair.</summary>
+    private static long LabelTokenCount(Example example) =>
+        ChatTokenizer.LabelCount(example) + (example.Rejected is { } rejected ? ChatTokenizer.LabelCount(rejected) : 0);
 
     // ---------------------------------------------------------------- checkpoints
 
