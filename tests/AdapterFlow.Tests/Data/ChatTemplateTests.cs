@@ -134,6 +134,21 @@ public sealed class ChatTemplateTests : IDisposable
     }
 
     [Fact]
+    public void Instruction_records_through_a_chat_template_are_one_user_turn()
+    {
+        var tokenizer = new ByteTokenizer();
+        var records = new[]
+        {
+            new InstructionExample("Add the numbers.", "2, 3", "5", "data.json", 1),
+            new InstructionExample("Add 1 and 1.", "", "2", "data.json", 2),
+        };
+        var data = ChatTokenizer.Tokenize(records, ChatTemplate.BuiltIn("llama2"), tokenizer);
+        Assert.Equal("<s>[INST] Add the numbers.\n\n2, 3 [/INST] 5 </s>", tokenizer.Decode(data.Examples[0].InputIds));
+        Assert.Equal("<s>[INST] Add 1 and 1. [/INST] 2 </s>", tokenizer.Decode(data.Examples[1].InputIds));
+        Assert.Equal("5 </s>", tokenizer.Decode(data.Examples[0].Labels.Where(l => l >= 0).ToArray()));
+    }
+
+    [Fact]
     public void Cutoff_truncates_and_counts()
     {
         var tokenizer = new ByteTokenizer();
