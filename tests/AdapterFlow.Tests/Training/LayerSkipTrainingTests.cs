@@ -299,6 +299,32 @@ public sealed class LayerSkipTrainingTests(ITestOutputHelper log) : IDisposable
     }
 
     [Fact]
+    public void Early_exit_gradient_accumulation_matches_one_big_batch()
+    {
+        // Each exit's loss is normalised by the whole batch's labelled tokens, so micro-batches add up exactly.
+        var options = new TrainerOptions
+        {
+            LearningRate = 5e-3, BatchSize = 4, MicroBatchSize = 4, Epochs = 2, Seed = 2,
+            EarlyExit = new EarlyExitOptions(EarlyExitScale.Sqrt, EarlyExitCurriculum.Rotational, Rotation: 3),
+        };
+        StepMetrics[] Run(TrainerOptions o)
+        {
+            using var model = Deep();
+            using var trainer = Trainer.ForModel(model, o);
+            return trainer.Train(TrainerTests.Examples(8), Collate).Steps.ToArray();
+        }
+        var whole = Run(options);
+        var accumulated = Run(options with { MicroBatchSize = 1 });
+        Assert.Equal(4, whole.Length);
+        for (int i = 0; i < whole.Length; i++)
+        {
+            Assert.Equal(whole[i].Loss, accumulated[i].Loss, 4);
+            Assert.Equal(whole[i].EarlyExitLoss!.Value, accumulated[i].EarlyExitLoss!.Value, 4);
+            Assert.Equal(whole[i].GradNorm!.Value, accumulated[i].GradNorm!.Value, 3);
+        }
+    }
+
+    [Fact]
     public void Memory_stays_flat_across_steps_with_layer_dropout_and_early_exit()
     {
         using var model = Deep();
