@@ -52,7 +52,7 @@ public sealed class EvalAndScheduleTests : IDisposable
         using var fresh = TrainerTests.TinyLlama();
         var reloaded = PeftModel.FromPretrained(fresh, best, isTrainable: true);
         using var check = Trainer.ForAdapter(reloaded, new TrainerOptions { MicroBatchSize = 4, BatchSize = 4 });
-        Assert.Equal(result.BestEvalLoss!.Value, check.Evaluate(eval, Collate).Loss, 4);
+        Assert.Equal(result.BestEvalLoss!.Value, check.Evaluate(eval, Collate).Loss, tolerance: 1e-4);
 
         // The JSONL has eval_loss on the evaluated steps only.
         var lines = File.ReadLines(metricsPath).Select(l => JsonNode.Parse(l)!.AsObject()).ToList();
@@ -79,7 +79,7 @@ public sealed class EvalAndScheduleTests : IDisposable
         using var batch = Collate.Collate(eval);
         using var logits = model.forward(new AdapterFlow.Models.ForwardInput { InputIds = batch.InputIds, AttentionMask = batch.AttentionMask }).Logits;
         using var sum = CausalLMLoss.Sum(logits, batch.Labels);
-        Assert.Equal(sum.item<float>() / batch.LabelTokens, a.Loss, 4);
+        Assert.Equal(sum.item<float>() / batch.LabelTokens, a.Loss, tolerance: 1e-4);
 
         trainer.Evaluation = new EvaluationOptions(eval, Every: 1);
         trainer.Train(TrainerTests.Examples(), Collate);
@@ -97,27 +97,27 @@ public sealed class EvalAndScheduleTests : IDisposable
     {
         // Continued pretraining: 10 re-warming steps from 1e-4 to 1e-3, cosine back to 1e-4 at step 110.
         var cosine = new LearningRateSchedule(LrScheduleKind.Cosine, 1e-3, 10, 110) { WarmupStartLearningRate = 1e-4, MinLearningRate = 1e-4 };
-        Assert.Equal(1e-4, cosine.At(0), 12);
-        Assert.Equal(1e-4 + 0.9e-3 * 0.5, cosine.At(5), 12);
-        Assert.Equal(1e-3, cosine.At(10), 12);
-        Assert.Equal(1e-4 + 0.9e-3 * 0.5 * (1 + Math.Cos(Math.PI * 0.25)), cosine.At(35), 12);
-        Assert.Equal(5.5e-4, cosine.At(60), 12);
-        Assert.Equal(1e-4, cosine.At(110), 12);
-        Assert.Equal(1e-4, cosine.At(200), 12);
+        Assert.Equal(1e-4, cosine.At(0), tolerance: 1e-12);
+        Assert.Equal(1e-4 + 0.9e-3 * 0.5, cosine.At(5), tolerance: 1e-12);
+        Assert.Equal(1e-3, cosine.At(10), tolerance: 1e-12);
+        Assert.Equal(1e-4 + 0.9e-3 * 0.5 * (1 + Math.Cos(Math.PI * 0.25)), cosine.At(35), tolerance: 1e-12);
+        Assert.Equal(5.5e-4, cosine.At(60), tolerance: 1e-12);
+        Assert.Equal(1e-4, cosine.At(110), tolerance: 1e-12);
+        Assert.Equal(1e-4, cosine.At(200), tolerance: 1e-12);
         var linear = cosine with { Kind = LrScheduleKind.Linear };
-        Assert.Equal(1e-4 + 0.9e-3 * 0.75, linear.At(35), 12);
+        Assert.Equal(1e-4 + 0.9e-3 * 0.75, linear.At(35), tolerance: 1e-12);
         // Without a floor and start the values stay transformers' (warmup from 0, decay to 0).
         var plain = new LearningRateSchedule(LrScheduleKind.Linear, 1e-3, 10, 110);
         Assert.Equal(0, plain.At(0));
-        Assert.Equal(5e-4, plain.At(5), 12);
-        Assert.Equal(0, plain.At(110), 12);
+        Assert.Equal(5e-4, plain.At(5), tolerance: 1e-12);
+        Assert.Equal(0, plain.At(110), tolerance: 1e-12);
 
         // The recipe's rewarm_steps: the floor defaults to a tenth of the peak.
         var options = new TrainRecipe { RewarmSteps = 10, LearningRate = 1e-3, LrScheduler = "cosine" }.ToTrainerOptions(null);
         Assert.Equal(10, options.WarmupSteps);
-        Assert.Equal(1e-4, options.WarmupStartLearningRate, 12);
-        Assert.Equal(1e-4, options.MinLearningRate, 12);
-        Assert.Equal(cosine.At(35), options.ScheduleFor(110).At(35), 12);
+        Assert.Equal(1e-4, options.WarmupStartLearningRate, tolerance: 1e-12);
+        Assert.Equal(1e-4, options.MinLearningRate, tolerance: 1e-12);
+        Assert.Equal(cosine.At(35), options.ScheduleFor(110).At(35), tolerance: 1e-12);
         var floor = new TrainRecipe { RewarmSteps = 10, LearningRate = 1e-3, MinLearningRate = 3e-5 }.ToTrainerOptions(null);
         Assert.Equal(3e-5, floor.WarmupStartLearningRate);
         Assert.Throws<ArgumentException>(() => new TrainRecipe { RewarmSteps = 10, WarmupSteps = 5 }.Validate("flags"));
@@ -136,8 +136,8 @@ public sealed class EvalAndScheduleTests : IDisposable
         var result = trainer.Train(TrainerTests.Examples(), Collate);
         var expected = trainer.Options.ScheduleFor(8);
         Assert.Equal(Enumerable.Range(0, 8).Select(expected.At), result.Steps.Select(s => s.LearningRate));
-        Assert.Equal(2e-4, result.Steps[0].LearningRate, 12);
-        Assert.Equal(1e-3, result.Steps[4].LearningRate, 12);
+        Assert.Equal(2e-4, result.Steps[0].LearningRate, tolerance: 1e-12);
+        Assert.Equal(1e-3, result.Steps[4].LearningRate, tolerance: 1e-12);
         Assert.Throws<ArgumentException>(() => Trainer.ForModel(model, new TrainerOptions { LearningRate = 1e-3, MinLearningRate = 1e-2 }));
     }
 }
