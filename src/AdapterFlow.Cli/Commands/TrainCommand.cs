@@ -20,7 +20,8 @@ internal static class TrainCommand
         var model = CommonOptions.ModelDir("The base model folder (config.json + model.safetensors + tokenizer.json).");
         var data = new Option<string>("--data")
         {
-            Description = "Training data: {instruction, input?, output} records as a JSON array (.json) or JSON Lines (.jsonl).",
+            Description = "Training data, a JSON array (.json) or JSON Lines (.jsonl): {instruction, input?, output} or {messages: [{role, content}]} for sft, "
+                + "{prompt, chosen, rejected} for dpo, {text} records or a .txt file for pretrain.",
             Required = true,
             HelpName = "FILE",
         };
@@ -66,6 +67,34 @@ internal static class TrainCommand
         var resume = new Option<bool>("--resume") { Description = "Continue from the latest checkpoint-{step} folder in --out." };
         var maxSteps = new Option<int?>("--max-steps") { Description = "Stop after N optimizer steps (overrides --epochs).", HelpName = "N" }
             .Check(v => v is null or >= 1, "must be at least 1");
+        var objective = new Option<string?>("--objective")
+        {
+            Description = "What is learned: sft (instruction or chat data; only the responses carry loss), pretrain (text packed into "
+                + "--cutoff-len blocks; continued pretraining with --rewarm-steps) or dpo (preference pairs; the reference is the base model "
+                + "with the adapter disabled, or precomputed once for --method full). Default sft.",
+            HelpName = string.Join("|", TrainRecipe.Objectives),
+        }.AcceptOnlyFromAmong([.. TrainRecipe.Objectives]);
+        var chatTemplate = new Option<string?>("--chat-template")
+        {
+            Description = $"Chat format for chat and preference data (and instruction data other than Alpaca): a built-in name ({string.Join(", ", ChatTemplate.BuiltInNames)}) "
+                + "or a template file (.json/.yaml). Default: the model's tokenizer_config.json chat_template when it is a known format; alpaca for instruction data.",
+            HelpName = "NAME|FILE",
+        };
+        var beta = new Option<double?>("--beta") { Description = "DPO: β, how far the policy may move from the reference (default 0.1).", HelpName = "B" }
+            .Check(v => v is null or > 0, "must be positive");
+        var labelSmoothing = new Option<double?>("--label-smoothing") { Description = "DPO: probability that a preference label is wrong (conservative DPO; default 0).", HelpName = "E" }
+            .Check(v => v is null or (>= 0 and < 0.5), "must be in [0, 0.5)");
+        var evalData = new Option<string?>("--eval-data") { Description = "Held-out data file (same shape as --data), evaluated every --eval-every steps; the best model/adapter is kept in OUT/best.", HelpName = "FILE" };
+        var evalSplit = new Option<double?>("--eval-split") { Description = "Hold out this fraction of --data (seeded by --seed) instead of --eval-data.", HelpName = "FRACTION" }
+            .Check(v => v is null or (> 0 and < 1), "must be in (0, 1)");
+        var evalEvery = new Option<int?>("--eval-every") { Description = "Evaluate every N optimizer steps and after the last (default: ten times per run).", HelpName = "N" }
+            .Check(v => v is null or >= 1, "must be at least 1");
+        var rewarm = new Option<int?>("--rewarm-steps") { Description = "Continued pretraining: warm the learning rate up again over N steps from --min-learning-rate to the peak, then decay back to it.", HelpName = "N" }
+            .Check(v => v is null or >= 1, "must be at least 1");
+        var minLearningRate = new Option<double?>("--min-learning-rate") { Description = "Where the linear/cosine decay ends and re-warming starts (default 0; a tenth of the peak with --rewarm-steps).", HelpName = "LR" }
+            .Check(v => v is null or >= 0, "must not be negative");
+        var badRecords = new Option<string?>("--bad-records") { Description = "A bad data record (missing field, wrong role or type, empty output): fail (default) stops with file:line; skip skips it and lists it.", HelpName = "fail|skip" }
+            .AcceptOnlyFromAmong("fail", "skip");
         var layerDropout = new Option<double?>("--layer-dropout")
         {
             Description = "LayerSkip layer dropout: each example skips layer l with probability S(t)·D(l)·P; P is the rate of the last layer (default 0: off).",
@@ -119,7 +148,8 @@ internal static class TrainCommand
         var command = new Command("train", "Fine-tune a model or train an adapter (LoRA, IA3, prefix, prompt, bottleneck) on instruction data.")
         {
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
-            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps,
+            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, objective, chatTemplate, beta, labelSmoothing,
+            evalData, evalSplit, evalEvery, rewarm, minLearningRate, badRecords,
             layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale,
             precision, device, json,
         };
@@ -143,6 +173,16 @@ internal static class TrainCommand
                 Seed = parse.GetValue(seed),
                 SaveSteps = parse.GetValue(saveSteps),
                 MaxSteps = parse.GetValue(maxSteps),
+                Objective = parse.GetValue(objective),
+                ChatTemplate = parse.GetValue(chatTemplate),
+                Beta = parse.GetValue(beta),
+                LabelSmoothing = parse.GetValue(labelSmoothing),
+                EvalData = parse.GetValue(evalData),
+                EvalSplit = parse.GetValue(evalSplit),
+                EvalEvery = parse.GetValue(evalEvery),
+                RewarmSteps = parse.GetValue(rewarm),
+                MinLearningRate = parse.GetValue(minLearningRate),
+                BadRecords = parse.GetValue(badRecords),
                 LayerDropout = parse.GetValue(layerDropout),
                 LayerDropoutScale = parse.GetValue(layerDropoutScale),
                 LayerDropoutCurriculum = parse.GetValue(layerDropoutCurriculum),
@@ -164,10 +204,15 @@ internal static class TrainCommand
 
     private static int Run(CliContext context, TrainRecipe recipe, string modelDir, string dataPath, string outDir, bool resume, bool json, LoadOptions load)
     {
-        // Cheap checks first: the data and recipe should fail before the weights are read.
-        var records = InstructionDataset.Load(dataPath, BadRecordPolicy.Fail);
+        // Cheap checks first: the data, template and recipe should fail before the weights are read.
+        string objective = recipe.Objective ?? "sft";
+        var policy = recipe.ToBadRecordPolicy();
+        var trainRecords = TrainingRecords.Load(dataPath, objective, policy);
+        var evalRecords = recipe.EvalData is { } evalPath ? TrainingRecords.Load(evalPath, objective, policy) : null;
+        var explicitTemplate = recipe.ChatTemplate is { } templateName ? ChatTemplate.Resolve(templateName) : null;
         var peftConfig = recipe.ToPeftConfig();
         var options = recipe.ToTrainerOptions(outDir);
+        var dpoOptions = objective == "dpo" ? recipe.ToDpoOptions() : null;
         string? checkpoint = resume ? LatestCheckpoint(outDir) : null;
         if (Path.GetFullPath(outDir).TrimEnd('/', '\\') == Path.GetFullPath(modelDir).TrimEnd('/', '\\'))
             throw new ArgumentException($"{outDir}: the output folder must differ from the model folder");
@@ -177,16 +222,53 @@ internal static class TrainCommand
         Directory.CreateDirectory(outDir);
         // A fresh run starts a fresh log; a resumed one appends (the trainer opens it in append mode then).
         if (checkpoint is null && options.MetricsPath is not null) File.Delete(options.MetricsPath);
+        foreach (var problem in trainRecords.Problems.Concat(evalRecords?.Problems ?? [])) context.Err.WriteLine($"skipped {problem}");
 
         using var lm = TextModel.Load(modelDir, load);
-        var dataset = SftTokenizer.Tokenize(records.Items, lm.Tokenizer, recipe.ToSftOptions());
+        var template = explicitTemplate ?? TrainingRecords.DefaultTemplate(trainRecords.Shape, lm.Tokenizer, context.Err);
+        var problems = new List<string>();
+        var train = trainRecords.Tokenize(lm.Tokenizer, template, recipe, policy, problems);
+        var dataset = train.Examples;
+        IReadOnlyList<Example>? evalSet = evalRecords?.Tokenize(lm.Tokenizer, template, recipe, policy, problems).Examples;
+        if (recipe.EvalSplit is double fraction)
+        {
+            var (trainPart, heldOut) = HeldOut.Split(dataset, fraction, options.Seed);
+            dataset = trainPart;
+            evalSet = heldOut;
+        }
+        foreach (var problem in problems) context.Err.WriteLine($"skipped {problem}");
+        if (dataset.Count == 0) throw new InvalidDataException($"{dataPath}: no usable training records");
+        if (evalSet is { Count: 0 }) throw new InvalidDataException($"{recipe.EvalData ?? dataPath}: no usable evaluation records");
+
         // The adapter's random initialisation is part of the run: the same seed gives the same adapter.
         TorchSharp.torch.manual_seed(options.Seed);
         PeftModel? peft = peftConfig is null ? null : PeftModel.Create(lm.Model, peftConfig, tokenizer: lm.Tokenizer);
         using var trainer = peft is null ? Trainer.ForModel(lm.Model, options) : Trainer.ForAdapter(peft, options);
-        if (checkpoint is not null) trainer.LoadCheckpoint(checkpoint);
         var collator = new Collator(lm.Tokenizer.PadTokenId ?? lm.Tokenizer.EosTokenId ?? 0, padToMultipleOf: 8);
-        int totalSteps = trainer.TotalSteps(dataset.Examples.Count);
+        if (dpoOptions is not null)
+        {
+            trainer.Objective = new DpoObjective(dpoOptions, peft);
+            if (peft is null)
+            {
+                // Full fine-tuning moves the reference's own weights: its log-probabilities are taken once, now.
+                // (On --resume the model already holds trained weights, so the checkpoint is loaded after this.)
+                var device = load.Device;
+                dataset = DpoObjective.PrecomputeReference(lm.Model, dataset, collator, options.MicroBatchSize, device);
+                if (evalSet is not null) evalSet = DpoObjective.PrecomputeReference(lm.Model, evalSet, collator, options.MicroBatchSize, device);
+            }
+        }
+        else if (objective == "pretrain") trainer.Objective = new LanguageModelingObjective("pretrain");
+        if (checkpoint is not null) trainer.LoadCheckpoint(checkpoint);
+        int totalSteps = trainer.TotalSteps(dataset.Count);
+        var bestDir = Path.Combine(outDir, "best");
+        if (evalSet is not null)
+        {
+            trainer.Evaluation = new EvaluationOptions(evalSet, recipe.EvalEvery ?? Math.Max(1, totalSteps / 10))
+            {
+                BestDirectory = bestDir,
+                SaveBest = dir => SaveOutput(lm, peft, modelDir, dir),
+            };
+        }
 
         var clock = Stopwatch.StartNew();
         TrainingResult result;
@@ -198,28 +280,26 @@ internal static class TrainCommand
                 {
                     var task = progress.AddTask($"step {trainer.Step}/{totalSteps}", maxValue: totalSteps);
                     task.Value = trainer.Step;
-                    return trainer.Train(dataset.Examples, collator, step =>
+                    return trainer.Train(dataset, collator, step =>
                     {
-                        task.Description = $"step {step.Step}/{totalSteps}  loss {step.Loss:F4}  lr {step.LearningRate:G3}  {step.TokensPerSecond:F0} tok/s";
+                        task.Description = $"step {step.Step}/{totalSteps}  loss {step.Loss:F4}{Describe(step)}  lr {step.LearningRate:G3}  {step.TokensPerSecond:F0} tok/s";
                         task.Value = step.Step;
                     });
                 });
         }
         else
         {
-            result = trainer.Train(dataset.Examples, collator);
+            // Redirected output: one line per evaluation (a progress bar would only clutter a log file).
+            result = trainer.Train(dataset, collator, json ? null : step =>
+            {
+                if (step.EvalLoss is not null) context.Out.WriteLine($"step {step.Step}/{totalSteps}  loss {step.Loss:F4}{Describe(step)}");
+            });
         }
         double seconds = clock.Elapsed.TotalSeconds;
 
         // Mixed precision trained float32 master weights: save those, not their bfloat16 copies.
         trainer.RestoreFloat32Weights();
-        if (peft is null) AutoModel.Save(lm.Model, outDir);
-        else peft.SavePretrained(outDir);
-        foreach (var name in AdapterMerge.CompanionFiles)
-        {
-            var source = Path.Combine(modelDir, name);
-            if (File.Exists(source)) File.Copy(source, Path.Combine(outDir, name), overwrite: true);
-        }
+        SaveOutput(lm, peft, modelDir, outDir);
         // The plot covers the whole run, also the part before a resume: read it back from the log.
         var allSteps = ReadMetrics(options.MetricsPath!, result.Steps);
         var plotPath = Path.Combine(outDir, "loss.png");
@@ -229,7 +309,7 @@ internal static class TrainCommand
         double tokensPerSecond = seconds > 0 ? tokens / seconds : 0;
         if (json)
         {
-            context.WriteJson(new JsonObject
+            var summary = new JsonObject
             {
                 ["final_loss"] = double.IsFinite(result.FinalLoss) ? result.FinalLoss : null,
                 ["steps"] = trainer.Step,
@@ -238,9 +318,33 @@ internal static class TrainCommand
                 ["output"] = outDir,
                 ["method"] = recipe.Method,
                 ["precision"] = TrainingPrecisionNames.Name(options.Precision),
-                ["truncated_examples"] = dataset.TruncatedExamples,
+                ["objective"] = objective,
+                ["chat_template"] = template?.Name,
+                ["truncated_examples"] = train.TruncatedExamples,
+                ["skipped_records"] = trainRecords.Problems.Count + problems.Count,
+                ["examples"] = dataset.Count,
+                ["eval_examples"] = evalSet?.Count,
+                ["best_step"] = trainer.BestStep,
+                ["best_eval_loss"] = trainer.BestEvalLoss,
+                ["best_output"] = trainer.BestStep is null ? null : bestDir,
+                ["learning_rate"] = options.LearningRate,
+                ["min_learning_rate"] = options.MinLearningRate,
+                ["warmup_steps"] = options.WarmupSteps,
                 ["early_exit_loss"] = result.Steps.Count > 0 ? result.Steps[^1].EarlyExitLoss : null,
-            });
+            };
+            if (trainer.Objective is DpoObjective dpo)
+            {
+                summary["beta"] = dpo.Options.Beta;
+                summary["label_smoothing"] = dpo.Options.LabelSmoothing;
+                summary["reference"] = peft is null ? "precomputed" : "adapter disabled";
+            }
+            if (trainer.Evaluation is { } evaluation) summary["eval_every"] = evaluation.Every;
+            var last = result.Steps.Count > 0 ? result.Steps[^1] : null;
+            var lastEval = result.Steps.LastOrDefault(s => s.EvalLoss is not null);
+            if (lastEval is not null) summary["eval_loss"] = lastEval.EvalLoss;
+            foreach (var (name, value) in (last?.Extra ?? new Dictionary<string, double>()).Concat(lastEval?.Extra.Where(e => e.Key.StartsWith("eval_")) ?? []))
+                summary[name] = double.IsFinite(value) ? value : null;
+            context.WriteJson(summary);
         }
         else
         {
@@ -248,8 +352,13 @@ internal static class TrainCommand
             table.ShowHeaders = false;
             table.AddRow("method", Markup.Escape(recipe.Method!));
             table.AddRow("precision", TrainingPrecisionNames.Name(options.Precision));
-            table.AddRow("steps", $"{trainer.Step} ({dataset.Examples.Count} examples, {dataset.TruncatedExamples} truncated)");
+            table.AddRow("objective", Markup.Escape(objective + (template is null ? "" : $" ({template.Name} template)")));
+            table.AddRow("steps", $"{trainer.Step} ({dataset.Count} {(objective == "dpo" ? "pairs" : "examples")}, {train.TruncatedExamples} truncated)");
             table.AddRow("final loss", double.IsFinite(result.FinalLoss) ? result.FinalLoss.ToString("F4") : "-");
+            if (result.Steps.Count > 0 && result.Steps[^1].Extra.TryGetValue("reward_accuracy", out var accuracy))
+                table.AddRow("reward accuracy", $"{accuracy:P0} (margin {result.Steps[^1].Extra["reward_margin"]:F3})");
+            if (trainer.BestStep is int bestStep)
+                table.AddRow("best eval loss", Markup.Escape($"{trainer.BestEvalLoss:F4} at step {bestStep} ({bestDir})"));
             if (result.Steps.Count > 0 && result.Steps[^1].EarlyExitLoss is double exitLoss)
                 table.AddRow("early-exit loss", exitLoss.ToString("F4"));
             table.AddRow("tokens/s", tokensPerSecond.ToString("F0"));
@@ -260,6 +369,29 @@ internal static class TrainCommand
             context.Console.Write(table);
         }
         return CliApp.Success;
+    }
+
+    /// <summary>The trained adapter (PEFT layout) or whole model, with the base model's tokenizer files.</summary>
+    private static void SaveOutput(TextModel lm, PeftModel? peft, string modelDir, string outDir)
+    {
+        Directory.CreateDirectory(outDir);
+        if (peft is null) AutoModel.Save(lm.Model, outDir);
+        else peft.SavePretrained(outDir);
+        foreach (var name in AdapterMerge.CompanionFiles)
+        {
+            var source = Path.Combine(modelDir, name);
+            if (File.Exists(source)) File.Copy(source, Path.Combine(outDir, name), overwrite: true);
+        }
+    }
+
+    /// <summary>The eval loss and DPO's reward accuracy of a step, for the progress line.</summary>
+    private static string Describe(StepMetrics step)
+    {
+        var text = "";
+        if (step.Extra.TryGetValue("reward_accuracy", out var accuracy)) text += $"  acc {accuracy:F2}";
+        if (step.EvalLoss is double evalLoss) text += $"  eval {evalLoss:F4}";
+        if (step.Extra.TryGetValue("eval_reward_accuracy", out var evalAccuracy)) text += $"  eval acc {evalAccuracy:F2}";
+        return text;
     }
 
     /// <summary>The checkpoint-{step} folder with the highest step in <paramref name="outDir"/>.</summary>
@@ -283,7 +415,7 @@ internal static class TrainCommand
             var node = JsonNode.Parse(line)!;
             steps.Add(new StepMetrics((int)node["step"]!, (int?)node["epoch"] ?? 0, (double)node["loss"]!, (double?)node["learning_rate"] ?? 0,
                 (double?)node["grad_norm"], (long?)node["tokens"] ?? 0, (long?)node["label_tokens"] ?? 0, (double?)node["tokens_per_second"] ?? 0,
-                (double?)node["elapsed_seconds"] ?? 0, EarlyExitLoss: (double?)node["early_exit_loss"]));
+                (double?)node["elapsed_seconds"] ?? 0, EarlyExitLoss: (double?)node["early_exit_loss"]) { EvalLoss = (double?)node["eval_loss"] });
         }
         return steps;
     }

@@ -29,33 +29,14 @@ public sealed record LoadedRecords<T>(IReadOnlyList<T> Items, IReadOnlyList<stri
 /// </summary>
 public static class InstructionDataset
 {
-    public static LoadedRecords<InstructionExample> Load(string path, BadRecordPolicy policy = BadRecordPolicy.Fail)
-    {
-        var items = new List<InstructionExample>();
-        var problems = new List<string>();
-        foreach (var (element, line, parseError) in JsonRecords.Read(path))
+    public static LoadedRecords<InstructionExample> Load(string path, BadRecordPolicy policy = BadRecordPolicy.Fail) =>
+        JsonRecords.LoadObjects<InstructionExample>(path, policy, (element, line) =>
         {
-            string? error = parseError;
-            InstructionExample? example = null;
-            if (error is not null) { }
-            else if (element.ValueKind != JsonValueKind.Object) error = $"expected an object, got {element.ValueKind}";
-            else
-            {
-                var instruction = JsonRecords.String(element, "instruction", required: true, out error);
-                var input = error is null ? JsonRecords.String(element, "input", required: false, out error) : null;
-                var output = error is null ? JsonRecords.String(element, "output", required: true, out error) : null;
-                if (error is null) example = new InstructionExample(instruction!, input ?? "", output!, path, line);
-            }
-            if (error is not null)
-            {
-                var message = $"{path}:{line}: {error}";
-                if (policy == BadRecordPolicy.Fail) throw new InvalidDataException(message);
-                problems.Add(message);
-            }
-            else items.Add(example!);
-        }
-        return new LoadedRecords<InstructionExample>(items, problems);
-    }
+            var instruction = JsonRecords.String(element, "instruction", required: true, out var error);
+            var input = error is null ? JsonRecords.String(element, "input", required: false, out error) : null;
+            var output = error is null ? JsonRecords.String(element, "output", required: true, out error) : null;
+            return error is null ? (new InstructionExample(instruction!, input ?? "", output!, path, line), null) : (null, error);
+        });
 }
 
 /// <summary>One document of a plain-text corpus.</summary>
@@ -76,24 +57,69 @@ public static class TextCorpus
             var text = File.ReadAllText(path);
             return new LoadedRecords<TextDocument>(text.Length == 0 ? [] : [new TextDocument(text, path, 1)], []);
         }
-        var items = new List<TextDocument>();
-        var problems = new List<string>();
-        foreach (var (element, line, parseError) in JsonRecords.Read(path))
+        return JsonRecords.LoadObjects<TextDocument>(path, policy, (element, line) =>
         {
-            string? error = parseError;
-            string? text = null;
-            if (error is not null) { }
-            else if (element.ValueKind != JsonValueKind.Object) error = $"expected an object, got {element.ValueKind}";
-            else text = JsonRecords.String(element, "text", required: true, out error);
-            if (error is not null)
-            {
-                var message = $"{path}:{line}: {error}";
-                if (policy == BadRecordPolicy.Fail) throw new InvalidDataException(message);
-                problems.Add(message);
-            }
-            else items.Add(new TextDocument(text!, path, line));
+            var text = JsonRecords.String(element, "text", required: true, out var error);
+            return error is null ? (new TextDocument(text!, path, line), null) : (null, error);
+        });
+    }
+}
+
+/// <summary>Facts about a training data file.</summary>
+public static class DataFile
+{
+    /// <summary>
+    /// The shape of a data file's records, from its first record that is an object: <c>messages</c> → chat,
+    /// <c>chosen</c> → preference, <c>text</c> → text, otherwise instruction. A .txt file is text.
+    /// </summary>
+    public static DataShape DetectShape(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: data file not found");
+        if (Path.GetExtension(path).ToLowerInvariant() is not (".json" or ".jsonl")) return DataShape.Text;
+        foreach (var (element, _, error) in JsonRecords.Read(path))
+        {
+            if (error is not null || element.ValueKind != JsonValueKind.Object) continue;
+            if (element.TryGetProperty("messages", out _)) return DataShape.Chat;
+            if (element.TryGetProperty("chosen", out _)) return DataShape.Preference;
+            if (element.TryGetProperty("text", out _) && !element.TryGetProperty("instruction", out _)) return DataShape.Text;
+            return DataShape.Instruction;
         }
-        return new LoadedRecords<TextDocument>(items, problems);
+        return DataShape.Instruction;
+    }
+}
+
+/// <summary>Held-out splits that are the same in every process for the same seed.</summary>
+public static class HeldOut
+{
+    /// <summary>
+    /// Splits <paramref name="items"/> into training and held-out parts: a shuffle seeded by
+    /// <paramref name="seed"/> picks round(fraction × count) items (at least one) for evaluation; both parts keep
+    /// the file's order. The same seed and data always give the same split.
+    /// </summary>
+    public static (IReadOnlyList<T> Train, IReadOnlyList<T> Eval) Split<T>(IReadOnlyList<T> items, double fraction, long seed)
+    {
+        ArgumentNullException.ThrowIfNull(items);
+        if (!(fraction > 0 && fraction < 1)) throw new ArgumentException($"the held-out fraction must be in (0, 1), got {fraction}");
+        int evalCount = Math.Max(1, (int)Math.Round(fraction * items.Count));
+        if (evalCount >= items.Count)
+            throw new ArgumentException($"holding out {fraction} of {items.Count} records leaves nothing to train on");
+        var order = Enumerable.Range(0, items.Count).ToArray();
+        new Random(MixSeed(seed, 0x5EED)).Shuffle(order);
+        var held = order.Take(evalCount).ToHashSet();
+        var train = new List<T>(items.Count - evalCount);
+        var eval = new List<T>(evalCount);
+        for (int i = 0; i < items.Count; i++) (held.Contains(i) ? eval : train).Add(items[i]);
+        return (train, eval);
+    }
+
+    /// <summary>A 32-bit seed from a seed and a stream number (SplitMix64's finaliser; stable across processes, unlike HashCode).</summary>
+    public static int MixSeed(long seed, long stream)
+    {
+        ulong z = unchecked((ulong)seed + 0x9E3779B97F4A7C15UL * (ulong)(stream + 1));
+        z = unchecked((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL);
+        z = unchecked((z ^ (z >> 27)) * 0x94D049BB133111EBUL);
+        z ^= z >> 31;
+        return unchecked((int)z);
     }
 }
 
@@ -164,6 +190,34 @@ internal static class JsonRecords
             }
         }
         return result;
+    }
+
+    /// <summary>
+    /// Reads a file's records, each an object that <paramref name="parse"/> turns into an item or an error; a bad
+    /// record (unparsable line, not an object, parse error) throws "file:line: error" under
+    /// <see cref="BadRecordPolicy.Fail"/> or is skipped and listed under <see cref="BadRecordPolicy.Skip"/>.
+    /// </summary>
+    public static LoadedRecords<T> LoadObjects<T>(string path, BadRecordPolicy policy, Func<JsonElement, int, (T? Item, string? Error)> parse)
+        where T : class
+    {
+        var items = new List<T>();
+        var problems = new List<string>();
+        foreach (var (element, line, parseError) in Read(path))
+        {
+            string? error = parseError;
+            T? item = null;
+            if (error is not null) { }
+            else if (element.ValueKind != JsonValueKind.Object) error = $"expected an object, got {element.ValueKind}";
+            else (item, error) = parse(element, line);
+            if (error is not null || item is null)
+            {
+                var message = $"{path}:{line}: {error ?? "bad record"}";
+                if (policy == BadRecordPolicy.Fail) throw new InvalidDataException(message);
+                problems.Add(message);
+            }
+            else items.Add(item);
+        }
+        return new LoadedRecords<T>(items, problems);
     }
 
     /// <summary>A string field; null with no error when absent/null and not required.</summary>

@@ -202,3 +202,37 @@ public static class AtomicFile
 
     public static void WriteAllText(string path, string text) => Write(path, tmp => File.WriteAllText(tmp, text));
 }
+
+/// <summary>
+/// Writes a folder so that a reader never sees a half-written one: the files go into a temp folder beside it,
+/// which then replaces the target (the old one is moved aside first and deleted after).
+/// </summary>
+public static class AtomicDirectory
+{
+    public static void Write(string directory, Action<string> writeInto)
+    {
+        var target = Path.GetFullPath(directory).TrimEnd(Path.DirectorySeparatorChar, Path.AltDirectorySeparatorChar);
+        var parent = Path.GetDirectoryName(target)!;
+        Directory.CreateDirectory(parent);
+        var temp = Path.Combine(parent, $".{Path.GetFileName(target)}.{Environment.ProcessId}.tmp");
+        if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
+        Directory.CreateDirectory(temp);
+        try
+        {
+            writeInto(temp);
+            string? old = null;
+            if (Directory.Exists(target))
+            {
+                old = temp + ".old";
+                if (Directory.Exists(old)) Directory.Delete(old, recursive: true);
+                Directory.Move(target, old);
+            }
+            Directory.Move(temp, target);
+            if (old is not null) Directory.Delete(old, recursive: true);
+        }
+        finally
+        {
+            if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
+        }
+    }
+}

@@ -2,7 +2,7 @@ using ScottPlot;
 
 namespace AdapterFlow.Training;
 
-/// <summary>Draws the training loss against the optimizer step as a PNG (ScottPlot).</summary>
+/// <summary>Draws the training loss (and the held-out loss, where evaluated) against the optimizer step as a PNG (ScottPlot).</summary>
 public static class LossPlot
 {
     /// <summary>Writes <paramref name="path"/> from the run's step metrics; throws when there are none.</summary>
@@ -11,11 +11,25 @@ public static class LossPlot
         ArgumentNullException.ThrowIfNull(steps);
         if (steps.Count == 0) throw new ArgumentException("no training steps to plot");
         var plot = new Plot();
-        // One series: the title says what it is, and no legend hides the last points.
-        plot.Add.Scatter(steps.Select(s => (double)s.Step).ToArray(), steps.Select(s => s.Loss).ToArray());
-        plot.Title("Training loss");
+        var train = plot.Add.Scatter(steps.Select(s => (double)s.Step).ToArray(), steps.Select(s => s.Loss).ToArray());
+        var evaluated = steps.Where(s => s.EvalLoss is double v && double.IsFinite(v)).ToArray();
+        if (evaluated.Length > 0)
+        {
+            train.LegendText = "training";
+            var eval = plot.Add.Scatter(evaluated.Select(s => (double)s.Step).ToArray(), evaluated.Select(s => s.EvalLoss!.Value).ToArray());
+            eval.LegendText = "held-out";
+            eval.MarkerSize = 7;
+            // Losses fall, so the upper right corner is where the curves are least likely to be.
+            plot.ShowLegend(Alignment.UpperRight);
+            plot.Title("Training and held-out loss");
+        }
+        else
+        {
+            // One series: the title says what it is, and no legend hides the last points.
+            plot.Title("Training loss");
+        }
         plot.XLabel("step");
-        plot.YLabel("loss (per labelled token)");
+        plot.YLabel("loss");
         plot.SavePng(path, width, height);
     }
 }

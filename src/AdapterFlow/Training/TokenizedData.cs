@@ -11,6 +11,18 @@ public sealed record Example(int[] InputIds, int[] Labels)
     public const int IgnoreIndex = -100;
 
     public int Length => InputIds.Length;
+
+    /// <summary>
+    /// DPO: the dispreferred sequence of a preference pair, this example being the preferred one (both hold the
+    /// same prompt; labels mark the reply). Null for language-modelling examples.
+    /// </summary>
+    public Example? Rejected { get; init; }
+
+    /// <summary>
+    /// DPO: the reference model's summed log-probabilities of the chosen and rejected replies, when computed
+    /// before training (<see cref="DpoObjective.PrecomputeReference"/>); null: computed on the fly.
+    /// </summary>
+    public (double Chosen, double Rejected)? ReferenceLogps { get; init; }
 }
 
 /// <summary>How instruction examples become token sequences.</summary>

@@ -19,6 +19,30 @@ public sealed record TrainRecipe
 {
     public static readonly IReadOnlyList<string> Methods = ["full", "lora", "ia3", "prefix", "prompt", "bottleneck"];
 
+    /// <summary>What is learned: SFT on instruction or chat data, causal-LM (continued) pretraining on text, DPO on preference pairs.</summary>
+    public static readonly IReadOnlyList<string> Objectives = ["sft", "pretrain", "dpo"];
+
+    /// <summary>sft (default), pretrain or dpo.</summary>
+    public string? Objective { get; init; }
+    /// <summary>A built-in chat template name or a template file (<see cref="Data.ChatTemplate"/>).</summary>
+    public string? ChatTemplate { get; init; }
+    /// <summary>DPO's β (default 0.1).</summary>
+    public double? Beta { get; init; }
+    /// <summary>DPO's label smoothing ε (default 0).</summary>
+    public double? LabelSmoothing { get; init; }
+    /// <summary>Held-out data file (same shape as the training data).</summary>
+    public string? EvalData { get; init; }
+    /// <summary>Hold out this fraction of the training records (seeded) instead of an eval file.</summary>
+    public double? EvalSplit { get; init; }
+    /// <summary>Evaluate every N optimizer steps (default: 10 evaluations per run).</summary>
+    public int? EvalEvery { get; init; }
+    /// <summary>Continued pretraining: warm up again over N steps from <see cref="MinLearningRate"/> to the peak, then decay back to it.</summary>
+    public int? RewarmSteps { get; init; }
+    /// <summary>Where decay ends (and re-warming starts); with rewarm_steps the default is a tenth of the peak.</summary>
+    public double? MinLearningRate { get; init; }
+    /// <summary>"fail" (default): a bad data record stops the run; "skip": it is skipped and reported.</summary>
+    public string? BadRecords { get; init; }
+
     public string? Method { get; init; }
     public int? Epochs { get; init; }
     public double? LearningRate { get; init; }
@@ -82,6 +106,16 @@ public sealed record TrainRecipe
         BottleneckSize = overrides.BottleneckSize ?? BottleneckSize,
         UseParallelAdapter = overrides.UseParallelAdapter ?? UseParallelAdapter,
         NumVirtualTokens = overrides.NumVirtualTokens ?? NumVirtualTokens,
+        Objective = overrides.Objective ?? Objective,
+        ChatTemplate = overrides.ChatTemplate ?? ChatTemplate,
+        Beta = overrides.Beta ?? Beta,
+        LabelSmoothing = overrides.LabelSmoothing ?? LabelSmoothing,
+        EvalData = overrides.EvalData ?? EvalData,
+        EvalSplit = overrides.EvalSplit ?? EvalSplit,
+        EvalEvery = overrides.EvalEvery ?? EvalEvery,
+        RewarmSteps = overrides.RewarmSteps ?? RewarmSteps,
+        MinLearningRate = overrides.MinLearningRate ?? MinLearningRate,
+        BadRecords = overrides.BadRecords ?? BadRecords,
         LayerDropout = overrides.LayerDropout ?? LayerDropout,
         LayerDropoutScale = overrides.LayerDropoutScale ?? LayerDropoutScale,
         LayerDropoutCurriculum = overrides.LayerDropoutCurriculum ?? LayerDropoutCurriculum,
@@ -134,6 +168,16 @@ public sealed record TrainRecipe
                 "bottleneck_size" => recipe with { BottleneckSize = Int(value, where) },
                 "use_parallel_adapter" => recipe with { UseParallelAdapter = Bool(value, where) },
                 "num_virtual_tokens" => recipe with { NumVirtualTokens = Int(value, where) },
+                "objective" => recipe with { Objective = Text(value, where) },
+                "chat_template" => recipe with { ChatTemplate = RelativeTo(path, Text(value, where)) },
+                "beta" => recipe with { Beta = Real(value, where) },
+                "label_smoothing" => recipe with { LabelSmoothing = Real(value, where) },
+                "eval_data" => recipe with { EvalData = RelativeTo(path, Text(value, where)) },
+                "eval_split" => recipe with { EvalSplit = Real(value, where) },
+                "eval_every" => recipe with { EvalEvery = Int(value, where) },
+                "rewarm_steps" => recipe with { RewarmSteps = Int(value, where) },
+                "min_learning_rate" => recipe with { MinLearningRate = Real(value, where) },
+                "bad_records" => recipe with { BadRecords = Text(value, where) },
                 "layer_dropout" => recipe with { LayerDropout = Real(value, where) },
                 "layer_dropout_scale" => recipe with { LayerDropoutScale = Named(value, where, LayerDropoutOptions.ParseScale) },
                 "layer_dropout_curriculum" => recipe with { LayerDropoutCurriculum = Named(value, where, LayerDropoutOptions.ParseCurriculum) },
@@ -164,6 +208,19 @@ public sealed record TrainRecipe
         Positive("micro_batch_size", MicroBatchSize); Positive("cutoff_len", CutoffLen); Positive("lora_r", LoraR);
         Positive("lora_alpha", LoraAlpha); Positive("save_steps", SaveSteps); Positive("max_steps", MaxSteps);
         Positive("bottleneck_size", BottleneckSize); Positive("num_virtual_tokens", NumVirtualTokens);
+        if (Objective is not null && !Objectives.Contains(Objective))
+            throw new ArgumentException($"{source}: unknown objective '{Objective}' (expected {string.Join(", ", Objectives)})");
+        if (Objective == "dpo" && (LayerDropout is > 0 || EarlyExitLoss == true))
+            throw new ArgumentException($"{source}: layer dropout and the early-exit loss work with the sft and pretrain objectives, not dpo");
+        if (BadRecords is not null and not ("fail" or "skip")) throw new ArgumentException($"{source}: bad_records must be fail or skip (got '{BadRecords}')");
+        Positive("beta", Beta); Positive("eval_every", EvalEvery); Positive("rewarm_steps", RewarmSteps);
+        if (LabelSmoothing is < 0 or >= 0.5) throw new ArgumentException($"{source}: label_smoothing must be in [0, 0.5) (got {LabelSmoothing?.ToString(CultureInfo.InvariantCulture)})");
+        if (EvalSplit is not null && !(EvalSplit > 0 && EvalSplit < 1)) throw new ArgumentException($"{source}: eval_split must be a fraction in (0, 1) (got {EvalSplit?.ToString(CultureInfo.InvariantCulture)})");
+        if (EvalSplit is not null && EvalData is not null) throw new ArgumentException($"{source}: give eval_data or eval_split, not both");
+        if (EvalEvery is not null && EvalSplit is null && EvalData is null) throw new ArgumentException($"{source}: eval_every needs eval_data or eval_split");
+        if (RewarmSteps is not null && WarmupSteps is > 0) throw new ArgumentException($"{source}: give warmup_steps or rewarm_steps, not both");
+        if (MinLearningRate is double min && (min < 0 || min > (LearningRate ?? new TrainerOptions().LearningRate)))
+            throw new ArgumentException($"{source}: min_learning_rate must be in [0, learning_rate] (got {min.ToString(CultureInfo.InvariantCulture)})");
         if (WarmupSteps is < 0) throw new ArgumentException($"{source}: warmup_steps must be non-negative (got {WarmupSteps})");
         if (LoraDropout is < 0 or >= 1) throw new ArgumentException($"{source}: lora_dropout must be in [0, 1) (got {LoraDropout?.ToString(CultureInfo.InvariantCulture)})");
         int batch = BatchSize ?? new TrainerOptions().BatchSize, micro = MicroBatchSize ?? DefaultMicroBatch(batch);
@@ -211,13 +268,19 @@ public sealed record TrainRecipe
     {
         var defaults = new TrainerOptions();
         int batch = BatchSize ?? defaults.BatchSize;
+        double peak = LearningRate ?? defaults.LearningRate;
+        // Re-warming (continued pretraining): from the floor up to the peak, then back down to the floor; the
+        // floor defaults to a tenth of the peak, as in Ibrahim et al. (2024).
+        double floor = MinLearningRate ?? (RewarmSteps is null ? 0 : 0.1 * peak);
         return defaults with
         {
             Epochs = Epochs ?? defaults.Epochs,
-            LearningRate = LearningRate ?? defaults.LearningRate,
+            LearningRate = peak,
+            MinLearningRate = floor,
+            WarmupStartLearningRate = RewarmSteps is null ? 0 : floor,
             BatchSize = batch,
             MicroBatchSize = MicroBatchSize ?? DefaultMicroBatch(batch),
-            WarmupSteps = WarmupSteps ?? defaults.WarmupSteps,
+            WarmupSteps = RewarmSteps ?? WarmupSteps ?? defaults.WarmupSteps,
             Schedule = LrScheduler is null ? defaults.Schedule : LearningRateSchedule.ParseKind(LrScheduler),
             Seed = Seed ?? defaults.Seed,
             MaxSteps = MaxSteps,
@@ -260,6 +323,20 @@ public sealed record TrainRecipe
                 return bottleneck;
             default: throw new ArgumentException($"unknown method '{Method}'");
         }
+    }
+
+    /// <summary>DPO's options (β, label smoothing).</summary>
+    public DpoOptions ToDpoOptions() => new() { Beta = Beta ?? 0.1, LabelSmoothing = LabelSmoothing ?? 0 };
+
+    /// <summary>What to do with bad data records.</summary>
+    public Data.BadRecordPolicy ToBadRecordPolicy() => BadRecords == "skip" ? Data.BadRecordPolicy.Skip : Data.BadRecordPolicy.Fail;
+
+    /// <summary>A path in a recipe file is relative to the file (a template name stays a name).</summary>
+    private static string RelativeTo(string recipePath, string value)
+    {
+        if (Path.IsPathRooted(value) || Data.ChatTemplate.BuiltInNames.Contains(value, StringComparer.OrdinalIgnoreCase)) return value;
+        var candidate = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(recipePath))!, value);
+        return File.Exists(candidate) ? candidate : value;
     }
 
     /// <summary>Without a micro-batch size: the largest divisor of the batch up to the trainer's default (8).</summary>

@@ -20,11 +20,46 @@ namespace AdapterFlow.Training;
 public sealed record StepMetrics(int Step, int Epoch, double Loss, double LearningRate, double? GradNorm,
     long Tokens, long LabelTokens, double TokensPerSecond, double ElapsedSeconds,
     [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] double? EarlyExitLoss = null,
-    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<double?>? ExitLosses = null);
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<double?>? ExitLosses = null)
+{
+    /// <summary>Mean loss on the held-out set, on the steps where it was evaluated.</summary>
+    public double? EvalLoss { get; init; }
+
+    /// <summary>The objective's extra metrics (DPO's rewards, say) and, after an evaluation, "eval_"-prefixed ones.</summary>
+    [JsonIgnore]
+    public IReadOnlyDictionary<string, double> Extra { get; init; } = new Dictionary<string, double>();
+
+    /// <summary>One JSONL line: the fields in snake_case, then the extra metrics.</summary>
+    public string ToJson()
+    {
+        var node = JsonSerializer.SerializeToNode(this, Trainer.MetricsJson)!.AsObject();
+        foreach (var (name, value) in Extra) node[name] = double.IsFinite(value) ? value : null;
+        return node.ToJsonString();
+    }
+}
+
+/// <summary>A held-out evaluation: the mean loss (per labelled token, or per pair for DPO) and the mean extra metrics.</summary>
+public sealed record EvalResult(double Loss, IReadOnlyDictionary<string, double> Metrics);
+
+/// <summary>
+/// Evaluation during training: every <see cref="Every"/> optimizer steps (and after the last) the trainer
+/// computes the objective on <see cref="Data"/> without gradients; when the loss is the lowest so far,
+/// <see cref="SaveBest"/> writes the model or adapter into a temporary folder that then replaces
+/// <see cref="BestDirectory"/> (never half-written).
+/// </summary>
+public sealed record EvaluationOptions(IReadOnlyList<Example> Data, int Every)
+{
+    public string? BestDirectory { get; init; }
+    public Action<string>? SaveBest { get; init; }
+}
 
 /// <summary>Result of <see cref="Trainer.Train"/>.</summary>
 public sealed record TrainingResult(IReadOnlyList<StepMetrics> Steps)
 {
+    /// <summary>The step with the lowest held-out loss so far (also from before a resume) and that loss; null without evaluation.</summary>
+    public int? BestStep { get; init; }
+    public double? BestEvalLoss { get; init; }
+
     public double FinalLoss => Steps.Count == 0 ? double.NaN : Steps[^1].Loss;
 }
 
@@ -98,6 +133,16 @@ public sealed class Trainer : IDisposable
     /// <summary>Optimizer steps completed so far.</summary>
     public int Step { get; private set; }
 
+    /// <summary>What is minimised: causal-LM cross-entropy unless set (e.g. to a <see cref="DpoObjective"/>).</summary>
+    public ITrainingObjective Objective { get; set; } = new LanguageModelingObjective();
+
+    /// <summary>Held-out evaluation during <see cref="Train"/> (null: none).</summary>
+    public EvaluationOptions? Evaluation { get; set; }
+
+    /// <summary>Lowest held-out loss so far and its step (kept in checkpoints).</summary>
+    public double? BestEvalLoss { get; private set; }
+    public int? BestStep { get; private set; }
+
     /// <summary>Weight decay of each AdamW parameter group, as the optimizer holds it (decayed group first).</summary>
     public IReadOnlyList<double> GroupWeightDecays =>
         _groups.Select(g => g.Options.weight_decay!.Value).ToArray();
@@ -127,11 +172,12 @@ public sealed class Trainer : IDisposable
         ArgumentNullException.ThrowIfNull(collator);
         if (data.Count == 0) throw new ArgumentException("the training set is empty");
         int totalSteps = TotalSteps(data.Count);
-        int warmup = Options.WarmupSteps > 0 ? Options.WarmupSteps : (int)Math.Ceiling(Options.WarmupRatio * totalSteps);
-        var schedule = new LearningRateSchedule(Options.Schedule, Options.LearningRate, warmup, totalSteps);
+        var schedule = Options.ScheduleFor(totalSteps);
         int stepsPerEpoch = (int)Math.Ceiling(data.Count / (double)Options.BatchSize);
         var device = _parameters[0].device;
         PrepareLayerSkip(totalSteps);
+        if ((_layerDropout is not null || _earlyExit is not null) && Objective is not LanguageModelingObjective)
+            throw new ArgumentException($"layer dropout and the early-exit loss work with the language-modelling objective, not {Objective.Name}");
 
         _precision?.EnsureComputeForm();
         if (Step == 0) torch.manual_seed(Options.Seed);
@@ -169,27 +215,92 @@ public sealed class Trainer : IDisposable
             var batch = epochBatches![Step % stepsPerEpoch];
             var metrics = RunStep(data, batch, collator, schedule.At(Step), device, epoch, clock);
             Step++;
+            if (Evaluation is { } evaluation && evaluation.Data.Count > 0 && (Step % evaluation.Every == 0 || Step == totalSteps))
+                metrics = WithEvaluation(metrics, evaluation, collator, device);
             steps.Add(metrics);
             onStep?.Invoke(metrics);
             if (metricsLog is not null && (Step % Options.LogEvery == 0 || Step == totalSteps))
             {
-                metricsLog.WriteLine(JsonSerializer.Serialize(metrics, MetricsJson));
+                metricsLog.WriteLine(metrics.ToJson());
                 metricsLog.Flush();
             }
             if (Options.CheckpointDirectory is not null && Options.CheckpointEvery > 0 && (Step % Options.CheckpointEvery == 0 || Step == totalSteps))
                 SaveCheckpoint(Path.Combine(Options.CheckpointDirectory, $"checkpoint-{Step}"));
         }
-        return new TrainingResult(steps);
+        return new TrainingResult(steps) { BestStep = BestStep, BestEvalLoss = BestEvalLoss };
     }
 
-    private static readonly JsonSerializerOptions MetricsJson = new() { PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower };
+    internal static readonly JsonSerializerOptions MetricsJson = new()
+    {
+        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
+        DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    };
+
+    private StepMetrics WithEvaluation(StepMetrics metrics, EvaluationOptions evaluation, Collator collator, Device device)
+    {
+        var result = Evaluate(evaluation.Data, collator, device);
+        var extra = new Dictionary<string, double>(metrics.Extra);
+        foreach (var (name, value) in result.Metrics) extra["eval_" + name] = value;
+        if (double.IsFinite(result.Loss) && (BestEvalLoss is null || result.Loss < BestEvalLoss))
+        {
+            BestEvalLoss = result.Loss;
+            BestStep = Step;
+            if (evaluation.BestDirectory is not null && evaluation.SaveBest is not null)
+            {
+                // Mixed precision: save the float32 master weights, then carry on training in bfloat16.
+                _precision?.RestoreFloat32();
+                try { IO.AtomicDirectory.Write(evaluation.BestDirectory, evaluation.SaveBest); }
+                finally { _precision?.EnsureComputeForm(); }
+            }
+        }
+        return metrics with { EvalLoss = result.Loss, Extra = extra };
+    }
+
+    /// <summary>
+    /// The objective on <paramref name="data"/> without gradients and in eval mode (no dropout): the loss
+    /// normalised as in training (Σ loss / Σ weight) and the extra metrics' means per example.
+    /// </summary>
+    public EvalResult Evaluate(IReadOnlyList<Example> data, Collator collator, Device? device = null)
+    {
+        ArgumentNullException.ThrowIfNull(data);
+        if (data.Count == 0) throw new ArgumentException("the evaluation set is empty");
+        device ??= _parameters[0].device;
+        bool wasTraining = _model.training;
+        _model.eval();
+        try
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            var names = Objective.MetricNames;
+            // Loss and metrics summed on the device, read once.
+            var sums = zeros(1 + names.Count, dtype: ScalarType.Float32, device: device);
+            long weight = 0;
+            foreach (var micro in data.Chunk(Options.MicroBatchSize))
+            {
+                using var microScope = NewDisposeScope();
+                var output = Objective.Compute(_model, micro, collator, device);
+                sums[0].add_(output.LossSum.to(ScalarType.Float32));
+                for (int i = 0; i < names.Count; i++) sums[1 + i].add_(output.MetricSums[i].to(ScalarType.Float32));
+                weight += micro.Sum(Objective.Weight);
+            }
+            var values = sums.cpu().data<float>().ToArray();
+            var metrics = new Dictionary<string, double>();
+            for (int i = 0; i < names.Count; i++) metrics[names[i]] = values[1 + i] / data.Count;
+            return new EvalResult(values[0] / Math.Max(1, weight), metrics);
+        }
+        finally
+        {
+            if (wasTraining) _model.train();
+        }
+    }
 
     /// <summary>The batches of one epoch: a shuffle seeded by (seed, epoch), so any step's batch can be found again.</summary>
     private List<int[]> EpochBatches(IReadOnlyList<Example> data, int epoch)
     {
-        var random = new Random(HashCode.Combine(Options.Seed, epoch));
+        // Not HashCode.Combine: it is salted per process, so a resumed process would shuffle differently.
+        var random = new Random(Data.HeldOut.MixSeed(Options.Seed, epoch));
         return Options.GroupByLength
-            ? Batching.LengthGrouped(data.Select(e => e.Length).ToArray(), Options.BatchSize, random)
+            ? Batching.LengthGrouped(data.Select(e => Math.Max(e.Length, e.Rejected?.Length ?? 0)).ToArray(), Options.BatchSize, random)
             : Batching.Shuffled(data.Count, Options.BatchSize, random);
     }
 
@@ -204,22 +315,41 @@ public sealed class Trainer : IDisposable
         // Normalise by the labelled tokens of the whole batch, not per micro-batch, so that accumulating
         // micro-batches gives the same gradient as one big batch (transformers' num_items_in_batch).
         long labelTokens = examples.Sum(LabelTokenCount);
-        double divisor = Math.Max(1, labelTokens);
+        // The objective's weights: labelled tokens for language modelling, pairs for DPO.
+        double divisor = Math.Max(1, examples.Sum(Objective.Weight));
         long tokens = 0;
         var layerDropout = _layerDropout?.RatesAt(Step);
         var exitWeights = _earlyExit?.WeightsAt(Step);
-        // The step's losses are summed on the device and read once per step: one host sync, not one per micro-batch.
-        var lossSum = zeros(exitWeights is null ? 1 : 2 + exitWeights.Length, dtype: ScalarType.Float32, device: device);
+        // LayerSkip (layer dropout, early-exit loss) changes the forward pass and the backward itself; it is a
+        // language-modelling technique, so it goes its own way (Train refuses it with another objective).
+        bool layerSkip = layerDropout is not null || exitWeights is not null;
+        var metricNames = layerSkip ? [] : Objective.MetricNames;
+        // The step's losses (and the objective's metrics) are summed on the device and read once per step: one
+        // host sync, not one per micro-batch.
+        var lossSum = zeros(exitWeights is not null ? 2 + exitWeights.Length : 1 + metricNames.Count, dtype: ScalarType.Float32, device: device);
         foreach (var micro in examples.Chunk(Options.MicroBatchSize))
         {
             using var scope = NewDisposeScope();
-            using var inputs = collator.Collate(micro, device);
-            lossSum.add_(MicroBatchLoss(inputs, divisor, layerDropout, exitWeights));
+            if (layerSkip)
+            {
+                using var inputs = collator.Collate(micro, device);
+                lossSum.add_(MicroBatchLoss(inputs, divisor, layerDropout, exitWeights));
+                _precision?.AccumulateGradients();
+                tokens += inputs.Tokens;
+                continue;
+            }
+            var output = Objective.Compute(_model, micro, collator, device);
+            var microLoss = output.LossSum / divisor;
+            microLoss.backward();
             _precision?.AccumulateGradients();
-            tokens += inputs.Tokens;
+            lossSum[0].add_(microLoss.detach().to(ScalarType.Float32));
+            for (int i = 0; i < metricNames.Count; i++) lossSum[1 + i].add_(output.MetricSums[i].to(ScalarType.Float32));
+            tokens += output.Tokens;
         }
         var losses = lossSum.cpu().data<float>().ToArray();
         double loss = losses[0];
+        var extra = new Dictionary<string, double>();
+        for (int i = 0; i < metricNames.Count; i++) extra[metricNames[i]] = losses[1 + i] / examples.Length;
         // Checked before the update, so a diverged step never reaches the weights.
         if (!double.IsFinite(loss))
             throw new TrainingDivergedException($"loss became {loss} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate, clip gradients or check the data");
@@ -237,7 +367,7 @@ public sealed class Trainer : IDisposable
         var elapsed = (clock.Elapsed - started).TotalSeconds;
         return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds,
             EarlyExitLoss: exitWeights is null ? null : losses[1],
-            ExitLosses: exitWeights?.Select((w, l) => w > 0 ? (double?)losses[2 + l] : null).ToArray());
+            ExitLosses: exitWeights?.Select((w, l) => w > 0 ? (double?)losses[2 + l] : null).ToArray()) { Extra = extra };
     }
 
     /// <summary>
@@ -272,12 +402,9 @@ public sealed class Trainer : IDisposable
         _earlyExit = Options.EarlyExit is { } exit ? new EarlyExitSchedule(exit, model!.NumLayers, totalSteps) : null;
     }
 
-    private static long LabelTokenCount(Example example)
-    {
-        long count = 0;
-        for (int i = 1; i < example.Labels.Length; i++) if (example.Labels[i] != Example.IgnoreIndex) count++;
-        return count;
-    }
+    /// <summary>Labelled (predicted) tokens, of both sequences of a preference pair.</summary>
+    private static long LabelTokenCount(Example example) =>
+        ChatTokenizer.LabelCount(example) + (example.Rejected is { } rejected ? ChatTokenizer.LabelCount(rejected) : 0);
 
     // ---------------------------------------------------------------- checkpoints
 
@@ -290,35 +417,14 @@ public sealed class Trainer : IDisposable
     /// optimizer step and torch's generator state — into <paramref name="directory"/>. The files are written to
     /// a temporary directory beside it that is then renamed, so a crash never leaves a half-written checkpoint.
     /// </summary>
-    public void SaveCheckpoint(string directory)
+    public void SaveCheckpoint(string directory) => IO.AtomicDirectory.Write(directory, temp =>
     {
-        var target = Path.GetFullPath(directory);
-        var parent = Path.GetDirectoryName(target)!;
-        Directory.CreateDirectory(parent);
-        var temp = Path.Combine(parent, $".{Path.GetFileName(target)}.{Environment.ProcessId}.tmp");
-        if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
-        Directory.CreateDirectory(temp);
-        try
-        {
-            IO.SafetensorsWriter.Save(Path.Combine(temp, WeightsFile), _named.Select(p => KeyValuePair.Create(p.Name, (Tensor)p.Parameter)));
-            _optimizer.save_state_dict(Path.Combine(temp, OptimizerFile));
-            using var rng = torch.get_rng_state();
-            var state = new CheckpointState(Step, Options.Seed, Convert.ToBase64String(rng.data<byte>().ToArray()));
-            File.WriteAllText(Path.Combine(temp, StateFile), JsonSerializer.Serialize(state, MetricsJson));
-            string? old = null;
-            if (Directory.Exists(target))
-            {
-                old = temp + ".old";
-                Directory.Move(target, old);
-            }
-            Directory.Move(temp, target);
-            if (old is not null) Directory.Delete(old, recursive: true);
-        }
-        finally
-        {
-            if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
-        }
-    }
+        IO.SafetensorsWriter.Save(Path.Combine(temp, WeightsFile), _named.Select(p => KeyValuePair.Create(p.Name, (Tensor)p.Parameter)));
+        _optimizer.save_state_dict(Path.Combine(temp, OptimizerFile));
+        using var rng = torch.get_rng_state();
+        var state = new CheckpointState(Step, Options.Seed, Convert.ToBase64String(rng.data<byte>().ToArray()), BestStep, BestEvalLoss);
+        File.WriteAllText(Path.Combine(temp, StateFile), JsonSerializer.Serialize(state, MetricsJson));
+    });
 
     /// <summary>Restores a checkpoint written by <see cref="SaveCheckpoint"/> into this trainer (same model shape and options).</summary>
     public void LoadCheckpoint(string directory)
@@ -354,9 +460,11 @@ public sealed class Trainer : IDisposable
         using var rng = torch.tensor(Convert.FromBase64String(state.RngState), ScalarType.Byte);
         torch.set_rng_state(rng);
         Step = state.Step;
+        BestStep = state.BestStep;
+        BestEvalLoss = state.BestEvalLoss;
     }
 
-    private sealed record CheckpointState(int Step, long Seed, string RngState);
+    private sealed record CheckpointState(int Step, long Seed, string RngState, int? BestStep = null, double? BestEvalLoss = null);
 
     /// <summary>
     /// After <see cref="TrainingPrecision.BFloat16Mixed"/> training: converts the model back to float32 and puts the

@@ -21,6 +21,23 @@ public sealed record TrainerOptions
     /// <summary>Warmup as a fraction of all optimizer steps.</summary>
     public double WarmupRatio { get; init; }
 
+    /// <summary>Learning rate warmup starts from (0 as transformers; the previous run's final rate when re-warming for continued pretraining).</summary>
+    public double WarmupStartLearningRate { get; init; }
+
+    /// <summary>Learning rate the linear/cosine decay ends at (0 as transformers).</summary>
+    public double MinLearningRate { get; init; }
+
+    /// <summary>The schedule of a run of <paramref name="totalSteps"/> optimizer steps.</summary>
+    public LearningRateSchedule ScheduleFor(int totalSteps)
+    {
+        int warmup = WarmupSteps > 0 ? WarmupSteps : (int)Math.Ceiling(WarmupRatio * totalSteps);
+        return new LearningRateSchedule(Schedule, LearningRate, warmup, totalSteps)
+        {
+            WarmupStartLearningRate = WarmupStartLearningRate,
+            MinLearningRate = MinLearningRate,
+        };
+    }
+
     /// <summary>Examples per optimizer step.</summary>
     public int BatchSize { get; init; } = 8;
 
@@ -85,6 +102,10 @@ public sealed record TrainerOptions
         if (WeightDecay < 0) throw new ArgumentException($"WeightDecay must be non-negative, got {WeightDecay}");
         if (WarmupSteps < 0) throw new ArgumentException($"WarmupSteps must be non-negative, got {WarmupSteps}");
         if (WarmupRatio is < 0 or > 1) throw new ArgumentException($"WarmupRatio must be in [0, 1], got {WarmupRatio}");
+        if (WarmupStartLearningRate < 0 || WarmupStartLearningRate > LearningRate)
+            throw new ArgumentException($"WarmupStartLearningRate must be in [0, LearningRate], got {WarmupStartLearningRate}");
+        if (MinLearningRate < 0 || MinLearningRate > LearningRate)
+            throw new ArgumentException($"MinLearningRate must be in [0, LearningRate], got {MinLearningRate}");
         if (MaxGradNorm is double norm) Positive(nameof(MaxGradNorm), norm);
         if (Beta1 is < 0 or >= 1 || Beta2 is < 0 or >= 1) throw new ArgumentException($"betas must be in [0, 1), got ({Beta1}, {Beta2})");
         LayerDropout?.Validate();

@@ -318,9 +318,10 @@ public sealed class LayerSkipTrainingTests(ITestOutputHelper log) : IDisposable
         Assert.Equal(4, whole.Length);
         for (int i = 0; i < whole.Length; i++)
         {
-            Assert.Equal(whole[i].Loss, accumulated[i].Loss, 4);
-            Assert.Equal(whole[i].EarlyExitLoss!.Value, accumulated[i].EarlyExitLoss!.Value, 4);
-            Assert.Equal(whole[i].GradNorm!.Value, accumulated[i].GradNorm!.Value, 3);
+            // Absolute tolerances: rounding both to N decimals fails when they straddle a rounding boundary.
+            Assert.Equal(whole[i].Loss, accumulated[i].Loss, tolerance: 1e-4);
+            Assert.Equal(whole[i].EarlyExitLoss!.Value, accumulated[i].EarlyExitLoss!.Value, tolerance: 1e-4);
+            Assert.Equal(whole[i].GradNorm!.Value, accumulated[i].GradNorm!.Value, tolerance: 1e-3);
         }
     }
 

@@ -7,7 +7,7 @@ namespace AdapterFlow.Tests.Training;
 
 public class TrainRecipeTests
 {
-    private static string RecipesDir()
+    internal static string RecipesDir()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "AdapterFlow.sln"))) return Path.Combine(dir.FullName, "recipes");
@@ -17,7 +17,7 @@ public class TrainRecipeTests
     [Fact]
     public void Every_shipped_recipe_parses_into_valid_options()
     {
-        // LLM-Adapters' math recipes share these settings; the LayerSkip recipes have their own test.
+        // LLM-Adapters' math recipes share these settings; the LayerSkip and DPO recipes have their own tests.
         var files = Directory.GetFiles(RecipesDir(), "math-*").Where(f => f.EndsWith(".yaml") || f.EndsWith(".json")).ToArray();
         Assert.True(files.Length >= 4, $"expected the math recipes, found {files.Length}");
         foreach (var file in files)
@@ -32,6 +32,49 @@ public class TrainRecipeTests
             Assert.Equal(100, options.WarmupSteps);
             Assert.Equal(256, recipe.ToSftOptions().CutoffLength);
         }
+    }
+
+    [Fact]
+    public void Dpo_recipe_parses_with_its_objective_and_flags_override_it()
+    {
+        var recipe = TrainRecipe.Load(Path.Combine(RecipesDir(), "dpo-lora.yaml"));
+        Assert.Equal("dpo", recipe.Objective);
+        Assert.Equal(0.1, recipe.ToDpoOptions().Beta);
+        Assert.Equal(0.1, recipe.EvalSplit);
+        Assert.Equal(50, recipe.EvalEvery);
+        var options = recipe.ToTrainerOptions("out");
+        options.Validate();
+        Assert.Equal(5e-5, options.LearningRate);
+        Assert.IsType<LoraConfig>(recipe.ToPeftConfig());
+        var overlaid = recipe.OverlaidBy(new TrainRecipe { Beta = 0.3, LabelSmoothing = 0.1, ChatTemplate = "zephyr", EvalEvery = 5, BadRecords = "skip" });
+        Assert.Equal(0.3, overlaid.ToDpoOptions().Beta);
+        Assert.Equal(0.1, overlaid.ToDpoOptions().LabelSmoothing);
+        Assert.Equal("zephyr", overlaid.ChatTemplate);
+        Assert.Equal(5, overlaid.EvalEvery);
+        Assert.Equal(0.1, overlaid.EvalSplit);
+        Assert.Equal(AdapterFlow.Data.BadRecordPolicy.Skip, overlaid.ToBadRecordPolicy());
+    }
+
+    [Theory]
+    [InlineData("objective: rlhf\n", "unknown objective 'rlhf'")]
+    [InlineData("beta: 0\n", "beta must be positive")]
+    [InlineData("label_smoothing: 0.7\n", "label_smoothing must be in [0, 0.5)")]
+    [InlineData("eval_split: 1.5\n", "eval_split must be a fraction")]
+    [InlineData("eval_split: 0.1\neval_data: x.json\n", "not both")]
+    [InlineData("eval_every: 5\n", "eval_every needs eval_data or eval_split")]
+    [InlineData("bad_records: ignore\n", "bad_records must be fail or skip")]
+    [InlineData("rewarm_steps: 10\nwarmup_steps: 5\n", "warmup_steps or rewarm_steps")]
+    public void Bad_objective_settings_name_the_key(string yaml, string expected)
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"af-recipe-{Guid.NewGuid():N}.yaml");
+        File.WriteAllText(path, yaml);
+        try
+        {
+            var error = Assert.ThrowsAny<Exception>(() => TrainRecipe.Load(path));
+            Assert.Contains(expected, error.Message);
+            Assert.Contains(path, error.Message);
+        }
+        finally { File.Delete(path); }
     }
 
     [Fact]
