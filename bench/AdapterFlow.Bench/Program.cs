@@ -5,14 +5,14 @@ using AdapterFlow.Models;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|all] [--out docs/benchmarks.md]
+// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|gemv|all] [--out docs/benchmarks.md]
 //        [--new-tokens 64] [--prompt 128] [--quick]
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
 string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ordinal) ? args[0] : "decode";
-if (suite is not ("decode" or "adapters" or "all"))
+if (suite is not ("decode" or "adapters" or "gemv" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, gemv, all)");
     return 2;
 }
 bool quick = argsList.Contains("--quick");
@@ -21,6 +21,11 @@ int promptLength = int.Parse(Value("--prompt") ?? (quick ? "32" : "128"), Cultur
 string? outPath = Value("--out");
 var device = torch.CPU;
 
+if (suite is "gemv")
+{
+    Console.WriteLine(GemvBench.Table(GemvBench.Run()));
+    return 0;
+}
 Console.WriteLine("Measuring the machine's limits (GEMM, memory bandwidth)...");
 var limits = MachineLimits.Measure(device);
 var machine = $"Machine (measured in the same run): {Environment.ProcessorCount} cores, {limits.Threads} torch threads; " +
@@ -39,15 +44,21 @@ string DecodeTable()
     {
         using var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, dtype: dtype, device: device);
         Console.WriteLine($"LLaMA {model.ParameterCount() / 1e6:F1}M parameters, {dtype}");
-        foreach (var batch in new[] { 1, 8 })
+        foreach (var (batch, kernels) in new[] { (1, true), (1, false), (8, true) })
         {
-            var r = DecodeBench.Run(model, batch, promptLength, newTokens);
+            // Batch-1 float32 also without the CPU decode kernels, to show what they change (the libtorch path).
+            if (!kernels && (dtype != ScalarType.Float32 || model is not LlamaForCausalLM)) continue;
+            if (model is LlamaForCausalLM llama) llama.UseCpuDecodeKernels = kernels;
+            var r = DecodeBench.Run(model, batch, promptLength, newTokens) with { Path = kernels ? "" : " (libtorch path)" };
+            if (model is LlamaForCausalLM restore) restore.UseCpuDecodeKernels = true;
             results.Add(r);
-            Console.WriteLine($"  batch {batch}: prefill {r.PrefillTokensPerSecond:F0} tok/s; decode {r.DecodeTokensPerSecond:F1} tok/s " +
+            Console.WriteLine($"  batch {batch}{r.Path}: prefill {r.PrefillTokensPerSecond:F0} tok/s; decode {r.DecodeTokensPerSecond:F1} tok/s " +
                               $"(bare loop {r.ModelLoopDecodeTokensPerSecond:F1}); weights {r.DecodeWeightBytesPerSecond / 1e9:F2} GB/s = " +
                               $"{100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% of copy bandwidth");
         }
     }
+    Console.WriteLine("Output head alone (batch-1 matrix-vector product)...");
+    var gemv = GemvBench.Table(GemvBench.Run());
     var table = new StringBuilder();
     table.AppendLine(machine);
     table.AppendLine();
@@ -59,8 +70,10 @@ string DecodeTable()
     {
         double limitTokens = limits.CopyBytesPerSecond / r.WeightBytes * r.Batch;
         table.AppendLine(string.Create(CultureInfo.InvariantCulture,
-            $"| {r.DType} | {r.Batch} | {r.PrefillTokensPerSecond:F0} | {r.DecodeTokensPerSecond:F1} | {r.ModelLoopDecodeTokensPerSecond:F1} | {r.DecodeWeightBytesPerSecond / 1e9:F2} | {100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% | {100 * r.DecodeWeightBytesPerSecond / limits.ReadBytesPerSecond:F0}% | {limitTokens:F0} |"));
+            $"| {r.DType}{r.Path} | {r.Batch} | {r.PrefillTokensPerSecond:F0} | {r.DecodeTokensPerSecond:F1} | {r.ModelLoopDecodeTokensPerSecond:F1} | {r.DecodeWeightBytesPerSecond / 1e9:F2} | {100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% | {100 * r.DecodeWeightBytesPerSecond / limits.ReadBytesPerSecond:F0}% | {limitTokens:F0} |"));
     }
+    table.AppendLine();
+    table.Append(gemv);
     return table.ToString();
 }
 
