@@ -57,8 +57,41 @@ public static class GemvBench
                 return y;
             });
         }
+        if (torch.get_num_threads() > 1)
+        {
+            KernelPool.UseParallelFor = true;
+            Measure($"managed GEMV, {torch.get_num_threads()} threads via Parallel.For", () =>
+            {
+                var y = torch.empty(rows);
+                CpuKernels.Gemv(w, xp, CpuKernels.Pointer(y), null, rows, cols);
+                return y;
+            });
+            KernelPool.UseParallelFor = false;
+        }
         CpuKernels.Threads = saved;
         return results;
+    }
+
+    /// <summary>
+    /// Microseconds to start and join one parallel call of <paramref name="threads"/> empty items: what each of the
+    /// ~100 parallel kernel calls of a decode step pays on top of its work (best of many, kernel pool vs Parallel.For).
+    /// </summary>
+    public static (double Pool, double ParallelFor) DispatchMicroseconds(int threads, int calls = 2000)
+    {
+        double Time(bool parallelFor)
+        {
+            KernelPool.UseParallelFor = parallelFor;
+            double best = double.MaxValue;
+            for (int round = 0; round < 5; round++)
+            {
+                var sw = Stopwatch.StartNew();
+                for (int i = 0; i < calls; i++) KernelPool.For(threads, threads, static _ => { });
+                best = Math.Min(best, sw.Elapsed.TotalSeconds / calls);
+            }
+            KernelPool.UseParallelFor = false;
+            return best * 1e6;
+        }
+        return (Time(false), Time(true));
     }
 
     public static string Table(IReadOnlyList<Row> rows)
@@ -68,6 +101,14 @@ public static class GemvBench
         table.AppendLine("|---|---:|---:|---:|");
         foreach (var r in rows)
             table.AppendLine(string.Create(CultureInfo.InvariantCulture, $"| {r.Method} | {r.Milliseconds:F2} | {r.GigabytesPerSecond:F1} | {r.MaxAbsDiff:E1} |"));
+        int threads = torch.get_num_threads();
+        if (threads > 1)
+        {
+            var (pool, parallelFor) = DispatchMicroseconds(threads);
+            table.AppendLine();
+            table.AppendLine(string.Create(CultureInfo.InvariantCulture,
+                $"Starting one parallel kernel call on {threads} threads: {pool:F1} µs (kernel pool), {parallelFor:F1} µs (Parallel.For)."));
+        }
         return table.ToString();
     }
 }

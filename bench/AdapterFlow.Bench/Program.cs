@@ -81,20 +81,24 @@ string AdapterTable()
 {
     int batch = quick ? 2 : 4, length = quick ? 64 : 256;
     var steps = new List<StepResult>();
-    using (var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device))
+    // --decode-only: just the unmerged-vs-merged LoRA decode comparison (quick A/B runs).
+    if (!argsList.Contains("--decode-only"))
     {
-        foreach (var p in model.parameters()) p.requires_grad = false;
-        steps.Add(AdapterBench.Step("forward only (no grad)", model, backward: false, batch, length));
-        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
-        foreach (var p in model.parameters()) p.requires_grad = true;
-        steps.Add(AdapterBench.Step("full fine-tuning (forward + backward)", model, backward: true, batch, length));
-        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
-    }
-    foreach (var r in new[] { 8, 32 })
-    {
-        using var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), r);
-        steps.Add(AdapterBench.Step($"LoRA r={r} on q,k,v,up,down (forward + backward)", peft, backward: true, batch, length));
-        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+        using (var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device))
+        {
+            foreach (var p in model.parameters()) p.requires_grad = false;
+            steps.Add(AdapterBench.Step("forward only (no grad)", model, backward: false, batch, length));
+            Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+            foreach (var p in model.parameters()) p.requires_grad = true;
+            steps.Add(AdapterBench.Step("full fine-tuning (forward + backward)", model, backward: true, batch, length));
+            Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+        }
+        foreach (var r in new[] { 8, 32 })
+        {
+            using var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), r);
+            steps.Add(AdapterBench.Step($"LoRA r={r} on q,k,v,up,down (forward + backward)", peft, backward: true, batch, length));
+            Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+        }
     }
 
     // Inference: the same LoRA r=32 unmerged (adapter layers in the forward) and merged into the weights.
@@ -102,7 +106,9 @@ string AdapterTable()
     using (var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), 32))
     {
         foreach (var p in peft.parameters()) p.requires_grad = false;
+        int fastSteps = AdapterFlow.Models.Cpu.LlamaCpuDecoder.StepsOnThisThread;
         unmerged = DecodeBench.Run(peft, 1, promptLength, newTokens);
+        Console.WriteLine($"  unmerged: {AdapterFlow.Models.Cpu.LlamaCpuDecoder.StepsOnThisThread - fastSteps} decode steps through the CPU kernels");
         using var plain = peft.MergeAndUnload();
         merged = DecodeBench.Run(plain, 1, promptLength, newTokens);
     }

@@ -43,7 +43,7 @@ internal static unsafe class CpuKernels
         int rowBlock = Math.Max(RowBlock, (rows / (workers * 4) + 3) & ~3);
         int blocks = (rows + rowBlock - 1) / rowBlock;
         nint wp = (nint)w, xp = (nint)x, yp = (nint)y, bp = (nint)bias;
-        Parallel.For(0, blocks, new ParallelOptions { MaxDegreeOfParallelism = workers }, block =>
+        KernelPool.For(blocks, workers, block =>
         {
             int r0 = block * rowBlock;
             GemvRows((float*)wp, (float*)xp, (float*)yp, (float*)bp, cols, r0, Math.Min(rows, r0 + rowBlock), accumulate);
@@ -197,7 +197,7 @@ internal static unsafe class CpuKernels
             if (WorkerCount <= 1 || (long)heads * span * headDim < ParallelThreshold)
                 for (int h = 0; h < heads; h++) Head(h);
             else
-                Parallel.For(0, heads, new ParallelOptions { MaxDegreeOfParallelism = WorkerCount }, Head);
+                KernelPool.For(heads, WorkerCount, Head);
         }
         finally
         {
