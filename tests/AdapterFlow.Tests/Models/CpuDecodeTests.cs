@@ -166,6 +166,48 @@ public class CpuDecodeTests
     }
 
     [Fact]
+    public void Concurrent_decoders_on_two_threads_stay_correct()
+    {
+        // The kernels' thread pool serves one call at a time; a concurrent caller takes Parallel.For instead. Each
+        // row's sum is computed the same way whichever thread runs it, so concurrent results must equal sequential
+        // ones bit for bit. Long enough rows (hidden 256) that the matrix-vector products really go parallel.
+        var json = LlamaTestConfigs.Tiny("llama").ToJson();
+        json["hidden_size"] = 256;
+        json["intermediate_size"] = 512;
+        var config = (LlamaConfig)AutoModel.ParseConfig(json, "config.json");
+        var models = Enumerable.Range(0, 2).Select(k => (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 20 + k)).ToArray();
+        var ids = Enumerable.Range(0, 2).Select(k => torch.randint(4, 90, [1, 24], dtype: ScalarType.Int64, generator: new torch.Generator((ulong)k))).ToArray();
+        var concurrent = new Tensor?[2];
+        var threads = Enumerable.Range(0, 2).Select(k => new Thread(() =>
+        {
+            using var no = torch.no_grad();
+            for (int round = 0; round < 3; round++)
+            {
+                var (logits, steps) = Decode(models[k], models[k], true, ids[k]);
+                Assert.Equal(21, steps);
+                concurrent[k]?.Dispose();
+                concurrent[k] = logits.DetachFromDisposeScope();
+            }
+        })).ToArray();
+        foreach (var t in threads) t.Start();
+        foreach (var t in threads) t.Join();
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        for (int k = 0; k < 2; k++)
+        {
+            var sequential = Decode(models[k], models[k], true, ids[k]).Logits;
+            Assert.True(MaxDiff(concurrent[k]!, sequential) == 0, $"model {k}: concurrent and sequential decoding differ");
+            var slow = Decode(models[k], models[k], false, ids[k]).Logits;
+            // Relative to the logits' scale: this wider model's logits reach the tens, where float32 summation order
+            // alone moves them by a few 1e-5.
+            double relative = MaxDiff(sequential, slow) / Math.Max(1.0, slow.abs().max().item<float>());
+            Assert.True(relative < 1e-5, $"model {k}: max |Δ| / max |logit| = {relative}");
+            concurrent[k]!.Dispose();
+            models[k].Dispose();
+        }
+    }
+
+    [Fact]
     public void Out_of_vocabulary_ids_fail_with_one_line()
     {
         using var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 1);
