@@ -44,7 +44,7 @@ public class CpuDecodeTests
         return (torch.cat(pieces, 1), LlamaCpuDecoder.StepsOnThisThread - before);
     }
 
-    private static double MaxDiff(Tensor a, Tensor b) => (a - b).abs().max().item<float>();
+    private static double MaxDiff(Tensor a, Tensor b) => (a - b).abs().max().to_type(ScalarType.Float64).item<double>();
 
     [Theory]
     [InlineData("llama", false)]
@@ -64,6 +64,26 @@ public class CpuDecodeTests
         double diff = MaxDiff(fast, slow);
         Assert.True(diff < Tolerance, $"max |Δ| {diff}");
         Assert.True(fast.abs().max().item<float>() > 0.1); // a non-trivial comparison
+    }
+
+    [Fact]
+    public void Kernels_are_as_accurate_as_libtorch_against_float64()
+    {
+        // Same weights in float64 (which the kernels leave to libtorch) as the ground truth: the kernels' float32
+        // error is of the order of libtorch's own float32 error, i.e. the difference between the paths is rounding.
+        var json = LlamaTestConfigs.Tiny("llama").ToJson();
+        json["hidden_size"] = 256;
+        json["intermediate_size"] = 512;
+        var config = (LlamaConfig)AutoModel.ParseConfig(json, "config.json");
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 3);
+        using var wide = (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 3, dtype: ScalarType.Float64);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.randint(4, 90, [1, 16], dtype: ScalarType.Int64, generator: new torch.Generator(5));
+        var truth = Decode(wide, wide, false, ids).Logits;
+        double fast = MaxDiff(Decode(model, model, true, ids).Logits.to_type(ScalarType.Float64), truth);
+        double slow = MaxDiff(Decode(model, model, false, ids).Logits.to_type(ScalarType.Float64), truth);
+        Assert.True(fast < 3 * slow + 1e-6, $"kernels' error {fast} vs libtorch's {slow}");
     }
 
     [Fact]
