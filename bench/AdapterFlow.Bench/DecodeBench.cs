@@ -12,6 +12,9 @@ public sealed record DecodeResult(string DType, int Batch, int PromptLength, int
 {
     /// <summary>Weight bytes read per second while decoding (each step reads every weight once, whatever the batch).</summary>
     public double DecodeWeightBytesPerSecond => DecodeTokensPerSecond / Batch * WeightBytes;
+
+    /// <summary>Empty for the default path; a note such as " (libtorch path)" for a comparison run.</summary>
+    public string Path { get; init; } = "";
 }
 
 /// <summary>

@@ -6,7 +6,7 @@ using AdapterFlow.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|train|all] [--out docs/benchmarks.md]
+// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|gemv|train|all] [--out docs/benchmarks.md]
 //        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick]
 //        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64]
 var argsList = args.ToList();
@@ -16,9 +16,9 @@ string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ord
 // One training setting in a child process of the `train` suite (so that its peak memory is its own).
 if (suite == "train-one")
     return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3));
-if (suite is not ("decode" or "adapters" or "train" or "speculative" or "all"))
+if (suite is not ("decode" or "adapters" or "gemv" or "train" or "speculative" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, train, speculative, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, gemv, train, speculative, all)");
     return 2;
 }
 if (suite == "speculative" && Value("--model") is null)
@@ -32,6 +32,11 @@ int promptLength = int.Parse(Value("--prompt") ?? (quick ? "32" : "128"), Cultur
 string? outPath = Value("--out");
 var device = torch.CPU;
 
+if (suite is "gemv")
+{
+    Console.WriteLine(GemvBench.Table(GemvBench.Run()));
+    return 0;
+}
 Console.WriteLine("Measuring the machine's limits (GEMM, memory bandwidth)...");
 var limits = MachineLimits.Measure(device);
 var machine = $"Machine (measured in the same run): {Environment.ProcessorCount} cores, {limits.Threads} torch threads; " +
@@ -104,15 +109,21 @@ string DecodeTable()
     {
         using var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, dtype: dtype, device: device);
         Console.WriteLine($"LLaMA {model.ParameterCount() / 1e6:F1}M parameters, {dtype}");
-        foreach (var batch in new[] { 1, 8 })
+        foreach (var (batch, kernels) in new[] { (1, true), (1, false), (8, true) })
         {
-            var r = DecodeBench.Run(model, batch, promptLength, newTokens);
+            // Batch-1 float32 also without the CPU decode kernels, to show what they change (the libtorch path).
+            if (!kernels && (dtype != ScalarType.Float32 || model is not LlamaForCausalLM)) continue;
+            if (model is LlamaForCausalLM llama) llama.UseCpuDecodeKernels = kernels;
+            var r = DecodeBench.Run(model, batch, promptLength, newTokens) with { Path = kernels ? "" : " (libtorch path)" };
+            if (model is LlamaForCausalLM restore) restore.UseCpuDecodeKernels = true;
             results.Add(r);
-            Console.WriteLine($"  batch {batch}: prefill {r.PrefillTokensPerSecond:F0} tok/s; decode {r.DecodeTokensPerSecond:F1} tok/s " +
+            Console.WriteLine($"  batch {batch}{r.Path}: prefill {r.PrefillTokensPerSecond:F0} tok/s; decode {r.DecodeTokensPerSecond:F1} tok/s " +
                               $"(bare loop {r.ModelLoopDecodeTokensPerSecond:F1}); weights {r.DecodeWeightBytesPerSecond / 1e9:F2} GB/s = " +
                               $"{100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% of copy bandwidth");
         }
     }
+    Console.WriteLine("Output head alone (batch-1 matrix-vector product)...");
+    var gemv = GemvBench.Table(GemvBench.Run());
     var table = new StringBuilder();
     table.AppendLine(machine);
     table.AppendLine();
@@ -124,8 +135,10 @@ string DecodeTable()
     {
         double limitTokens = limits.CopyBytesPerSecond / r.WeightBytes * r.Batch;
         table.AppendLine(string.Create(CultureInfo.InvariantCulture,
-            $"| {r.DType} | {r.Batch} | {r.PrefillTokensPerSecond:F0} | {r.DecodeTokensPerSecond:F1} | {r.ModelLoopDecodeTokensPerSecond:F1} | {r.DecodeWeightBytesPerSecond / 1e9:F2} | {100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% | {100 * r.DecodeWeightBytesPerSecond / limits.ReadBytesPerSecond:F0}% | {limitTokens:F0} |"));
+            $"| {r.DType}{r.Path} | {r.Batch} | {r.PrefillTokensPerSecond:F0} | {r.DecodeTokensPerSecond:F1} | {r.ModelLoopDecodeTokensPerSecond:F1} | {r.DecodeWeightBytesPerSecond / 1e9:F2} | {100 * r.DecodeWeightBytesPerSecond / limits.CopyBytesPerSecond:F0}% | {100 * r.DecodeWeightBytesPerSecond / limits.ReadBytesPerSecond:F0}% | {limitTokens:F0} |"));
     }
+    table.AppendLine();
+    table.Append(gemv);
     return table.ToString();
 }
 
@@ -133,20 +146,24 @@ string AdapterTable()
 {
     int batch = quick ? 2 : 4, length = quick ? 64 : 256;
     var steps = new List<StepResult>();
-    using (var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device))
+    // --decode-only: just the unmerged-vs-merged LoRA decode comparison (quick A/B runs).
+    if (!argsList.Contains("--decode-only"))
     {
-        foreach (var p in model.parameters()) p.requires_grad = false;
-        steps.Add(AdapterBench.Step("forward only (no grad)", model, backward: false, batch, length));
-        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
-        foreach (var p in model.parameters()) p.requires_grad = true;
-        steps.Add(AdapterBench.Step("full fine-tuning (forward + backward)", model, backward: true, batch, length));
-        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
-    }
-    foreach (var r in new[] { 8, 32 })
-    {
-        using var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), r);
-        steps.Add(AdapterBench.Step($"LoRA r={r} on q,k,v,up,down (forward + backward)", peft, backward: true, batch, length));
-        Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+        using (var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device))
+        {
+            foreach (var p in model.parameters()) p.requires_grad = false;
+            steps.Add(AdapterBench.Step("forward only (no grad)", model, backward: false, batch, length));
+            Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+            foreach (var p in model.parameters()) p.requires_grad = true;
+            steps.Add(AdapterBench.Step("full fine-tuning (forward + backward)", model, backward: true, batch, length));
+            Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+        }
+        foreach (var r in new[] { 8, 32 })
+        {
+            using var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), r);
+            steps.Add(AdapterBench.Step($"LoRA r={r} on q,k,v,up,down (forward + backward)", peft, backward: true, batch, length));
+            Console.WriteLine($"  {steps[^1].Setting}: {steps[^1].TokensPerSecond:F0} tok/s");
+        }
     }
 
     // Inference: the same LoRA r=32 unmerged (adapter layers in the forward) and merged into the weights.
@@ -154,7 +171,9 @@ string AdapterTable()
     using (var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), 32))
     {
         foreach (var p in peft.parameters()) p.requires_grad = false;
+        int fastSteps = AdapterFlow.Models.Cpu.LlamaCpuDecoder.StepsOnThisThread;
         unmerged = DecodeBench.Run(peft, 1, promptLength, newTokens);
+        Console.WriteLine($"  unmerged: {AdapterFlow.Models.Cpu.LlamaCpuDecoder.StepsOnThisThread - fastSteps} decode steps through the CPU kernels");
         using var plain = peft.MergeAndUnload();
         merged = DecodeBench.Run(plain, 1, promptLength, newTokens);
     }

@@ -37,7 +37,7 @@ public sealed class KVCache : IDisposable
     {
         int length = _lengths[layer];
         int added = (int)keys.shape[2];
-        EnsureCapacity(layer, keys, values, length + added);
+        EnsureCapacity(layer, keys.shape, values.shape, keys.dtype, keys.device, length + added);
         var k = _keys[layer]!;
         var v = _values[layer]!;
         // Keys that carry gradients (prefix tuning's trainable virtual keys/values) are copied with autograd on,
@@ -50,6 +50,26 @@ public sealed class KVCache : IDisposable
         _lengths[layer] = length + added;
         return (k.narrow(2, 0, length + added), v.narrow(2, 0, length + added));
     }
+
+    /// <summary>
+    /// The whole storage of a layer ([batch, kv_heads, capacity, head_dim]), grown to hold <paramref name="added"/>
+    /// more tokens, for kernels that write the new keys/values in place; <see cref="Advance"/> then counts them.
+    /// Storage of another shape or dtype is returned as it is (the caller checks).
+    /// </summary>
+    internal (Tensor Keys, Tensor Values) Reserve(int layer, long[] shape, ScalarType dtype, Device device, int added)
+    {
+        EnsureCapacity(layer, shape, shape, dtype, device, _lengths[layer] + added);
+        return (_keys[layer]!, _values[layer]!);
+    }
+
+    /// <summary>The key storage of a layer (null before its first token), for kernels that check it before writing.</summary>
+    internal Tensor? KeyStorage(int layer) => _keys[layer];
+
+    /// <summary>The value storage of a layer (null before its first token).</summary>
+    internal Tensor? ValueStorage(int layer) => _values[layer];
+
+    /// <summary>Counts <paramref name="added"/> tokens written in place after <see cref="Reserve"/>.</summary>
+    internal void Advance(int layer, int added) => _lengths[layer] += added;
 
     /// <summary>The stored keys/values of a layer (views), or null if empty.</summary>
     public (Tensor Keys, Tensor Values)? Get(int layer) =>
@@ -85,17 +105,17 @@ public sealed class KVCache : IDisposable
         }
     }
 
-    private void EnsureCapacity(int layer, Tensor keys, Tensor values, int needed)
+    private void EnsureCapacity(int layer, long[] keyShape, long[] valueShape, ScalarType dtype, Device device, int needed)
     {
         var current = _keys[layer];
         if (current is not null && current.shape[2] >= needed) return;
         long capacity = current is null ? _initialCapacity : current.shape[2];
         while (capacity < needed) capacity *= 2;
-        var kShape = new[] { keys.shape[0], keys.shape[1], capacity, keys.shape[3] };
-        var vShape = new[] { values.shape[0], values.shape[1], capacity, values.shape[3] };
+        var kShape = new[] { keyShape[0], keyShape[1], capacity, keyShape[3] };
+        var vShape = new[] { valueShape[0], valueShape[1], capacity, valueShape[3] };
         // The cache outlives the dispose scope of the forward pass that creates it.
-        var k = torch.empty(kShape, keys.dtype, keys.device).DetachFromDisposeScope();
-        var v = torch.empty(vShape, values.dtype, values.device).DetachFromDisposeScope();
+        var k = torch.empty(kShape, dtype, device).DetachFromDisposeScope();
+        var v = torch.empty(vShape, dtype, device).DetachFromDisposeScope();
         if (current is not null)
         {
             int length = _lengths[layer];

@@ -223,6 +223,22 @@ public class LlamaForCausalLM : CausalLM
     /// <summary>The typed configuration.</summary>
     public LlamaConfig LlamaConfig => _config;
 
+    /// <summary>The rotary embedding shared by all layers.</summary>
+    internal RotaryEmbedding Rotary => _rotary;
+
+    /// <summary>The sliding window of the sliding-attention layers, if any.</summary>
+    internal int? SlidingWindow => _slidingWindow;
+
+    /// <summary>
+    /// Batch-1 float32 decode steps on the CPU run through hand-written kernels (<see cref="Cpu.LlamaCpuDecoder"/>:
+    /// same logits up to summation order, several times fewer native calls). On by default; off forces libtorch for
+    /// every forward (for comparisons).
+    /// </summary>
+    public bool UseCpuDecodeKernels { get; set; } = true;
+
+    public override ForwardOutput forward(ForwardInput input) =>
+        (UseCpuDecodeKernels ? Cpu.LlamaCpuDecoder.TryForward(this, input) : null) ?? base.forward(input);
+
     public override Tensor EmbedTokens(Tensor inputIds)
     {
         try

@@ -10,6 +10,9 @@ public sealed class RMSNorm : nn.Module<Tensor, Tensor>
     private readonly double _eps;
     public Parameter weight;
 
+    /// <summary>The epsilon added to the mean square.</summary>
+    public double Eps => _eps;
+
     public RMSNorm(long size, double eps) : base(nameof(RMSNorm))
     {
         _eps = eps;

@@ -43,6 +43,9 @@ public sealed class RotaryEmbedding
     public int MaxPositionEmbeddings { get; }
     public double Theta { get; }
 
+    /// <summary>Factor applied to cos and sin (1 for every rope_type supported so far).</summary>
+    public double AttentionScaling => _attentionScaling;
+
     /// <summary>
     /// The inverse frequencies used for a sequence of <paramref name="sequenceLength"/> positions (only dynamic NTK
     /// depends on it), rotaryDim / 2 values.

@@ -97,7 +97,10 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IRoutableAdapterLaye
         foreach (var adapter in _active)
         {
             if (_merged.Contains(adapter)) continue;
-            result = result + AdapterDelta(adapter, x, result);
+            // Plain LoRA adds s · B(A x) in one call (add with alpha) instead of a scale and an add.
+            result = IsDora(adapter)
+                ? result + AdapterDelta(adapter, x, result)
+                : result.add(LoraOutput(adapter, x), _scaling[adapter]);
         }
         return result;
     }
@@ -120,8 +123,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IRoutableAdapterLaye
         var a = A(adapter);
         var b = B(adapter);
         double s = _scaling[adapter];
-        double p = _dropout[adapter];
-        var dropped = p > 0 && training ? nn.functional.dropout(x, p, true) : x;
+        var dropped = Dropout(adapter, x);
         var lora = b.forward(a.forward(dropped));
         if (!IsDora(adapter)) return lora * s;
         // DoRA: the norm is treated as a constant in the backward pass (DoRA paper §4.3, as PEFT does).
@@ -139,6 +141,16 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>, IRoutableAdapterLaye
             plain = nn.functional.linear(dropped, weight);
         }
         return (factor - 1) * plain + factor * lora * s;
+    }
+
+    /// <summary>B(A dropout(x)), unscaled.</summary>
+    private Tensor LoraOutput(string adapter, Tensor x) => B(adapter).forward(A(adapter).forward(Dropout(adapter, x)));
+
+    /// <summary>The adapter's dropout on its input (training only).</summary>
+    private Tensor Dropout(string adapter, Tensor x)
+    {
+        double p = _dropout[adapter];
+        return p > 0 && training ? nn.functional.dropout(x, p, true) : x;
     }
 
     /// <summary>The dense update s · B·A in [out, in] layout.</summary>

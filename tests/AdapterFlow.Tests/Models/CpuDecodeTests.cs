@@ -1,0 +1,241 @@
+using AdapterFlow.Adapters;
+using AdapterFlow.Adapters.IA3;
+using AdapterFlow.Adapters.Lora;
+using AdapterFlow.Generation;
+using AdapterFlow.Models;
+using AdapterFlow.Models.Cpu;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace AdapterFlow.Tests.Models;
+
+/// <summary>
+/// The CPU decode kernels (batch-1 float32 decode steps of the LLaMA family) give the libtorch path's logits and
+/// cache, engage where they should, and leave everything else to libtorch.
+/// </summary>
+public class CpuDecodeTests
+{
+    private const double Tolerance = 1e-5;
+
+    /// <summary>Prefill, then one token per step; the logits of every decode step, with the kernels on or off.</summary>
+    private static (Tensor Logits, int FastSteps) Decode(CausalLM model, LlamaForCausalLM llama, bool kernels, Tensor ids, Tensor? mask = null,
+        Tensor? positions = null, int prefill = 3, int? exitLayer = null)
+    {
+        llama.UseCpuDecodeKernels = kernels;
+        int before = LlamaCpuDecoder.StepsOnThisThread;
+        using var cache = model.CreateCache();
+        var pieces = new List<Tensor>();
+        long time = ids.shape[1];
+        model.forward(new ForwardInput
+        {
+            InputIds = ids.narrow(1, 0, prefill), AttentionMask = mask?.narrow(1, 0, prefill), PositionIds = positions?.narrow(1, 0, prefill),
+            Cache = cache, ExitLayer = exitLayer,
+        });
+        for (int t = prefill; t < time; t++)
+        {
+            pieces.Add(model.forward(new ForwardInput
+            {
+                InputIds = ids.narrow(1, t, 1), AttentionMask = mask?.narrow(1, 0, t + 1), PositionIds = positions?.narrow(1, t, 1),
+                Cache = cache, ExitLayer = exitLayer,
+            }).Logits);
+            Assert.Equal(t + 1, cache.LayerLength(0));
+        }
+        llama.UseCpuDecodeKernels = true;
+        return (torch.cat(pieces, 1), LlamaCpuDecoder.StepsOnThisThread - before);
+    }
+
+    private static double MaxDiff(Tensor a, Tensor b) => (a - b).abs().max().to_type(ScalarType.Float64).item<double>();
+
+    [Theory]
+    [InlineData("llama", false)]
+    [InlineData("llama", true)]
+    [InlineData("mistral", false)]
+    [InlineData("qwen2", true)]
+    public void Decode_steps_match_the_libtorch_path(string arch, bool tied)
+    {
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny(arch, tied), seed: 11);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.randint(4, 90, [1, 12], dtype: ScalarType.Int64);
+        var (fast, steps) = Decode(model, model, kernels: true, ids);
+        var (slow, none) = Decode(model, model, kernels: false, ids);
+        Assert.Equal(9, steps);
+        Assert.Equal(0, none);
+        double diff = MaxDiff(fast, slow);
+        Assert.True(diff < Tolerance, $"max |Δ| {diff}");
+        Assert.True(fast.abs().max().item<float>() > 0.1); // a non-trivial comparison
+    }
+
+    [Fact]
+    public void Kernels_are_as_accurate_as_libtorch_against_float64()
+    {
+        // Same weights in float64 (which the kernels leave to libtorch) as the ground truth: the kernels' float32
+        // error is of the order of libtorch's own float32 error, i.e. the difference between the paths is rounding.
+        var json = LlamaTestConfigs.Tiny("llama").ToJson();
+        json["hidden_size"] = 256;
+        json["intermediate_size"] = 512;
+        var config = (LlamaConfig)AutoModel.ParseConfig(json, "config.json");
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 3);
+        using var wide = (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 3, dtype: ScalarType.Float64);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.randint(4, 90, [1, 16], dtype: ScalarType.Int64, generator: new torch.Generator(5));
+        var truth = Decode(wide, wide, false, ids).Logits;
+        double fast = MaxDiff(Decode(model, model, true, ids).Logits.to_type(ScalarType.Float64), truth);
+        double slow = MaxDiff(Decode(model, model, false, ids).Logits.to_type(ScalarType.Float64), truth);
+        Assert.True(fast < 3 * slow + 1e-6, $"kernels' error {fast} vs libtorch's {slow}");
+    }
+
+    [Fact]
+    public void Padding_mask_positions_sliding_window_and_early_exit_match()
+    {
+        var config = (MistralConfig)LlamaTestConfigs.Tiny("mistral");
+        config.SlidingWindow = 3;
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 4);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.randint(4, 90, [1, 10], dtype: ScalarType.Int64);
+        // A left-padded row as the generator feeds it: mask 0 on the padding, positions cumsum(mask) - 1.
+        var mask = torch.ones([1, 10], dtype: ScalarType.Int64);
+        mask[0, ..2] = torch.tensor(0L);
+        var positions = DecoderParts.PositionIdsFromMask(mask);
+        var (fast, steps) = Decode(model, model, true, ids, mask, positions, prefill: 4);
+        var (slow, _) = Decode(model, model, false, ids, mask, positions, prefill: 4);
+        Assert.Equal(6, steps);
+        Assert.True(MaxDiff(fast, slow) < Tolerance, $"max |Δ| {MaxDiff(fast, slow)}");
+        var (fastExit, exitSteps) = Decode(model, model, true, ids, exitLayer: 1);
+        var (slowExit, _) = Decode(model, model, false, ids, exitLayer: 1);
+        Assert.Equal(7, exitSteps);
+        Assert.True(MaxDiff(fastExit, slowExit) < Tolerance);
+        Assert.True(MaxDiff(fastExit, Decode(model, model, true, ids).Logits) > 1e-3); // the exit really skipped a layer
+    }
+
+    [Fact]
+    public void Unmerged_lora_runs_in_the_kernels_and_other_adapters_through_libtorch()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.randint(4, 90, [1, 9], dtype: ScalarType.Int64);
+        foreach (var dora in new[] { false, true })
+        {
+            var llama = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama", tied: true), seed: 2);
+            using var peft = PeftModel.Create(llama, new LoraConfig
+            {
+                R = 4, LoraAlpha = 8, UseDora = dora, InitLoraWeights = LoraInit.Random,
+                TargetModules = ModuleSelector.Names("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+            });
+            peft.eval();
+            var (fast, steps) = Decode(peft, llama, true, ids);
+            var (slow, _) = Decode(peft, llama, false, ids);
+            Assert.Equal(6, steps);
+            Assert.True(MaxDiff(fast, slow) < Tolerance, $"DoRA {dora}: max |Δ| {MaxDiff(fast, slow)}");
+            // The adapter changes the output (it is not silently skipped).
+            using (peft.DisableAdapters())
+                Assert.True(MaxDiff(fast, Decode(peft, llama, true, ids).Logits) > 1e-3);
+        }
+        var baseModel = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 2);
+        using var ia3 = PeftModel.Create(baseModel, new IA3Config
+        {
+            TargetModules = ModuleSelector.Names("k_proj", "v_proj", "down_proj"), FeedforwardModules = ModuleSelector.Names("down_proj"),
+        });
+        foreach (var p in ia3.parameters().Where(p => p.requires_grad)) p.add_(0.5);
+        ia3.eval();
+        var (fastIa3, ia3Steps) = Decode(ia3, baseModel, true, ids);
+        Assert.Equal(6, ia3Steps);
+        Assert.True(MaxDiff(fastIa3, Decode(ia3, baseModel, false, ids).Logits) < Tolerance);
+    }
+
+    [Fact]
+    public void Greedy_generation_gives_the_same_tokens()
+    {
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 9);
+        var generator = new TextGenerator(model);
+        var options = new GenerationOptions { MaxNewTokens = 12, MinNewTokens = 12, StopTokenIds = [] };
+        int[] prompt = [5, 17, 33, 2, 60];
+        int before = LlamaCpuDecoder.StepsOnThisThread;
+        var fast = generator.Generate(prompt, options).Tokens;
+        Assert.True(LlamaCpuDecoder.StepsOnThisThread - before >= 11);
+        model.UseCpuDecodeKernels = false;
+        var slow = generator.Generate(prompt, options).Tokens;
+        Assert.Equal(slow, fast);
+    }
+
+    [Fact]
+    public void Training_autograd_batches_and_prefill_use_libtorch()
+    {
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 1);
+        using var scope = torch.NewDisposeScope();
+        using var cache = model.CreateCache();
+        var ids = torch.randint(4, 90, [2, 4], dtype: ScalarType.Int64);
+        int before = LlamaCpuDecoder.StepsOnThisThread;
+        using (torch.no_grad())
+        {
+            model.forward(new ForwardInput { InputIds = ids, Cache = cache });                       // prefill
+            model.forward(new ForwardInput { InputIds = ids.narrow(1, 0, 1), Cache = cache });      // batch 2
+            model.forward(new ForwardInput { InputIds = ids[0..1, 0..1], OutputHiddenStates = true, Cache = model.CreateCache() });
+        }
+        using (var single = model.CreateCache())
+        {
+            var logits = model.forward(new ForwardInput { InputIds = ids[0..1, 0..1], Cache = single }).Logits; // autograd on
+            Assert.True(logits.requires_grad);
+            model.train();
+            using (torch.no_grad()) model.forward(new ForwardInput { InputIds = ids[0..1, 0..1], Cache = model.CreateCache() });
+            model.eval();
+        }
+        Assert.Equal(before, LlamaCpuDecoder.StepsOnThisThread);
+    }
+
+    [Fact]
+    public void Concurrent_decoders_on_two_threads_stay_correct()
+    {
+        // The kernels' thread pool serves one call at a time; a concurrent caller takes Parallel.For instead. Each
+        // row's sum is computed the same way whichever thread runs it, so concurrent results must equal sequential
+        // ones bit for bit. Long enough rows (hidden 256) that the matrix-vector products really go parallel.
+        var json = LlamaTestConfigs.Tiny("llama").ToJson();
+        json["hidden_size"] = 256;
+        json["intermediate_size"] = 512;
+        var config = (LlamaConfig)AutoModel.ParseConfig(json, "config.json");
+        var models = Enumerable.Range(0, 2).Select(k => (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 20 + k)).ToArray();
+        var ids = Enumerable.Range(0, 2).Select(k => torch.randint(4, 90, [1, 24], dtype: ScalarType.Int64, generator: new torch.Generator((ulong)k))).ToArray();
+        var concurrent = new Tensor?[2];
+        var threads = Enumerable.Range(0, 2).Select(k => new Thread(() =>
+        {
+            using var no = torch.no_grad();
+            for (int round = 0; round < 3; round++)
+            {
+                var (logits, steps) = Decode(models[k], models[k], true, ids[k]);
+                Assert.Equal(21, steps);
+                concurrent[k]?.Dispose();
+                concurrent[k] = logits.DetachFromDisposeScope();
+            }
+        })).ToArray();
+        foreach (var t in threads) t.Start();
+        foreach (var t in threads) t.Join();
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        for (int k = 0; k < 2; k++)
+        {
+            var sequential = Decode(models[k], models[k], true, ids[k]).Logits;
+            Assert.True(MaxDiff(concurrent[k]!, sequential) == 0, $"model {k}: concurrent and sequential decoding differ");
+            var slow = Decode(models[k], models[k], false, ids[k]).Logits;
+            // Relative to the logits' scale: this wider model's logits reach the tens, where float32 summation order
+            // alone moves them by a few 1e-5.
+            double relative = MaxDiff(sequential, slow) / Math.Max(1.0, slow.abs().max().item<float>());
+            Assert.True(relative < 1e-5, $"model {k}: max |Δ| / max |logit| = {relative}");
+            concurrent[k]!.Dispose();
+            models[k].Dispose();
+        }
+    }
+
+    [Fact]
+    public void Out_of_vocabulary_ids_fail_with_one_line()
+    {
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 1);
+        using var no = torch.no_grad();
+        using var cache = model.CreateCache();
+        var e = Assert.Throws<ArgumentException>(() =>
+            model.forward(new ForwardInput { InputIds = torch.tensor(new long[] { 500 }).view(1, 1), Cache = cache }));
+        Assert.Contains("outside the vocabulary", e.Message);
+        Assert.Equal(0, cache.Length);
+    }
+}
