@@ -16,6 +16,9 @@ public static class CliApp
     public const int Failure = 1;
     public const int UsageError = 2;
 
+    /// <summary>Stopped by Ctrl-C / SIGINT after writing what was done (128 + SIGINT, as shells report it).</summary>
+    public const int Interrupted = 130;
+
     /// <summary>Runs one command line, writing to the given streams; returns the exit code.</summary>
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
