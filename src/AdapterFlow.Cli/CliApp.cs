@@ -48,6 +48,8 @@ public static class CliApp
         {
             // A single place turns exceptions into one line: library errors name the file/field/tensor already.
             var inner = e is AggregateException { InnerExceptions.Count: 1 } a ? a.InnerException! : e;
+            // Ctrl-C in a command that has nothing partial to report (training, quickstart): say so, exit as shells expect.
+            if (inner is OperationCanceledException) return ReportError(stderr, "interrupted", Interrupted);
             bool usage = IsUserError(inner);
             if (!usage && Environment.GetEnvironmentVariable("ADAPTERFLOW_DEBUG") == "1") stderr.WriteLine(inner.ToString());
             var message = usage ? inner.Message : $"unexpected {inner.GetType().Name}: {inner.Message}";

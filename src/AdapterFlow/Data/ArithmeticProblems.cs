@@ -13,20 +13,20 @@ public enum ArithmeticOperation
 }
 
 /// <summary>
-/// Number ranges of generated problems. The defaults keep every answer (up to 40) among the numbers addition and
-/// subtraction problems use, so a model pretrained on those has seen every number a product can be, and keep the
-/// tables small enough for a tiny model to learn in a minute.
+/// Number ranges of generated problems. The defaults keep every product (up to 25) among the numbers addition
+/// problems reach (up to 26), so a model pretrained on addition and subtraction has seen every number a
+/// multiplication answer can be, and keep the tables small enough for a tiny model to learn in a minute.
 /// </summary>
 public sealed record ArithmeticRanges
 {
     /// <summary>Operands of an addition: each in [1, this]; sums up to twice this.</summary>
-    public int MaxAddend { get; init; } = 20;
+    public int MaxAddend { get; init; } = 13;
 
     /// <summary>A subtraction starts from a number in [2, this] and takes away less than it.</summary>
-    public int MaxMinuend { get; init; } = 40;
+    public int MaxMinuend { get; init; } = 20;
 
     /// <summary>Factors of a multiplication: each in [2, this].</summary>
-    public int MaxFactor { get; init; } = 6;
+    public int MaxFactor { get; init; } = 5;
 
     public void Validate()
     {
@@ -88,36 +88,35 @@ public static class ArithmeticProblems
         int template = random.Next(3);
         string instruction, reasoning;
         int answer;
+        // The answers are short on purpose: a tiny model learns the arithmetic, not long sentences. Multiplication is
+        // written as repeated addition, so its answers use only tokens pretraining has taught ("+", "=", numbers):
+        // what the adapter must learn is the skill, not new words.
         switch (operation)
         {
             case ArithmeticOperation.Addition:
             {
                 int a = random.Next(1, ranges.MaxAddend + 1), b = random.Next(1, ranges.MaxAddend + 1);
                 answer = a + b;
-                (instruction, reasoning) = template switch
+                instruction = template switch
                 {
-                    0 => ($"{name} has {a} {things}. {friend} gives {name} {b} more {things}. How many {things} does {name} have now?",
-                          $"{name} starts with {a} {things} and gets {b} more, so {name} has {a} + {b} = {answer} {things}."),
-                    1 => ($"{name} picked {a} {things} in the morning and {b} {things} in the afternoon. How many {things} did {name} pick in all?",
-                          $"In all {name} picked {a} + {b} = {answer} {things}."),
-                    _ => ($"There are {a} {things} on the table and {name} puts {b} more there. How many {things} are on the table?",
-                          $"The table had {a} {things}, and {b} more makes {a} + {b} = {answer} {things}."),
+                    0 => $"{name} has {a} {things}. {friend} gives {name} {b} more {things}. How many {things} does {name} have now?",
+                    1 => $"{name} picked {a} {things} in the morning and {b} {things} in the afternoon. How many {things} did {name} pick in all?",
+                    _ => $"There are {a} {things} on the table and {name} puts {b} more there. How many {things} are on the table?",
                 };
+                reasoning = $"{a} + {b} = {answer}.";
                 break;
             }
             case ArithmeticOperation.Subtraction:
             {
                 int a = random.Next(2, ranges.MaxMinuend + 1), b = random.Next(1, a);
                 answer = a - b;
-                (instruction, reasoning) = template switch
+                instruction = template switch
                 {
-                    0 => ($"{name} has {a} {things} and gives {b} of them to {friend}. How many {things} does {name} have left?",
-                          $"{name} starts with {a} {things} and gives away {b}, so {name} has {a} - {b} = {answer} {things} left."),
-                    1 => ($"A shop had {a} {things}. It sold {b} {things} today. How many {things} does the shop have now?",
-                          $"The shop had {a} {things} and sold {b}, so it has {a} - {b} = {answer} {things}."),
-                    _ => ($"{name} needs {a} {things} and already has {b}. How many more {things} does {name} need?",
-                          $"{name} still needs {a} - {b} = {answer} {things}."),
+                    0 => $"{name} has {a} {things} and gives {b} of them to {friend}. How many {things} does {name} have left?",
+                    1 => $"A shop had {a} {things}. It sold {b} {things} today. How many {things} does the shop have now?",
+                    _ => $"{name} needs {a} {things} and already has {b}. How many more {things} does {name} need?",
                 };
+                reasoning = $"{a} - {b} = {answer}.";
                 break;
             }
             case ArithmeticOperation.Multiplication:
@@ -125,15 +124,14 @@ public static class ArithmeticProblems
                 int a = random.Next(2, ranges.MaxFactor + 1), b = random.Next(2, ranges.MaxFactor + 1);
                 answer = a * b;
                 string containers = Plural(container);
-                (instruction, reasoning) = template switch
+                instruction = template switch
                 {
-                    0 => ($"{name} has {a} {containers} of {things}. Each {container} holds {b} {things}. How many {things} does {name} have?",
-                          $"{name} has {a} {containers} with {b} {things} each, so {name} has {a} * {b} = {answer} {things}."),
-                    1 => ($"{name} buys {a} {containers} of {things} with {b} {things} in each {container}. How many {things} did {name} buy?",
-                          $"{a} {containers} of {b} {things} is {a} * {b} = {answer} {things}."),
-                    _ => ($"There are {a} {containers} and each {container} has {b} {things} in it. How many {things} are there in all?",
-                          $"There are {a} {containers} of {b} {things}, so {a} * {b} = {answer} {things}."),
+                    0 => $"{name} has {a} {containers} of {things}. Each {container} holds {b} {things}. How many {things} does {name} have?",
+                    1 => $"{name} buys {a} {containers} of {things} with {b} {things} in each {container}. How many {things} did {name} buy?",
+                    _ => $"There are {a} {containers} and each {container} has {b} {things} in it. How many {things} are there in all?",
                 };
+                // a groups of b: b + b + ... (a times).
+                reasoning = string.Join(" + ", Enumerable.Repeat(b.ToString(CultureInfo.InvariantCulture), a)) + $" = {answer}.";
                 break;
             }
             default:

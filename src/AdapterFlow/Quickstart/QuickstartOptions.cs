@@ -21,7 +21,7 @@ public sealed record QuickstartOptions
 
     // ---- model
     public int HiddenSize { get; init; } = 128;
-    public int Layers { get; init; } = 6;
+    public int Layers { get; init; } = 4;
     public int AttentionHeads { get; init; } = 4;
 
     /// <summary>The byte-level BPE tokenizer trained on the pretraining problems aims for this many tokens.</summary>
@@ -29,12 +29,12 @@ public sealed record QuickstartOptions
 
     // ---- pretraining (addition and subtraction, full model, from scratch)
     public int PretrainProblems { get; init; } = 8000;
-    public int PretrainSteps { get; init; } = 500;
+    public int PretrainSteps { get; init; } = 300;
     public double PretrainLearningRate { get; init; } = 3e-3;
 
     // ---- fine-tuning (multiplication, LoRA)
     public int FinetuneProblems { get; init; } = 1000;
-    public int FinetuneSteps { get; init; } = 150;
+    public int FinetuneSteps { get; init; } = 100;
     public double FinetuneLearningRate { get; init; } = 5e-3;
     public int LoraRank { get; init; } = 8;
 

@@ -43,24 +43,33 @@ public class ArithmeticProblemsTests
     [Theory]
     [InlineData(ArithmeticOperation.Addition, "+")]
     [InlineData(ArithmeticOperation.Subtraction, "-")]
-    [InlineData(ArithmeticOperation.Multiplication, "*")]
+    [InlineData(ArithmeticOperation.Multiplication, "+")]
     public void Answers_are_right_and_the_evaluator_scores_the_reference_output_correct(ArithmeticOperation operation, string symbol)
     {
         var ranges = new ArithmeticRanges();
         var items = ArithmeticProblems.Split([operation], 300, 0, seed: 1, ranges).Train;
         foreach (var item in items)
         {
-            // The chain of thought holds "a op b = c" and ends "The answer is c."
-            var match = System.Text.RegularExpressions.Regex.Match(item.Output, $@"(\d+) \{symbol} (\d+) = (\d+)");
-            Assert.True(match.Success, item.Output);
-            int a = int.Parse(match.Groups[1].Value, CultureInfo.InvariantCulture), b = int.Parse(match.Groups[2].Value, CultureInfo.InvariantCulture);
-            int expected = operation switch
+            // The chain of thought holds "a op b = c" (multiplication: "b + b + ... = c", a times) and ends "The answer is c."
+            int expected;
+            if (operation == ArithmeticOperation.Multiplication)
             {
-                ArithmeticOperation.Addition => a + b,
-                ArithmeticOperation.Subtraction => a - b,
-                _ => a * b,
-            };
-            Assert.Equal(expected.ToString(CultureInfo.InvariantCulture), match.Groups[3].Value);
+                var match = System.Text.RegularExpressions.Regex.Match(item.Output, @"^(\d+)( \+ \1)+ = (\d+)\.");
+                Assert.True(match.Success, item.Output);
+                int a = match.Groups[2].Captures.Count + 1, b = int.Parse(match.Groups[1].Value, CultureInfo.InvariantCulture);
+                expected = a * b;
+                Assert.Equal(expected.ToString(CultureInfo.InvariantCulture), match.Groups[3].Value);
+                Assert.Contains($" {a} ", item.Instruction);
+                Assert.DoesNotContain("*", item.Output);
+            }
+            else
+            {
+                var match = System.Text.RegularExpressions.Regex.Match(item.Output, $@"^(\d+) \{symbol} (\d+) = (\d+)\.");
+                Assert.True(match.Success, item.Output);
+                int a = int.Parse(match.Groups[1].Value, CultureInfo.InvariantCulture), b = int.Parse(match.Groups[2].Value, CultureInfo.InvariantCulture);
+                expected = operation == ArithmeticOperation.Addition ? a + b : a - b;
+                Assert.Equal(expected.ToString(CultureInfo.InvariantCulture), match.Groups[3].Value);
+            }
             Assert.Equal(expected.ToString(CultureInfo.InvariantCulture), item.Answer);
             Assert.EndsWith($"The answer is {item.Answer}.", item.Output);
             Assert.Equal("", item.Input);
