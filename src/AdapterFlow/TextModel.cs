@@ -52,9 +52,20 @@ public sealed class TextModel : IDisposable
         // A missing adapter folder should fail before the model is read.
         if (adapterPath is not null && !Directory.Exists(adapterPath)) throw new DirectoryNotFoundException($"{adapterPath}: adapter folder not found");
         if (!Directory.Exists(path) && !File.Exists(path)) throw new FileNotFoundException($"{path}: model folder or file not found");
-        // The tokenizer first: it is cheap, and a missing one should fail before gigabytes are read.
-        var tokenizer = LoadTokenizer(Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
-        var model = ModelFiles.Load(path, options);
+        // The tokenizer first: it is cheap, and a missing one should fail before gigabytes are read. Files beside
+        // the model win; otherwise a GGUF / llama2.c model's own vocabulary is used.
+        var folder = Directory.Exists(path) ? path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!;
+        var tokenizer = HasTokenizerFiles(folder) ? LoadTokenizer(folder) : null;
+        CausalLM model;
+        using (var imported = ModelFiles.Open(path))
+        {
+            if (tokenizer is null)
+            {
+                if (imported.Vocabulary is null) LoadTokenizer(folder); // throws its "no tokenizer.json" message
+                tokenizer = SentencePieceVocabulary.ToTokenizer(imported.Vocabulary!, imported.Path);
+            }
+            model = AutoModel.FromCheckpoint(AutoModel.ParseConfig(imported.Config, imported.Path), imported.Tensors, options);
+        }
         if (tokenizer.VocabSize > model.Config.VocabSize)
         {
             model.Dispose();
@@ -86,9 +97,21 @@ public sealed class TextModel : IDisposable
         return ConfigJson.IntOrIntList(json, file, "eos_token_id");
     }
 
-    /// <summary>A tokenizer from a folder holding tokenizer.json (and tokenizer_config.json), or from a tokenizer.json file.</summary>
+    private static bool HasTokenizerFiles(string folder) =>
+        File.Exists(System.IO.Path.Combine(folder, "tokenizer.json")) || File.Exists(System.IO.Path.Combine(folder, "vocab.json"));
+
+    /// <summary>
+    /// A tokenizer from a folder holding tokenizer.json (and tokenizer_config.json), from a tokenizer.json file, or
+    /// from the vocabulary a GGUF file embeds.
+    /// </summary>
     public static HFTokenizer LoadTokenizer(string folderOrFile)
     {
+        if (File.Exists(folderOrFile) && IsGguf(folderOrFile))
+        {
+            using var gguf = GgufFile.Open(folderOrFile);
+            var vocabulary = GgufImport.Vocabulary(gguf) ?? throw new InvalidDataException($"{folderOrFile}: the GGUF file embeds no tokenizer (no tokenizer.ggml.tokens)");
+            return SentencePieceVocabulary.ToTokenizer(vocabulary, folderOrFile);
+        }
         if (File.Exists(folderOrFile))
         {
             var folder = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(folderOrFile))!;
@@ -97,6 +120,13 @@ public sealed class TextModel : IDisposable
         }
         if (!Directory.Exists(folderOrFile)) throw new FileNotFoundException($"{folderOrFile}: tokenizer folder or file not found");
         return HFTokenizer.FromDirectory(folderOrFile);
+    }
+
+    private static bool IsGguf(string file)
+    {
+        Span<byte> head = stackalloc byte[4];
+        using var stream = File.OpenRead(file);
+        return stream.ReadAtLeast(head, 4, throwOnEndOfStream: false) == 4 && GgufFile.HasMagic(head);
     }
 
     public void Dispose() => Model.Dispose();

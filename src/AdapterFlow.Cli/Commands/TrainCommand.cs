@@ -66,13 +66,54 @@ internal static class TrainCommand
         var resume = new Option<bool>("--resume") { Description = "Continue from the latest checkpoint-{step} folder in --out." };
         var maxSteps = new Option<int?>("--max-steps") { Description = "Stop after N optimizer steps (overrides --epochs).", HelpName = "N" }
             .Check(v => v is null or >= 1, "must be at least 1");
+        var layerDropout = new Option<double?>("--layer-dropout")
+        {
+            Description = "LayerSkip layer dropout: each example skips layer l with probability S(t)·D(l)·P; P is the rate of the last layer (default 0: off).",
+            HelpName = "P",
+        }.Check(v => v is null or (>= 0 and < 1), "must be in [0, 1)");
+        var layerDropoutScale = new Option<string?>("--layer-dropout-scale")
+        {
+            Description = "Layer dropout over depth, D(l): exp = e^(l·ln2/(L−1)) − 1, 0 at the first layer and 1 at the last (default); linear = l/(L−1); uniform = 1.",
+            HelpName = "exp|linear|uniform",
+        }.AcceptOnlyFromAmong("exp", "linear", "uniform");
+        var layerDropoutCurriculum = new Option<string?>("--layer-dropout-curriculum")
+        {
+            Description = "Layer dropout over training, S(t): none = 1 (fine-tuning, default); exp = e^(t·ln2/T) − 1, from 0 to 1 over the T steps (pretraining from scratch).",
+            HelpName = "none|exp",
+        }.AcceptOnlyFromAmong("none", "exp");
+        var earlyExitLoss = new Option<bool>("--early-exit-loss")
+        {
+            Description = "LayerSkip early-exit loss: every layer's output goes through the final norm and LM head and the loss is the weighted sum over layers (the reported loss stays the last layer's).",
+        };
+        var earlyExitScale = new Option<string?>("--early-exit-scale")
+        {
+            Description = "Weight of layer l's loss before normalising: uniform = 1, linear = l+1, sum = 1+2+…+(l+1) (default), sqrt = √(l+1), inv = 1/(l+1), inv-sqrt = 1/√(l+1).",
+            HelpName = "uniform|linear|sum|sqrt|inv|inv-sqrt",
+        }.AcceptOnlyFromAmong("uniform", "linear", "sum", "sqrt", "inv", "inv-sqrt");
+        var earlyExitCurriculum = new Option<string?>("--early-exit-curriculum")
+        {
+            Description = "Which exits are trained per step (the last always is): none = all (default); rotational = every R-th layer, shifting by one each step; gradual = switched on from the last layer down, all by mid-training.",
+            HelpName = "none|rotational|gradual",
+        }.AcceptOnlyFromAmong("none", "rotational", "gradual");
+        var earlyExitRotation = new Option<int?>("--early-exit-rotation")
+        {
+            Description = "R of the rotational curriculum: layer l is trained at step t when (l + t) mod R = 0 (default 4).",
+            HelpName = "R",
+        }.Check(v => v is null or >= 1, "must be at least 1");
+        var earlyExitLayerScale = new Option<double?>("--early-exit-layer-scale")
+        {
+            Description = "Factor on every early layer's weight before normalising (LayerSkip's e_scale, default 1); below 1 the last layer keeps more weight.",
+            HelpName = "E",
+        }.Check(v => v is null or > 0, "must be positive");
         var device = CommonOptions.Device();
         var json = CommonOptions.Json("Print one JSON object last: final_loss, steps, tokens_per_second, seconds, output.");
 
         var command = new Command("train", "Fine-tune a model or train an adapter (LoRA, IA3, prefix, prompt, bottleneck) on instruction data.")
         {
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
-            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, device, json,
+            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps,
+            layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale,
+            device, json,
         };
         command.SetAction(parse =>
         {
@@ -94,6 +135,14 @@ internal static class TrainCommand
                 Seed = parse.GetValue(seed),
                 SaveSteps = parse.GetValue(saveSteps),
                 MaxSteps = parse.GetValue(maxSteps),
+                LayerDropout = parse.GetValue(layerDropout),
+                LayerDropoutScale = parse.GetValue(layerDropoutScale),
+                LayerDropoutCurriculum = parse.GetValue(layerDropoutCurriculum),
+                EarlyExitLoss = parse.GetValue(earlyExitLoss) ? true : null,
+                EarlyExitScale = parse.GetValue(earlyExitScale),
+                EarlyExitCurriculum = parse.GetValue(earlyExitCurriculum),
+                EarlyExitRotation = parse.GetValue(earlyExitRotation),
+                EarlyExitLayerScale = parse.GetValue(earlyExitLayerScale),
             };
             var recipe = parse.GetValue(config) is { } recipePath ? TrainRecipe.Load(recipePath).OverlaidBy(flags) : flags;
             recipe.Validate(parse.GetValue(config) is null ? "options" : $"{parse.GetValue(config)} with the options");
@@ -178,6 +227,7 @@ internal static class TrainCommand
                 ["output"] = outDir,
                 ["method"] = recipe.Method,
                 ["truncated_examples"] = dataset.TruncatedExamples,
+                ["early_exit_loss"] = result.Steps.Count > 0 ? result.Steps[^1].EarlyExitLoss : null,
             });
         }
         else
@@ -187,6 +237,8 @@ internal static class TrainCommand
             table.AddRow("method", Markup.Escape(recipe.Method!));
             table.AddRow("steps", $"{trainer.Step} ({dataset.Examples.Count} examples, {dataset.TruncatedExamples} truncated)");
             table.AddRow("final loss", double.IsFinite(result.FinalLoss) ? result.FinalLoss.ToString("F4") : "-");
+            if (result.Steps.Count > 0 && result.Steps[^1].EarlyExitLoss is double exitLoss)
+                table.AddRow("early-exit loss", exitLoss.ToString("F4"));
             table.AddRow("tokens/s", tokensPerSecond.ToString("F0"));
             table.AddRow("time", $"{seconds:F1} s");
             table.AddRow(peft is null ? "model" : "adapter", Markup.Escape(outDir));
@@ -218,7 +270,7 @@ internal static class TrainCommand
             var node = JsonNode.Parse(line)!;
             steps.Add(new StepMetrics((int)node["step"]!, (int?)node["epoch"] ?? 0, (double)node["loss"]!, (double?)node["learning_rate"] ?? 0,
                 (double?)node["grad_norm"], (long?)node["tokens"] ?? 0, (long?)node["label_tokens"] ?? 0, (double?)node["tokens_per_second"] ?? 0,
-                (double?)node["elapsed_seconds"] ?? 0));
+                (double?)node["elapsed_seconds"] ?? 0, EarlyExitLoss: (double?)node["early_exit_loss"]));
         }
         return steps;
     }

@@ -35,7 +35,8 @@ public sealed record ModuleSelector(string? Regex, IReadOnlyList<string>? List)
 /// <summary>Finding modules by path and swapping one for a wrapper in place (PEFT's _replace_module).</summary>
 public static class ModuleSurgery
 {
-    private static readonly Regex LayerIndex = new(@"^.*\.[^.]*\.(\d+)\.", RegexOptions.Compiled);
+    // Lazy, as PEFT 0.20: the first numbered segment is the layer (not a nested index such as an expert's).
+    private static readonly Regex LayerIndex = new(@"^.*?\.[^.]*\.(\d+)\.", RegexOptions.Compiled);
 
     /// <summary>Every module of <paramref name="root"/> with its dotted path (the root itself excluded).</summary>
     public static IEnumerable<(string Path, nn.Module Module)> Modules(nn.Module root) =>
@@ -44,9 +45,10 @@ public static class ModuleSurgery
     /// <summary>The layer number in a path such as model.layers.3.mlp.up_proj (PEFT's default layers pattern).</summary>
     public static int? LayerOf(string path, string? layersPattern = null)
     {
-        var match = layersPattern is null
+        // An empty pattern means any module list, as PEFT.
+        var match = string.IsNullOrEmpty(layersPattern)
             ? LayerIndex.Match(path)
-            : Regex.Match(path, $@"^.*\.(?:{layersPattern})\.(\d+)\.");
+            : Regex.Match(path, $@"^.*?\.(?:{layersPattern})\.(\d+)\.");
         return match.Success ? int.Parse(match.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) : null;
     }
 

@@ -12,7 +12,7 @@ namespace AdapterFlow.Adapters;
 /// (a tied output head keeps reading the frozen original table, as in PEFT, where the copy is a new tensor). A tied
 /// output head gets an untied Linear copy of the shared table: training it leaves the input embedding alone.
 /// </summary>
-public sealed class ModulesToSaveWrapper : nn.Module<Tensor, Tensor>, IAdapterLayer
+public sealed class ModulesToSaveWrapper : nn.Module<Tensor, Tensor>, IRoutableAdapterLayer
 {
     public nn.Module<Tensor, Tensor> original_module;
     public AdapterModules modules_to_save;
@@ -71,8 +71,39 @@ public sealed class ModulesToSaveWrapper : nn.Module<Tensor, Tensor>, IAdapterLa
         modules_to_save.Add(adapter, (nn.Module)copy);
     }
 
-    public override Tensor forward(Tensor x) =>
-        Disabled || _active.Count == 0 ? original_module.forward(x) : Copy(_active[0]).forward(x);
+    /// <summary>Per-row adapters for one forward pass (mixed batches): each adapter with the batch rows it serves.</summary>
+    public IReadOnlyList<(string Adapter, Tensor Rows)>? Routing { get; set; }
+
+    public override Tensor forward(Tensor x)
+    {
+        if (Routing is { } routing) return ForwardRouted(x, routing);
+        return Disabled || _active.Count == 0 ? original_module.forward(x) : Copy(_active[0]).forward(x);
+    }
+
+    /// <summary>
+    /// A mixed batch (PEFT's _mixed_batch_forward): rows of an adapter with a copy here run through that copy, all other
+    /// rows ("__base__", or an adapter without a copy of this module) through the original. Each module sees only its
+    /// own rows, so a big module (an output head) is not run twice on any row.
+    /// </summary>
+    private Tensor ForwardRouted(Tensor x, IReadOnlyList<(string Adapter, Tensor Rows)> routing)
+    {
+        var groups = routing.Where(r => modules_to_save.Contains(r.Adapter)).ToArray();
+        if (groups.Length == 0) return original_module.forward(x);
+        long batch = x.shape[0];
+        using var covered = torch.zeros(batch, ScalarType.Bool, x.device);
+        foreach (var (_, rows) in groups) covered.index_fill_(0, rows, true);
+        using var baseRows = covered.logical_not().nonzero().flatten();
+        var parts = new List<(Tensor Rows, Tensor Output)>();
+        if (baseRows.shape[0] > 0) parts.Add((baseRows, original_module.forward(x.index_select(0, baseRows))));
+        foreach (var (adapter, rows) in groups) parts.Add((rows, Copy(adapter).forward(x.index_select(0, rows))));
+        var first = parts[0].Output;
+        var shape = first.shape.ToArray();
+        shape[0] = batch;
+        var result = torch.zeros(shape, first.dtype, first.device);
+        // Out-of-place index_copy keeps the graph, so a mixed batch can also be trained through.
+        foreach (var (rows, output) in parts) result = result.index_copy(0, rows, output);
+        return result;
+    }
 
     public void Merge(string adapter) { }
     public void UnmergeLast() { }

@@ -46,7 +46,7 @@ public sealed class PeftModel : CausalLM
     private readonly Dictionary<string, IAdapterLayer> _layers = new(); // module path (in the CausalLM) → wrapper
     private string _active = DefaultAdapter;
     private bool _unloaded;
-    private bool _loadingTable;
+    private bool _loadingSaved;
 
     private PeftModel(CausalLM model) : base(nameof(PeftModel))
     {
@@ -100,9 +100,16 @@ public sealed class PeftModel : CausalLM
         return peft;
     }
 
-    /// <summary>Adds an adapter saved in PEFT's format under a new name (it does not become active).</summary>
+    /// <summary>
+    /// Adds an adapter saved in PEFT's format under a new name (it does not become active). For a name other than
+    /// "default", a sub-folder of that name (as <see cref="SavePretrained"/> writes) is used when present.
+    /// </summary>
     public void LoadAdapter(string directory, string adapterName, bool isTrainable = false)
     {
+        // SavePretrained puts a non-default adapter in <folder>/<name>: given the parent folder, that sub-folder is the
+        // adapter meant (the parent's own adapter_config.json is the default adapter's).
+        if (adapterName != DefaultAdapter && File.Exists(Path.Combine(directory, adapterName, ConfigFile)))
+            directory = Path.Combine(directory, adapterName);
         var config = PeftConfig.Load(directory);
         var weights = Path.Combine(directory, WeightsFile);
         if (!File.Exists(weights)) throw new FileNotFoundException($"{weights}: adapter weights not found", weights);
@@ -110,9 +117,9 @@ public sealed class PeftModel : CausalLM
         bool first = _configs.Count == 0;
         // Saved virtual tokens are the computed table (PEFT saves a re-parameterised prompt so), so a loaded prompt
         // is a plain table even when the adapter is loaded to train further.
-        _loadingTable = true;
+        _loadingSaved = true;
         try { AddAdapter(adapterName, config, tokenizer: null, activate: first); }
-        finally { _loadingTable = false; }
+        finally { _loadingSaved = false; }
         using var file = SafetensorsFile.Open(weights);
         LoadWeights(adapterName, file);
     }
@@ -148,8 +155,11 @@ public sealed class PeftModel : CausalLM
     // ---------------------------------------------------------------- injection
 
     /// <summary>Module paths a tuner config selects, with PEFT's rules (targets, layers_to_transform, exclusions).</summary>
-    private List<string> SelectTargets(ModuleSelector targets, ModuleSelector? exclude, IReadOnlyList<int>? layers, string? layersPattern, string what)
+    private List<string> SelectTargets(ModuleSelector targets, ModuleSelector? exclude, IReadOnlyList<int>? layers, string? layersPattern, string what,
+        IReadOnlyList<string>? modulesToSave = null)
     {
+        // As PEFT: a module in modules_to_save (or inside one) is trained in full, never wrapped by the tuner too.
+        var savedPatterns = (modulesToSave ?? []).Select(m => new System.Text.RegularExpressions.Regex($@"^(.*\.)?{m}(\..*)?$")).ToArray();
         var candidates = new List<(string Path, nn.Module Module)>();
         var wrapped = new List<string>();
         foreach (var (path, module) in ModuleSurgery.Modules(Model))
@@ -173,6 +183,7 @@ public sealed class PeftModel : CausalLM
                 if (layer is null || !layers.Contains(layer.Value)) continue;
             }
             if (exclude is not null && !exclude.IsAllLinear && exclude.Matches(path)) continue;
+            if (savedPatterns.Any(p => p.IsMatch(path))) continue;
             selected.Add(path);
         }
         if (selected.Count == 0)
@@ -236,22 +247,26 @@ public sealed class PeftModel : CausalLM
     private void InjectLora(string adapter, LoraConfig config)
     {
         config.Validate();
+        // EVA and LoRA-GA compute A (and B) from data passes before training; a saved adapter carries the result.
+        if (config.InitLoraWeights is LoraInit.Eva or LoraInit.LoraGa && !_loadingSaved)
+            throw new NotSupportedException(
+                $"{config.Source}: init_lora_weights \"{(config.InitLoraWeights == LoraInit.Eva ? "eva" : "lora_ga")}\" needs statistics from passes over training data, which AdapterFlow does not compute; saved adapters made so load normally");
         config.TargetModules ??= ModuleSelector.Names(DefaultTargets.ForLora(Model.Config.ModelType));
-        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, config.LayersToTransform, config.LayersPattern, config.Source);
+        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, config.LayersToTransform, config.LayersPattern, config.Source, config.ModulesToSave);
         // As PEFT: a resolved all-linear is written back as the list of modules it chose.
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
         {
             if (ModuleSurgery.Find(Model, path) is TorchSharp.Modules.Embedding || _layers.GetValueOrDefault(path) is LoraEmbedding)
             {
-                if (config.UseDora) throw new NotSupportedException($"{config.Source}: DoRA on embedding '{path}' is not supported");
                 var embedding = Wrap(path, b => new LoraEmbedding(b), allowEmbedding: true);
-                embedding.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.InitLoraWeights);
+                embedding.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.InitLoraWeights, config.UseDora);
                 continue;
             }
             var layer = Wrap(path, b => new LoraLinear(b));
             config.FanInFanOut |= LinearParts.FanInFanOut(layer.BaseLayer);
             layer.AddAdapter(adapter, config.RankFor(path), config.ScalingFor(path), config.LoraDropout, config.InitLoraWeights, config.UseDora);
+            LoraWeightInit.Apply(layer, adapter, config.InitLoraWeights, config.Source);
         }
     }
 
@@ -264,7 +279,7 @@ public sealed class PeftModel : CausalLM
             config.TargetModules = ModuleSelector.Names(t);
             config.FeedforwardModules ??= ModuleSelector.Names(f);
         }
-        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, null, null, config.Source);
+        var targets = SelectTargets(config.TargetModules, config.ExcludeModules, null, null, config.Source, config.ModulesToSave);
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
         {
@@ -282,7 +297,7 @@ public sealed class PeftModel : CausalLM
         config.Validate();
         var modelType = Model.Config.ModelType;
         config.TargetModules ??= ModuleSelector.Names(BottleneckDefaults.DefaultTargets(modelType));
-        var targets = SelectTargets(config.TargetModules, null, null, null, config.Source);
+        var targets = SelectTargets(config.TargetModules, null, null, null, config.Source, config.ModulesToSave);
         if (config.TargetModules.IsAllLinear) config.TargetModules = ModuleSelector.Names(targets);
         foreach (var path in targets)
         {
@@ -313,7 +328,11 @@ public sealed class PeftModel : CausalLM
             throw new ArgumentException($"{config.Source}: token_dim {config.TokenDim} differs from the model's embedding width {words.shape[1]}");
         if (config.NumLayers == 0) config.NumLayers = Model.NumLayers;
         if (config.NumAttentionHeads == 0) config.NumAttentionHeads = Model.Config.NumAttentionHeads;
-        prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype, table: _loadingTable));
+        // PEFT has no default hidden size (None fails); the token width is the usual choice, and writing it back keeps
+        // the saved config loadable by PEFT.
+        if (config.EncoderHiddenSize == 0) config.EncoderHiddenSize = config.TokenDim;
+        config.Validate();
+        prompt_encoder.Add(adapter, new PromptEncoder(config, words.device, words.dtype, table: _loadingSaved));
     }
 
     private void AddPrefixTuning(string adapter, PrefixTuningConfig config)
@@ -329,7 +348,7 @@ public sealed class PeftModel : CausalLM
         if (config.NumTransformerSubmodules != 1)
             throw new ArgumentException($"{config.Source}: num_transformer_submodules must be 1 for a decoder-only model");
         var weight = Model.parameters().First();
-        prompt_encoder.Add(adapter, new PrefixEncoder(config, weight.device, weight.dtype, table: _loadingTable));
+        prompt_encoder.Add(adapter, new PrefixEncoder(config, weight.device, weight.dtype, table: _loadingSaved));
     }
 
     /// <summary>The token-embedding matrix: the Embedding whose rows EmbedTokens returns (GPT-2's position table can have the same shape).</summary>
@@ -437,7 +456,7 @@ public sealed class PeftModel : CausalLM
     {
         var layers = _layers.Values.OfType<IRoutableAdapterLayer>().ToArray();
         // Virtual-token adapters (prompt, prefix, P-tuning) change the sequence itself, so rows cannot differ in them.
-        if (layers.Length == 0)
+        if (layers.Length == 0 || _configs.Values.Any(c => c is PromptLearningConfig))
             throw new NotSupportedException($"per-row adapters (mixed batches) need LoRA, IA3 or bottleneck adapters, not {_configs[_active].PeftType}");
         if (layers.Length != _layers.Count)
             throw new NotSupportedException(
@@ -633,6 +652,7 @@ public sealed class PeftModel : CausalLM
                     // PEFT's ParameterDict entries: the file drops the adapter name.
                     map[module + ".lora_embedding_A"] = emb.A(adapterName);
                     map[module + ".lora_embedding_B"] = emb.B(adapterName);
+                    if (emb.IsDora(adapterName)) map[module + ".lora_magnitude_vector"] = emb.Magnitude(adapterName);
                     break;
                 case BottleneckLinear bn when bn.adapter_down.Contains(adapterName):
                     // LLM-Adapters' names: the adapter's tensors sit directly under the adapted module.
@@ -713,10 +733,31 @@ public sealed class PeftModel : CausalLM
         var config = _configs[adapterName];
         string where = file.Path;
         using var no = torch.no_grad();
+        var embeddingLayers = SavedEmbeddingLayers();
         foreach (var name in file.Names.Order(StringComparer.Ordinal))
         {
             if (!expected.TryGetValue(name, out var target))
+            {
+                // PEFT's save_embedding_layers (on by default when an embedding is a LoRA target, or the vocabulary was
+                // resized) stores the full input/output embedding matrices beside the adapter; PEFT loads them into the
+                // model, and so does this.
+                if (embeddingLayers.TryGetValue(name, out var layer))
+                {
+                    var shape = file.Entry(name).Shape;
+                    if (layer is null)
+                    {
+                        // A tied head has no matrix of its own: the input embedding's entry sets both.
+                        continue;
+                    }
+                    if (!shape.SequenceEqual(layer.shape))
+                        throw new InvalidDataException(
+                            $"{where}: embedding tensor '{name}' has shape [{string.Join(", ", shape)}], but {Model.GetType().Name} has [{string.Join(", ", layer.shape)}] (the adapter was trained with a resized vocabulary; resize the model's embeddings to {shape[0]} tokens first)");
+                    using var embedding = file.Load(name);
+                    layer.copy_(embedding);
+                    continue;
+                }
                 throw new InvalidDataException($"{where}: {DescribeUnexpected(name, config)}");
+            }
             var entry = file.Entry(name);
             if (!entry.Shape.SequenceEqual(target.shape))
                 throw new InvalidDataException(
@@ -727,6 +768,37 @@ public sealed class PeftModel : CausalLM
         var missing = expected.Keys.FirstOrDefault(k => !file.Contains(k));
         if (missing is not null)
             throw new InvalidDataException($"{where}: tensor '{missing}' is missing (the adapter_config.json selects module '{ModuleOf(missing)}')");
+    }
+
+    /// <summary>
+    /// The names under which PEFT saves the input and output embedding matrices (save_embedding_layers), with the
+    /// Parameter each loads into; null for a tied output head, which has none of its own.
+    /// </summary>
+    private Dictionary<string, Parameter?> SavedEmbeddingLayers()
+    {
+        var result = new Dictionary<string, Parameter?>(StringComparer.Ordinal);
+        var head = OutputHeadPath();
+        var parameters = Model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (path, module) in ModuleSurgery.Modules(Model))
+        {
+            bool embedding = module is TorchSharp.Modules.Embedding && TokenEmbeddingNames.Contains(OwnerName(path));
+            bool isHead = path == head || path == head + ".base_layer" || path == head + ".original_module";
+            if (!embedding && !isHead) continue;
+            if (parameters.TryGetValue(path + ".weight", out var weight)) result[Prefix + path + ".weight"] = weight;
+            else if (module is TiedLMHead) result[Prefix + path + ".weight"] = null;
+        }
+        return result;
+    }
+
+    // The token embeddings of the families (get_input_embeddings in transformers); the model's own name, so that a
+    // LoRA-wrapped or trained copy (…embed_tokens.base_layer / .original_module) is found by its owner's name.
+    private static readonly HashSet<string> TokenEmbeddingNames = ["embed_tokens", "wte", "word_embeddings", "embed_in"];
+
+    private static string OwnerName(string path)
+    {
+        foreach (var wrapperPart in new[] { ".base_layer", ".original_module" })
+            if (path.EndsWith(wrapperPart, StringComparison.Ordinal)) path = path[..^wrapperPart.Length];
+        return path[(path.LastIndexOf('.') + 1)..];
     }
 
     private static string ModuleOf(string tensorName)

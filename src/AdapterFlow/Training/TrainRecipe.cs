@@ -41,6 +41,22 @@ public sealed record TrainRecipe
     public bool? UseParallelAdapter { get; init; }
     /// <summary>Prefix and prompt tuning: number of virtual tokens.</summary>
     public int? NumVirtualTokens { get; init; }
+    /// <summary>LayerSkip: layer dropout's p_max (0 or unset: off).</summary>
+    public double? LayerDropout { get; init; }
+    /// <summary>LayerSkip: layer dropout's shape over depth, exp, linear or uniform.</summary>
+    public string? LayerDropoutScale { get; init; }
+    /// <summary>LayerSkip: layer dropout's shape over training, none or exp.</summary>
+    public string? LayerDropoutCurriculum { get; init; }
+    /// <summary>LayerSkip: train every layer's exit with the early-exit loss.</summary>
+    public bool? EarlyExitLoss { get; init; }
+    /// <summary>LayerSkip: per-layer weights of the early-exit loss, uniform, linear, sum, sqrt, inv or inv-sqrt.</summary>
+    public string? EarlyExitScale { get; init; }
+    /// <summary>LayerSkip: which exits are trained per step, none, rotational or gradual.</summary>
+    public string? EarlyExitCurriculum { get; init; }
+    /// <summary>LayerSkip: R of the rotational curriculum.</summary>
+    public int? EarlyExitRotation { get; init; }
+    /// <summary>LayerSkip's e_scale: factor on every early layer's weight before normalising.</summary>
+    public double? EarlyExitLayerScale { get; init; }
 
     /// <summary>This recipe with every value <paramref name="overrides"/> sets replacing this one's.</summary>
     public TrainRecipe OverlaidBy(TrainRecipe overrides) => new()
@@ -64,6 +80,14 @@ public sealed record TrainRecipe
         BottleneckSize = overrides.BottleneckSize ?? BottleneckSize,
         UseParallelAdapter = overrides.UseParallelAdapter ?? UseParallelAdapter,
         NumVirtualTokens = overrides.NumVirtualTokens ?? NumVirtualTokens,
+        LayerDropout = overrides.LayerDropout ?? LayerDropout,
+        LayerDropoutScale = overrides.LayerDropoutScale ?? LayerDropoutScale,
+        LayerDropoutCurriculum = overrides.LayerDropoutCurriculum ?? LayerDropoutCurriculum,
+        EarlyExitLoss = overrides.EarlyExitLoss ?? EarlyExitLoss,
+        EarlyExitScale = overrides.EarlyExitScale ?? EarlyExitScale,
+        EarlyExitCurriculum = overrides.EarlyExitCurriculum ?? EarlyExitCurriculum,
+        EarlyExitRotation = overrides.EarlyExitRotation ?? EarlyExitRotation,
+        EarlyExitLayerScale = overrides.EarlyExitLayerScale ?? EarlyExitLayerScale,
     };
 
     /// <summary>
@@ -107,6 +131,14 @@ public sealed record TrainRecipe
                 "bottleneck_size" => recipe with { BottleneckSize = Int(value, where) },
                 "use_parallel_adapter" => recipe with { UseParallelAdapter = Bool(value, where) },
                 "num_virtual_tokens" => recipe with { NumVirtualTokens = Int(value, where) },
+                "layer_dropout" => recipe with { LayerDropout = Real(value, where) },
+                "layer_dropout_scale" => recipe with { LayerDropoutScale = Named(value, where, LayerDropoutOptions.ParseScale) },
+                "layer_dropout_curriculum" => recipe with { LayerDropoutCurriculum = Named(value, where, LayerDropoutOptions.ParseCurriculum) },
+                "early_exit_loss" => recipe with { EarlyExitLoss = Bool(value, where) },
+                "early_exit_scale" => recipe with { EarlyExitScale = Named(value, where, EarlyExitOptions.ParseScale) },
+                "early_exit_curriculum" => recipe with { EarlyExitCurriculum = Named(value, where, EarlyExitOptions.ParseCurriculum) },
+                "early_exit_rotation" => recipe with { EarlyExitRotation = Int(value, where) },
+                "early_exit_layer_scale" => recipe with { EarlyExitLayerScale = Real(value, where) },
                 _ => throw new InvalidDataException($"{path}: unknown key '{key}'"),
             };
         }
@@ -131,6 +163,42 @@ public sealed record TrainRecipe
         if (LoraDropout is < 0 or >= 1) throw new ArgumentException($"{source}: lora_dropout must be in [0, 1) (got {LoraDropout?.ToString(CultureInfo.InvariantCulture)})");
         int batch = BatchSize ?? new TrainerOptions().BatchSize, micro = MicroBatchSize ?? DefaultMicroBatch(batch);
         if (batch % micro != 0) throw new ArgumentException($"{source}: batch_size ({batch}) must be a multiple of micro_batch_size ({micro})");
+        if (LayerDropout is < 0 or >= 1) throw new ArgumentException($"{source}: layer_dropout must be in [0, 1) (got {LayerDropout?.ToString(CultureInfo.InvariantCulture)})");
+        if (LayerDropoutScale is not null) Checked(source, "layer_dropout_scale", () => LayerDropoutOptions.ParseScale(LayerDropoutScale));
+        if (LayerDropoutCurriculum is not null) Checked(source, "layer_dropout_curriculum", () => LayerDropoutOptions.ParseCurriculum(LayerDropoutCurriculum));
+        if ((LayerDropoutScale ?? LayerDropoutCurriculum) is not null && LayerDropout is null)
+            throw new ArgumentException($"{source}: layer_dropout_scale and layer_dropout_curriculum need layer_dropout (the maximum rate)");
+        if (EarlyExitScale is not null) Checked(source, "early_exit_scale", () => EarlyExitOptions.ParseScale(EarlyExitScale));
+        if (EarlyExitCurriculum is not null) Checked(source, "early_exit_curriculum", () => EarlyExitOptions.ParseCurriculum(EarlyExitCurriculum));
+        if (EarlyExitRotation is < 1) throw new ArgumentException($"{source}: early_exit_rotation must be at least 1 (got {EarlyExitRotation})");
+        Positive("early_exit_layer_scale", EarlyExitLayerScale);
+        if (EarlyExitLoss != true && (EarlyExitScale ?? EarlyExitCurriculum ?? (object?)EarlyExitRotation ?? EarlyExitLayerScale) is not null)
+            throw new ArgumentException($"{source}: early_exit_scale, early_exit_curriculum, early_exit_rotation and early_exit_layer_scale need early_exit_loss: true");
+    }
+
+    /// <summary>The LayerSkip options the recipe sets (null when off), with the library's defaults for unset values.</summary>
+    public LayerDropoutOptions? ToLayerDropoutOptions() => LayerDropout is double rate && rate > 0
+        ? new LayerDropoutOptions(rate,
+            LayerDropoutScale is null ? Training.LayerDropoutScale.Exponential : LayerDropoutOptions.ParseScale(LayerDropoutScale),
+            LayerDropoutCurriculum is null ? Training.LayerDropoutCurriculum.None : LayerDropoutOptions.ParseCurriculum(LayerDropoutCurriculum))
+        : null;
+
+    /// <inheritdoc cref="ToLayerDropoutOptions"/>
+    public EarlyExitOptions? ToEarlyExitOptions()
+    {
+        if (EarlyExitLoss != true) return null;
+        var defaults = new EarlyExitOptions();
+        return new EarlyExitOptions(
+            EarlyExitScale is null ? defaults.Scale : EarlyExitOptions.ParseScale(EarlyExitScale),
+            EarlyExitCurriculum is null ? defaults.Curriculum : EarlyExitOptions.ParseCurriculum(EarlyExitCurriculum),
+            EarlyExitRotation ?? defaults.Rotation,
+            EarlyExitLayerScale ?? defaults.EarlyLayerScale);
+    }
+
+    private static void Checked<T>(string source, string key, Func<T> parse)
+    {
+        try { parse(); }
+        catch (ArgumentException e) { throw new ArgumentException($"{source}: {key}: {e.Message}"); }
     }
 
     /// <summary>The trainer's options; <paramref name="outputDirectory"/> receives metrics.jsonl and checkpoints.</summary>
@@ -151,6 +219,8 @@ public sealed record TrainRecipe
             MetricsPath = outputDirectory is null ? null : Path.Combine(outputDirectory, "metrics.jsonl"),
             CheckpointDirectory = outputDirectory is null || SaveSteps is null ? null : outputDirectory,
             CheckpointEvery = SaveSteps ?? defaults.CheckpointEvery,
+            LayerDropout = ToLayerDropoutOptions(),
+            EarlyExit = ToEarlyExitOptions(),
         };
     }
 
@@ -201,6 +271,15 @@ public sealed record TrainRecipe
     private static string ParseScheduler(string value, string where) => value is "constant" or "linear" or "cosine"
         ? value
         : throw new ArgumentException($"{where}: unknown lr_scheduler '{value}' (expected constant, linear or cosine)");
+
+    /// <summary>A name checked by <paramref name="parse"/> (an unknown one names the file and key), kept as written.</summary>
+    private static string Named<T>(object? value, string where, Func<string, T> parse)
+    {
+        var text = Text(value, where);
+        try { parse(text); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{where}: {e.Message}"); }
+        return text;
+    }
 
     private static string Text(object? value, string where) =>
         value as string ?? throw new InvalidDataException($"{where}: expected a single value");

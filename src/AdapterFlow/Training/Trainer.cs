@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json;
+using System.Text.Json.Serialization;
 using AdapterFlow.Adapters;
 using AdapterFlow.Models;
 using TorchSharp;
@@ -11,10 +12,15 @@ namespace AdapterFlow.Training;
 /// <summary>
 /// What one optimizer step did (also one line of the JSONL metrics log): the 1-based step, the mean loss per
 /// labelled token over the whole batch, the learning rate used, the global gradient norm before clipping (null
-/// when not clipping), real (non-pad) and labelled tokens, and real tokens per second in this step.
+/// when not clipping), real (non-pad) and labelled tokens, and real tokens per second in this step. With the
+/// early-exit loss (<see cref="TrainerOptions.EarlyExit"/>) <see cref="Loss"/> stays the last layer's, so runs with and
+/// without it compare; <see cref="EarlyExitLoss"/> is the weighted loss that was optimised and
+/// <see cref="ExitLosses"/> each layer's exit loss (null for layers the curriculum left out of this step).
 /// </summary>
 public sealed record StepMetrics(int Step, int Epoch, double Loss, double LearningRate, double? GradNorm,
-    long Tokens, long LabelTokens, double TokensPerSecond, double ElapsedSeconds);
+    long Tokens, long LabelTokens, double TokensPerSecond, double ElapsedSeconds,
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] double? EarlyExitLoss = null,
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<double?>? ExitLosses = null);
 
 /// <summary>Result of <see cref="Trainer.Train"/>.</summary>
 public sealed record TrainingResult(IReadOnlyList<StepMetrics> Steps)
@@ -38,12 +44,17 @@ public sealed class Trainer : IDisposable
     private readonly OptimizerHelper _optimizer;
     private readonly IReadOnlyList<(string Name, Parameter Parameter)> _named;
     private readonly List<AdamW.ParamGroup> _groups;
+    // LayerSkip's schedules, built by Train once the run's length is known (null when off).
+    private LayerDropoutSchedule? _layerDropout;
+    private EarlyExitSchedule? _earlyExit;
 
     public Trainer(nn.Module<ForwardInput, ForwardOutput> model, IEnumerable<(string Name, Parameter Parameter)> trainable, TrainerOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         Options = options ?? new TrainerOptions();
         Options.Validate();
+        if ((Options.LayerDropout is not null || Options.EarlyExit is not null) && model is not CausalLM)
+            throw new ArgumentException("layer dropout and the early-exit loss need a CausalLM model (decoder layers and a shared head)");
         _model = model;
         var named = trainable.ToList();
         if (named.Count == 0) throw new ArgumentException("there are no trainable parameters");
@@ -115,6 +126,7 @@ public sealed class Trainer : IDisposable
         var schedule = new LearningRateSchedule(Options.Schedule, Options.LearningRate, warmup, totalSteps);
         int stepsPerEpoch = (int)Math.Ceiling(data.Count / (double)Options.BatchSize);
         var device = _parameters[0].device;
+        PrepareLayerSkip(totalSteps);
 
         if (Step == 0) torch.manual_seed(Options.Seed);
         int endStep = Math.Min(totalSteps, stopAtStep ?? totalSteps);
@@ -188,26 +200,24 @@ public sealed class Trainer : IDisposable
         long labelTokens = examples.Sum(LabelTokenCount);
         double divisor = Math.Max(1, labelTokens);
         long tokens = 0;
-        // The step's loss is summed on the device and read once per step: one host sync, not one per micro-batch.
-        var lossSum = zeros(1, dtype: ScalarType.Float32, device: device);
+        var layerDropout = _layerDropout?.RatesAt(Step);
+        var exitWeights = _earlyExit?.WeightsAt(Step);
+        // The step's losses are summed on the device and read once per step: one host sync, not one per micro-batch.
+        var lossSum = zeros(exitWeights is null ? 1 : 2 + exitWeights.Length, dtype: ScalarType.Float32, device: device);
         foreach (var micro in examples.Chunk(Options.MicroBatchSize))
         {
             using var scope = NewDisposeScope();
             using var inputs = collator.Collate(micro, device);
-            var output = _model.forward(new ForwardInput { InputIds = inputs.InputIds, AttentionMask = inputs.AttentionMask });
-            // Prompt tuning puts its virtual tokens' logits first; they have no labels (PEFT pads the labels with
-            // -100 for them), so only the positions of the real tokens count.
-            var logits = output.Logits;
-            if (logits.shape[1] > inputs.Labels.shape[1]) logits = logits[.., ^(int)inputs.Labels.shape[1]..];
-            var microLoss = CausalLMLoss.Sum(logits, inputs.Labels) / divisor;
-            microLoss.backward();
-            lossSum.add_(microLoss.detach());
+            lossSum.add_(MicroBatchLoss(inputs, divisor, layerDropout, exitWeights));
             tokens += inputs.Tokens;
         }
-        double loss = lossSum.item<float>();
+        var losses = lossSum.cpu().data<float>().ToArray();
+        double loss = losses[0];
         // Checked before the update, so a diverged step never reaches the weights.
         if (!double.IsFinite(loss))
             throw new TrainingDivergedException($"loss became {loss} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate, clip gradients or check the data");
+        if (exitWeights is not null && !double.IsFinite(losses[1]))
+            throw new TrainingDivergedException($"early-exit loss became {losses[1]} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate, clip gradients or check the data");
         double? norm = null;
         if (Options.MaxGradNorm is double max)
         {
@@ -217,7 +227,41 @@ public sealed class Trainer : IDisposable
         }
         _optimizer.step();
         var elapsed = (clock.Elapsed - started).TotalSeconds;
-        return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds);
+        return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds,
+            EarlyExitLoss: exitWeights is null ? null : losses[1],
+            ExitLosses: exitWeights?.Select((w, l) => w > 0 ? (double?)losses[2 + l] : null).ToArray());
+    }
+
+    /// <summary>
+    /// Forward and backward of one micro-batch, its loss divided by the whole batch's labelled tokens. Returns the
+    /// detached losses to add up over the step: [last layer], or with the early-exit loss [last layer, weighted, each layer].
+    /// </summary>
+    private Tensor MicroBatchLoss(Batch inputs, double divisor, double[]? layerDropout, double[]? exitWeights)
+    {
+        var output = _model.forward(new ForwardInput
+        {
+            InputIds = inputs.InputIds, AttentionMask = inputs.AttentionMask, LayerDropout = layerDropout, OutputHiddenStates = exitWeights is not null,
+        });
+        if (exitWeights is not null)
+        {
+            var exits = EarlyExitLoss.Backward((CausalLM)_model, output, inputs.Labels, exitWeights, divisor);
+            return cat([exits.LastLayer.reshape(1), exits.Weighted.reshape(1), exits.PerLayer]);
+        }
+        // Prompt tuning puts its virtual tokens' logits first; they have no labels (PEFT pads the labels with
+        // -100 for them), so only the positions of the real tokens count.
+        var logits = output.Logits;
+        if (logits.shape[1] > inputs.Labels.shape[1]) logits = logits[.., ^(int)inputs.Labels.shape[1]..];
+        var microLoss = CausalLMLoss.Sum(logits, inputs.Labels) / divisor;
+        microLoss.backward();
+        return microLoss.detach().reshape(1);
+    }
+
+    /// <summary>LayerSkip's schedules for a run of <paramref name="totalSteps"/> steps (their curricula need its length).</summary>
+    private void PrepareLayerSkip(int totalSteps)
+    {
+        var model = _model as CausalLM;
+        _layerDropout = Options.LayerDropout is { MaxRate: > 0 } dropout ? new LayerDropoutSchedule(dropout, model!.NumLayers, totalSteps) : null;
+        _earlyExit = Options.EarlyExit is { } exit ? new EarlyExitSchedule(exit, model!.NumLayers, totalSteps) : null;
     }
 
     private static long LabelTokenCount(Example example)

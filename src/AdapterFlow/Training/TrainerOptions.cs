@@ -53,6 +53,15 @@ public sealed record TrainerOptions
     /// <summary>Log every this many optimizer steps.</summary>
     public int LogEvery { get; init; } = 1;
 
+    /// <summary>LayerSkip's layer dropout: per-row skipping of whole layers at rates S(t)·D(l)·p_max (null: off).</summary>
+    public LayerDropoutOptions? LayerDropout { get; init; }
+
+    /// <summary>
+    /// LayerSkip's early-exit loss: every trained layer's output through the shared final norm and head, the weighted
+    /// sum of their losses replacing the plain loss (null: off). The step's reported loss stays the last layer's.
+    /// </summary>
+    public EarlyExitOptions? EarlyExit { get; init; }
+
     internal void Validate()
     {
         static void Positive(string name, double value)
@@ -72,5 +81,7 @@ public sealed record TrainerOptions
         if (WarmupRatio is < 0 or > 1) throw new ArgumentException($"WarmupRatio must be in [0, 1], got {WarmupRatio}");
         if (MaxGradNorm is double norm) Positive(nameof(MaxGradNorm), norm);
         if (Beta1 is < 0 or >= 1 || Beta2 is < 0 or >= 1) throw new ArgumentException($"betas must be in [0, 1), got ({Beta1}, {Beta2})");
+        LayerDropout?.Validate();
+        EarlyExit?.Validate();
     }
 }

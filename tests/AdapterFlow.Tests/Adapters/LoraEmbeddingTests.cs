@@ -121,4 +121,91 @@ public class LoraEmbeddingTests
             if (Directory.Exists(output)) Directory.Delete(output, true);
         }
     }
+
+    [SkippableTheory]
+    [InlineData("llama")]   // tied head: PEFT writes lm_head.weight too; the embedding entry sets both
+    [InlineData("mistral")] // untied head
+    public void Peft_saved_embedding_layers_load_into_the_model(string arch)
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-lora-embsave-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var peft = PeftModel.Create(PeftReferenceTests.LoadBase(arch),
+                new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("embed_tokens", "v_proj") });
+            peft.SavePretrained(output);
+            // What PEFT's save_embedding_layers adds (its default when an embedding is a target): the full matrices.
+            var file = Path.Combine(output, "adapter_model.safetensors");
+            var tensors = new List<KeyValuePair<string, Tensor>>();
+            using (var saved = SafetensorsFile.Open(file))
+                foreach (var name in saved.Names) tensors.Add(new(name, saved.Load(name)));
+            var model = PeftReferenceTests.LoadBase(arch);
+            var embedding = model.state_dict()["model.embed_tokens.weight"] + 0.01f;
+            tensors.Add(new("base_model.model.model.embed_tokens.base_layer.weight", embedding));
+            var head = model.Config.TieWordEmbeddings ? embedding : model.state_dict()["lm_head.weight"] - 0.02f;
+            tensors.Add(new("base_model.model.lm_head.weight", head));
+            SafetensorsWriter.Save(file, tensors, new Dictionary<string, string> { ["format"] = "pt" });
+
+            var reloaded = PeftModel.FromPretrained(model, output);
+            var state = reloaded.state_dict();
+            Assert.True(state["base_model.model.model.embed_tokens.base_layer.weight"].eq(embedding).all().item<bool>(), "embedding not loaded");
+            if (!model.Config.TieWordEmbeddings)
+                Assert.True(state["base_model.model.lm_head.weight"].eq(head).all().item<bool>(), "output embedding not loaded");
+
+            // A resized vocabulary is named in one line.
+            tensors[^2] = new("base_model.model.model.embed_tokens.base_layer.weight", torch.zeros(embedding.shape[0] + 3, embedding.shape[1]));
+            SafetensorsWriter.Save(file, tensors, new Dictionary<string, string> { ["format"] = "pt" });
+            var error = Assert.Throws<InvalidDataException>(() => PeftModel.FromPretrained(PeftReferenceTests.LoadBase(arch), output));
+            Assert.Contains("resized vocabulary", error.Message);
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
+    }
+
+    [SkippableFact]
+    public void Dora_on_an_embedding_renormalises_columns_merges_and_round_trips()
+    {
+        var output = Path.Combine(Path.GetTempPath(), $"af-dora-emb-{Guid.NewGuid():N}");
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var model = PeftReferenceTests.LoadBase("mistral");
+            var before = model.Logits(Ids());
+            var fresh = PeftModel.Create(PeftReferenceTests.LoadBase("mistral"), new LoraConfig { R = 4, UseDora = true, TargetModules = ModuleSelector.Names("embed_tokens") });
+            Assert.True((fresh.Logits(Ids()) - before).abs().max().item<float>() < 1e-5, "a fresh DoRA embedding adapter changed the output");
+
+            var peft = PeftModel.Create(model, new LoraConfig { R = 4, LoraAlpha = 8, UseDora = true, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("embed_tokens") });
+            var layer = Assert.IsType<LoraEmbedding>(peft.AdapterLayers["model.embed_tokens"]);
+            var table = ((TorchSharp.Modules.Embedding)layer.BaseLayer).weight!;
+            // m starts as the column norms of W + s·(B·A)ᵀ; make it non-trivial.
+            var updated = table + 2.0 * layer.B("default").matmul(layer.A("default")).t();
+            Assert.True((layer.Magnitude("default") - updated.norm(0, keepdim: false)).abs().max().item<float>() < 1e-5);
+            Assert.Equal(new[] { table.shape[1] }, layer.Magnitude("default").shape);
+            layer.Magnitude("default").mul_(torch.linspace(0.5, 1.5, table.shape[1]));
+            // Hand computation: rows of (W + s·(B·A)ᵀ) scaled per column by m / ‖column‖.
+            var ids = Ids();
+            var expected = (updated * (layer.Magnitude("default") / updated.norm(0, keepdim: false))).index_select(0, ids.flatten()).view(ids.shape[0], ids.shape[1], -1);
+            Assert.True((layer.forward(ids) - expected).abs().max().item<float>() < 1e-5, "DoRA embedding formula");
+
+            var unmerged = peft.Logits(ids);
+            peft.Merge();
+            Assert.True((peft.Logits(ids) - unmerged).abs().max().item<float>() < 1e-4, "merged differs from unmerged");
+            peft.Unmerge();
+            Assert.True((table - ((TorchSharp.Modules.Embedding)PeftReferenceTests.LoadBase("mistral").named_modules().First(m => m.name == "model.embed_tokens").module).weight!).abs().max().item<float>() < 1e-5, "unmerge did not restore W");
+
+            peft.SavePretrained(output);
+            using (var file = SafetensorsFile.Open(Path.Combine(output, "adapter_model.safetensors")))
+                Assert.Equal(new[] { table.shape[1] }, file.Entry("base_model.model.model.embed_tokens.lora_magnitude_vector").Shape);
+            var reloaded = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("mistral"), output);
+            Assert.True((reloaded.Logits(ids) - unmerged).abs().max().item<float>() < 1e-6, "reloaded DoRA embedding differs");
+        }
+        finally
+        {
+            if (Directory.Exists(output)) Directory.Delete(output, true);
+        }
+    }
 }

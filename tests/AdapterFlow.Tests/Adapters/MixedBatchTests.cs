@@ -20,7 +20,7 @@ public class MixedBatchTests
     {
         { "llama", "ia3" }, { "gpt2", "ia3" }, { "bloom", "ia3" },
         { "llama", "series" }, { "gpt2", "series" }, { "llama", "parallel" }, { "opt", "parallel" },
-        { "llama", "lora_embedding" }, { "gpt2", "lora_embedding" },
+        { "llama", "lora_embedding" }, { "gpt2", "lora_embedding" }, { "mistral", "dora_embedding" },
     };
 
     private static PeftConfig Config(string method, string arch, int variant) => method switch
@@ -32,6 +32,11 @@ public class MixedBatchTests
         {
             R = 2 + variant, InitLoraWeights = LoraInit.Random,
             TargetModules = ModuleSelector.Names(arch == "gpt2" ? ["wte", "c_attn"] : ["embed_tokens", "v_proj"]),
+        },
+        "dora_embedding" => new LoraConfig
+        {
+            R = 2 + variant, InitLoraWeights = LoraInit.Random, UseDora = true,
+            TargetModules = ModuleSelector.Names(["embed_tokens"]),
         },
         _ => throw new ArgumentException(method),
     };
@@ -62,6 +67,55 @@ public class MixedBatchTests
         Assert.True(Diff(a[0], plain[0]) > 1e-3f, $"{arch}/{method}: the adapter should change the logits");
         // Routing is cleared afterwards: a plain forward is the active adapter's again.
         Assert.True(Diff(peft.Logits(ids), b) < 1e-6f);
+    }
+
+    [SkippableTheory]
+    [InlineData("qwen2", "lm_head")]        // an untied Linear head
+    [InlineData("llama", "lm_head")]        // a tied head: each adapter's copy is an untied Linear
+    [InlineData("llama", "embed_tokens")]   // a token embedding
+    [InlineData("gpt2", "mlp.c_proj")]      // GPT-2's Conv1D
+    public void Mixed_batch_routes_modules_to_save_rows_to_their_own_copy(string arch, string module)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var lora = arch == "gpt2" ? "c_attn" : "v_proj";
+        LoraConfig Config(bool save) => new()
+        {
+            R = 2, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names(lora),
+            ModulesToSave = save ? [module] : null,
+        };
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase(arch), Config(true));
+        peft.AddAdapter("second", Config(true));
+        peft.AddAdapter("plain", Config(false)); // no copy of the module: its rows use the original
+        var wrappers = peft.AdapterLayers.Values.OfType<ModulesToSaveWrapper>().ToArray();
+        Assert.NotEmpty(wrappers);
+        // Make each adapter's copy differ from the original and from the other copy.
+        var generator = new torch.Generator(11);
+        foreach (var wrapper in wrappers)
+            foreach (var adapter in new[] { "default", "second" })
+                foreach (var p in ((nn.Module)wrapper.Copy(adapter)).parameters())
+                    p.add_(torch.randn(p.shape, generator: generator).to(p.dtype) * 0.05);
+
+        var ids = torch.tensor(new long[,]
+        {
+            { 5, 17, 42, 9, 33, 101, 7, 64 }, { 11, 12, 13, 14, 15, 16, 17, 18 }, { 5, 17, 42, 9, 33, 101, 7, 64 },
+            { 5, 17, 42, 9, 33, 101, 7, 64 }, { 11, 12, 13, 14, 15, 16, 17, 18 },
+        });
+        string[] rows = ["second", "default", "__base__", "plain", "second"];
+        var mixed = peft.Forward(new ForwardInput { InputIds = ids }, rows).Logits;
+        var single = new Dictionary<string, Tensor>();
+        foreach (var name in new[] { "default", "second", "plain" })
+        {
+            peft.SetAdapter(name);
+            single[name] = peft.Logits(ids);
+        }
+        using (peft.DisableAdapters()) single["__base__"] = peft.Logits(ids);
+        float Diff(Tensor x, Tensor y) => (x - y).abs().max().item<float>();
+        for (int i = 0; i < rows.Length; i++)
+            Assert.True(Diff(mixed[i], single[rows[i]][i]) < 1e-5f, $"{arch}/{module}: row {i} ({rows[i]}) differs by {Diff(mixed[i], single[rows[i]][i])}");
+        // The copies must matter, or the routing would not be tested.
+        Assert.True(Diff(single["default"][0], single["second"][0]) > 1e-3f);
+        Assert.True(Diff(single["default"][0], single["__base__"][0]) > 1e-3f);
     }
 
     [SkippableFact]

@@ -172,6 +172,11 @@ public class PeftBehaviourTests
             Assert.True(reloaded.Logits(Ids()).eq(first).all().item<bool>());
             reloaded.SetAdapter("other");
             Assert.True(reloaded.Logits(Ids()).eq(second).all().item<bool>());
+            // The parent folder finds a non-default adapter in its sub-folder.
+            var viaParent = PeftModel.FromPretrained(PeftReferenceTests.LoadBase("llama"), output);
+            viaParent.LoadAdapter(output, "other");
+            viaParent.SetAdapter("other");
+            Assert.True(viaParent.Logits(Ids()).eq(second).all().item<bool>());
 
             peft.DeleteAdapter("other");
             Assert.Equal("default", peft.ActiveAdapter);
@@ -192,7 +197,7 @@ public class PeftBehaviourTests
         var peft = PeftModel.Create(model, new LoraConfig
         {
             R = 4,
-            TargetModules = ModuleSelector.Pattern(@".*\.(q_proj|up_proj)"),
+            TargetModules = ModuleSelector.Names("q_proj", "up_proj"),
             LayersToTransform = [1],
             RankPattern = new Dictionary<string, double> { ["up_proj"] = 2 },
             AlphaPattern = new Dictionary<string, double> { ["q_proj"] = 16 },

@@ -131,6 +131,111 @@ public class TaskTensorMergingTests
             Assert.True(layer.A("dt").weight!.isfinite().all().item<bool>());
         }
         Assert.Throws<ArgumentException>(() => peft.AddWeightedAdapter(["default", "b"], [1, 1], "nodensity", LoraCombinationType.Ties));
-        Assert.Throws<ArgumentException>(() => peft.AddWeightedAdapter(["default", "b"], [1, -1], "negative", LoraCombinationType.DareTies, density: 0.5));
+        // Negative weights (PEFT ≥ 0.18): the sign goes on A only, so one adapter at weight −w gives −w·ΔW.
+        peft.AddWeightedAdapter(["default"], [-0.4], "neg", LoraCombinationType.Linear);
+        peft.AddWeightedAdapter(["default", "b"], [1, -1], "negties", LoraCombinationType.DareTies, density: 0.5, generator: new torch.Generator(2));
+        foreach (var layer in peft.AdapterLayers.Values.Cast<LoraLinear>())
+        {
+            Assert.True((layer.DeltaWeight("neg") + layer.DeltaWeight("default") * 0.4).abs().max().item<float>() < 1e-5, "negative weight");
+            Assert.True(layer.B("neg").weight!.mul(layer.B("default").weight!).ge(0).all().item<bool>(), "B keeps its sign");
+            Assert.True(layer.A("negties").weight!.isfinite().all().item<bool>());
+        }
+    }
+
+    /// <summary>The rank-k truncation U_k·S_k·V_kᴴ of a matrix (what an SVD combination keeps).</summary>
+    private static Tensor Truncate(Tensor m, long k)
+    {
+        var (u, s, vh) = torch.linalg.svd(m, fullMatrices: false);
+        k = Math.Min(k, s.shape[0]);
+        return (u.narrow(1, 0, k) * s.narrow(0, 0, k)).matmul(vh.narrow(0, 0, k));
+    }
+
+    public static TheoryData<LoraCombinationType, LoraCombinationType> SvdCases() => new()
+    {
+        { LoraCombinationType.Svd, LoraCombinationType.Linear },
+        { LoraCombinationType.TiesSvd, LoraCombinationType.Ties },
+        { LoraCombinationType.DareLinearSvd, LoraCombinationType.DareLinear },
+        { LoraCombinationType.DareTiesSvd, LoraCombinationType.DareTies },
+        { LoraCombinationType.MagnitudePruneSvd, LoraCombinationType.MagnitudePrune },
+    };
+
+    [SkippableTheory]
+    [MemberData(nameof(SvdCases))]
+    public void Svd_variants_merge_whole_updates_then_truncate(LoraCombinationType combination, LoraCombinationType onUpdates)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 4, LoraAlpha = 8, InitLoraWeights = LoraInit.Random });
+        peft.AddAdapter("b", new LoraConfig { R = 2, LoraAlpha = 2, UseRslora = true, InitLoraWeights = LoraInit.Random });
+        double[] weights = [0.7, -1.2];
+        const int rank = 3;
+        peft.AddWeightedAdapter(["default", "b"], weights, "mix", combination, svdRank: rank, density: 0.5,
+            majoritySignMethod: MajoritySignMethod.Frequency, generator: new torch.Generator(42));
+        // Replay the same merge on the whole updates (one generator draw per layer, in the same order).
+        var replay = new torch.Generator(42);
+        foreach (var layer in peft.AdapterLayers.Values.Cast<LoraLinear>())
+        {
+            Assert.Equal(rank, layer.A("mix").weight!.shape[0]);
+            Assert.Equal(1.0, layer.Scaling("mix"));
+            var merged = TaskTensorMerging.Merge(onUpdates, [layer.DeltaWeight("default"), layer.DeltaWeight("b")], weights, 0.5,
+                MajoritySignMethod.Frequency, replay);
+            var expected = Truncate(merged, rank);
+            var diff = (layer.DeltaWeight("mix") - expected).abs().max().item<float>();
+            Assert.True(diff < 1e-4, $"{combination}: the combined update differs from the rank-{rank} truncation of {onUpdates} by {diff}");
+            // Truncation matters here (the merged update has a higher rank), so this is not the plain merge.
+            Assert.True(torch.linalg.matrix_rank(merged).item<long>() > rank);
+        }
+        Assert.Throws<ArgumentException>(() => peft.AddWeightedAdapter(["default", "b"], [1, 1], "nodensity", combination == LoraCombinationType.Svd ? LoraCombinationType.TiesSvd : combination));
+    }
+
+    [SkippableFact]
+    public void Svd_clamp_limits_the_factors_to_a_quantile()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random });
+        peft.AddAdapter("b", new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random });
+        peft.AddWeightedAdapter(["default", "b"], [1, 1], "free", LoraCombinationType.Svd);
+        peft.AddWeightedAdapter(["default", "b"], [1, 1], "clamped", LoraCombinationType.Svd, svdClamp: 0.9);
+        foreach (var layer in peft.AdapterLayers.Values.Cast<LoraLinear>())
+        {
+            var a = layer.A("free").weight!;
+            var b = layer.B("free").weight!;
+            var all = torch.cat([b.flatten(), a.flatten()]);
+            double limit = torch.quantile(all, torch.tensor(0.9f)).item<float>();
+            Assert.True((layer.A("clamped").weight! - a.clamp(-limit, limit)).abs().max().item<float>() < 1e-6);
+            Assert.True((layer.B("clamped").weight! - b.clamp(-limit, limit)).abs().max().item<float>() < 1e-6);
+            Assert.True(a.abs().max().item<float>() > limit || b.abs().max().item<float>() > limit, "nothing was clamped");
+        }
+        Assert.Throws<ArgumentException>(() => peft.AddWeightedAdapter(["default", "b"], [1, 1], "bad", LoraCombinationType.Cat, svdClamp: 0.9));
+    }
+
+    [SkippableFact]
+    public void Embedding_loras_and_a_trained_module_combine()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        LoraConfig Config(bool saveHead) => new()
+        {
+            R = 2, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("embed_tokens", "q_proj"),
+            ModulesToSave = saveHead ? ["lm_head"] : null,
+        };
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase("qwen2"), Config(true));
+        peft.AddAdapter("b", Config(false));
+        var head = Assert.IsType<ModulesToSaveWrapper>(peft.AdapterLayers["lm_head"]);
+        var trained = ((TorchSharp.Modules.Linear)head.Copy("default")).weight!;
+        trained.add_(0.01);
+        peft.AddWeightedAdapter(["default", "b"], [0.5, 2], "cat", LoraCombinationType.Cat);
+        peft.AddWeightedAdapter(["default", "b"], [0.5, 2], "svd", LoraCombinationType.Svd, svdRank: 4);
+        var embedding = Assert.IsType<LoraEmbedding>(peft.AdapterLayers["model.embed_tokens"]);
+        var expected = embedding.DeltaWeight("default") * 0.5 + embedding.DeltaWeight("b") * 2;
+        Assert.True((embedding.DeltaWeight("cat") - expected).abs().max().item<float>() < 1e-4, "cat on an embedding");
+        Assert.True((embedding.DeltaWeight("svd") - expected).abs().max().item<float>() < 1e-3, "svd at full rank on an embedding");
+        // The head trained by "default" comes with the combination.
+        Assert.True(((TorchSharp.Modules.Linear)head.Copy("cat")).weight!.eq(trained).all().item<bool>());
+        // Two adapters that both train the head cannot be combined (as PEFT).
+        peft.AddAdapter("c", Config(true));
+        var error = Assert.Throws<ArgumentException>(() => peft.AddWeightedAdapter(["default", "c"], [1, 1], "bad", LoraCombinationType.Cat));
+        Assert.Contains("lm_head", error.Message);
     }
 }

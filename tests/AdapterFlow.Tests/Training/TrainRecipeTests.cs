@@ -17,7 +17,8 @@ public class TrainRecipeTests
     [Fact]
     public void Every_shipped_recipe_parses_into_valid_options()
     {
-        var files = Directory.GetFiles(RecipesDir()).Where(f => f.EndsWith(".yaml") || f.EndsWith(".json")).ToArray();
+        // LLM-Adapters' math recipes share these settings; the LayerSkip recipes have their own test.
+        var files = Directory.GetFiles(RecipesDir(), "math-*").Where(f => f.EndsWith(".yaml") || f.EndsWith(".json")).ToArray();
         Assert.True(files.Length >= 4, $"expected the math recipes, found {files.Length}");
         foreach (var file in files)
         {
@@ -75,5 +76,55 @@ public class TrainRecipeTests
         Assert.Equal(4, merged.LoraR);
         Assert.Equal(3, merged.Epochs);
         Assert.Equal("lora", merged.Method);
+    }
+
+    [Fact]
+    public void LayerSkip_recipes_turn_into_layer_dropout_and_early_exit_options()
+    {
+        var pretrain = TrainRecipe.Load(Path.Combine(RecipesDir(), "layerskip-pretrain.yaml"));
+        Assert.Null(pretrain.ToPeftConfig());
+        var options = pretrain.ToTrainerOptions("out");
+        options.Validate();
+        Assert.Equal(new LayerDropoutOptions(0.1, LayerDropoutScale.Exponential, LayerDropoutCurriculum.Exponential), options.LayerDropout);
+        Assert.Equal(new EarlyExitOptions(EarlyExitScale.Sum, EarlyExitCurriculum.Gradual), options.EarlyExit);
+
+        var finetune = TrainRecipe.Load(Path.Combine(RecipesDir(), "layerskip-finetune.yaml")).ToTrainerOptions(null);
+        Assert.Equal(new LayerDropoutOptions(0.1), finetune.LayerDropout);
+        Assert.Equal(new EarlyExitOptions(EarlyExitScale.Sum, EarlyExitCurriculum.Rotational, Rotation: 4), finetune.EarlyExit);
+    }
+
+    [Fact]
+    public void LayerSkip_keys_default_overlay_and_fail_cleanly()
+    {
+        // Only the rate: exponential in depth, constant in time; early exit off.
+        var options = new TrainRecipe { Method = "full", LayerDropout = 0.2 }.ToTrainerOptions(null);
+        Assert.Equal(new LayerDropoutOptions(0.2), options.LayerDropout);
+        Assert.Null(options.EarlyExit);
+        Assert.Null(new TrainRecipe { Method = "full", LayerDropout = 0 }.ToTrainerOptions(null).LayerDropout);
+        Assert.Equal(new EarlyExitOptions(), new TrainRecipe { EarlyExitLoss = true }.ToTrainerOptions(null).EarlyExit);
+
+        var file = new TrainRecipe { EarlyExitLoss = true, EarlyExitScale = "sum", EarlyExitRotation = 2, LayerDropout = 0.1 };
+        var merged = file.OverlaidBy(new TrainRecipe { EarlyExitScale = "inv", LayerDropoutScale = "linear" });
+        Assert.Equal(new EarlyExitOptions(EarlyExitScale.Inverse, Rotation: 2), merged.ToEarlyExitOptions());
+        Assert.Equal(new LayerDropoutOptions(0.1, LayerDropoutScale.Linear), merged.ToLayerDropoutOptions());
+
+        using var dir = new AdapterFlow.Tests.Cli.TempDir();
+        string Bad(string yaml)
+        {
+            var path = dir.File($"r{Guid.NewGuid():N}.yaml");
+            File.WriteAllText(path, yaml);
+            var e = Assert.ThrowsAny<Exception>(() => TrainRecipe.Load(path));
+            Assert.True(e is ArgumentException or InvalidDataException, e.GetType().Name);
+            Assert.DoesNotContain('\n', e.Message);
+            Assert.Contains(path, e.Message);
+            return e.Message;
+        }
+        Assert.Contains("layer_dropout", Bad("layer_dropout: 1.0\n"));
+        Assert.Contains("layer_dropout_scale", Bad("layer_dropout: 0.1\nlayer_dropout_scale: cubic\n"));
+        Assert.Contains("early_exit_curriculum", Bad("early_exit_loss: true\nearly_exit_curriculum: random\n"));
+        Assert.Contains("early_exit_rotation", Bad("early_exit_loss: true\nearly_exit_rotation: 0\n"));
+        Assert.Contains("need early_exit_loss", Bad("early_exit_scale: sum\n"));
+        Assert.Contains("need layer_dropout", Bad("layer_dropout_curriculum: exp\n"));
+        Assert.Contains("early_exit_loss", Bad("early_exit_loss: maybe\n"));
     }
 }

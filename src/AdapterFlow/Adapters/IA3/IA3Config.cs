@@ -33,6 +33,9 @@ public sealed class IA3Config : PeftConfig
 
     public void Validate()
     {
+        // PEFT's IA3Config refuses feed-forward names that are not among the target names (both given as lists).
+        if (TargetModules?.List is { } targets && FeedforwardModules?.List is { } feedforward && feedforward.FirstOrDefault(f => !targets.Contains(f)) is { } stray)
+            throw new ArgumentException($"{Source}: feedforward_modules must be a subset of target_modules, but '{stray}' is not a target");
     }
 
     protected override void WriteFields(JsonObject o)

@@ -13,6 +13,22 @@ public enum LoraInit
     Gaussian,
     /// <summary>A and B both random (Kaiming-uniform): the adapter changes the output from the start (PEFT's false).</summary>
     Random,
+    /// <summary>
+    /// PiSSA ("pissa"): A and B from the top r singular triplets of W, which the base weight gives up
+    /// (W_res = W − s·B·A), so the output starts unchanged. Changes the base weights, as PEFT.
+    /// </summary>
+    Pissa,
+    /// <summary>OLoRA ("olora"): A and B from the QR decomposition of W (B = Q[:, :r], A = R[:r]); W_res = W − s·B·A.</summary>
+    Olora,
+    /// <summary>
+    /// "orthogonal": A and B random (÷10) from the odd and even rows of a random orthogonal r×r matrix, so B·A = 0 at the
+    /// start while both get gradients. r must be even.
+    /// </summary>
+    Orthogonal,
+    /// <summary>EVA ("eva"): data-driven A. Only a saved adapter can be loaded (its A and B are in the file).</summary>
+    Eva,
+    /// <summary>LoRA-GA ("lora_ga"): gradient-driven A and B. Only a saved adapter can be loaded (its A and B are in the file).</summary>
+    LoraGa,
 }
 
 /// <summary>LoRA's adapter_config.json (PEFT's LoraConfig).</summary>
@@ -69,6 +85,13 @@ public sealed class LoraConfig : PeftConfig
         if (LoraDropout is < 0 or >= 1) throw new ArgumentException($"{Source}: 'lora_dropout' must be in [0, 1), got {LoraDropout}");
         if (Bias is not ("none" or "all" or "lora_only"))
             throw new ArgumentException($"{Source}: 'bias' must be none, all or lora_only, got '{Bias}'");
+        // PEFT's LoraConfig refuses these combinations when it reads the file, so they are refused here too.
+        if (TargetModules?.Regex is not null && LayersToTransform is not null)
+            throw new ArgumentException($"{Source}: layers_to_transform cannot be used when target_modules is a string ('{TargetModules.Regex}'); list the module names instead");
+        if (TargetModules?.Regex is not null && LayersPattern is not null)
+            throw new ArgumentException($"{Source}: layers_pattern cannot be used when target_modules is a string ('{TargetModules.Regex}')");
+        if (!string.IsNullOrEmpty(LayersPattern) && LayersToTransform is not { Count: > 0 })
+            throw new ArgumentException($"{Source}: layers_pattern '{LayersPattern}' needs layers_to_transform");
         foreach (var (p, v) in RankPattern)
             if (v <= 0 || v != Math.Floor(v)) throw new ArgumentException($"{Source}: rank_pattern '{p}' must be a positive integer, got {v}");
     }
@@ -93,7 +116,12 @@ public sealed class LoraConfig : PeftConfig
             null => LoraInit.Default,
             JsonValue v when v.TryGetValue<bool>(out var b) => b ? LoraInit.Default : LoraInit.Random,
             JsonValue v when v.TryGetValue<string>(out var s) && s == "gaussian" => LoraInit.Gaussian,
-            var other => throw new InvalidDataException($"{path}: init_lora_weights {other.ToJsonString()} is not supported (true, false or \"gaussian\")"),
+            JsonValue v when v.TryGetValue<string>(out var s) && s == "pissa" => LoraInit.Pissa,
+            JsonValue v when v.TryGetValue<string>(out var s) && s.Equals("olora", StringComparison.OrdinalIgnoreCase) => LoraInit.Olora,
+            JsonValue v when v.TryGetValue<string>(out var s) && s == "orthogonal" => LoraInit.Orthogonal,
+            JsonValue v when v.TryGetValue<string>(out var s) && s == "eva" => LoraInit.Eva,
+            JsonValue v when v.TryGetValue<string>(out var s) && s == "lora_ga" => LoraInit.LoraGa,
+            var other => throw new InvalidDataException(UnsupportedInit(path, other.ToJsonString())),
         };
         c.RankPattern = PeftJson.NumberMap(json, path, "rank_pattern");
         c.AlphaPattern = PeftJson.NumberMap(json, path, "alpha_pattern");
@@ -108,12 +136,28 @@ public sealed class LoraConfig : PeftConfig
         return c;
     }
 
+    private static string UnsupportedInit(string path, string value)
+    {
+        var name = value.Trim('"');
+        string why = name switch
+        {
+            _ when name.StartsWith("pissa_niter_", StringComparison.Ordinal) =>
+                "PiSSA with a randomised SVD cannot be recomputed from the base model; use \"pissa\", or convert the adapter to plain LoRA with PEFT (save_pretrained(path_initial_model_for_weight_conversion=...))",
+            "loftq" => "LoftQ needs a quantised base model, which AdapterFlow does not have",
+            "corda" => "CorDA moves a data-dependent part of W into the adapter, which cannot be recomputed from the base model; convert the adapter to plain LoRA with PEFT (save_pretrained(path_initial_model_for_weight_conversion=...))",
+            "mica" => "the MiCA initialisation is not implemented",
+            _ => "not a PEFT init_lora_weights value",
+        };
+        return $"{path}: init_lora_weights {value} is not supported ({why}); supported: true, false, \"gaussian\", \"pissa\", \"olora\", \"orthogonal\" (and saved \"eva\" / \"lora_ga\" adapters)";
+    }
+
     internal static string? ReadLayersPattern(JsonObject json, string path)
     {
         var node = json["layers_pattern"];
         if (node is null) return null;
         if (node is JsonValue v && v.TryGetValue<string>(out var s)) return s;
-        if (node is JsonArray a) return string.Join("|", a.Select(x => Regex.Escape(x!.GetValue<string>())));
+        // Each entry is a regex, as in PEFT (tried as alternatives).
+        if (node is JsonArray a) return a.Count == 0 ? null : string.Join("|", a.Select(x => x!.GetValue<string>()));
         throw new InvalidDataException($"{path}: 'layers_pattern' must be a string or a list of strings");
     }
 
@@ -134,6 +178,11 @@ public sealed class LoraConfig : PeftConfig
         {
             LoraInit.Default => JsonValue.Create(true),
             LoraInit.Random => JsonValue.Create(false),
+            LoraInit.Pissa => JsonValue.Create("pissa"),
+            LoraInit.Olora => JsonValue.Create("olora"),
+            LoraInit.Orthogonal => JsonValue.Create("orthogonal"),
+            LoraInit.Eva => JsonValue.Create("eva"),
+            LoraInit.LoraGa => JsonValue.Create("lora_ga"),
             _ => JsonValue.Create("gaussian"),
         };
         o["rank_pattern"] = PeftJson.NumberMapJson(RankPattern);

@@ -366,6 +366,9 @@ public sealed class HFTokenizer : ITokenizer
 
     private static readonly JsonSerializerOptions SaveOptions = new() { WriteIndented = true, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
 
+    /// <summary>The tokenizer.json text this tokenizer was built from (what <see cref="Save"/> writes).</summary>
+    public string TokenizerJson => _tokenizerJsonText;
+
     /// <summary>
     /// Writes tokenizer.json and tokenizer_config.json (plus special_tokens_map.json when one was read) that
     /// transformers' AutoTokenizer and this class load back identically.
