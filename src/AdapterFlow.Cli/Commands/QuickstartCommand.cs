@@ -32,6 +32,11 @@ internal static class QuickstartCommand
             "Held-out problems of each kind scored before and after fine-tuning (never trained on).");
         var layers = Positive("--layers", defaults.Layers, "Decoder layers of the model.");
         var hidden = Positive("--hidden-size", defaults.HiddenSize, "Width of the model (a multiple of 8: 4 attention heads of even size).");
+        var noLayerSkip = new Option<bool>("--no-layerskip")
+        {
+            Description = "Pretrain without LayerSkip's layer dropout and early-exit loss (by default they are on, so that " +
+                          "early-exit and self-speculative decoding work on the model).",
+        };
         var device = CommonOptions.Device();
         var json = CommonOptions.Json("Print the steps as they finish, then as the last line one JSON object: accuracy_before, accuracy_after, " +
                                       "seconds, losses, parameter counts, paths.");
@@ -40,7 +45,7 @@ internal static class QuickstartCommand
             "addition/subtraction word problems, score it on held-out multiplication problems (LLM-Adapters' scoring), fine-tune a LoRA " +
             "adapter on multiplication, score again, merge the adapter and generate. A few minutes on a 2-core laptop.")
         {
-            output, seed, pretrainSteps, finetuneSteps, pretrainProblems, finetuneProblems, evalProblems, layers, hidden, device, json,
+            output, seed, pretrainSteps, finetuneSteps, pretrainProblems, finetuneProblems, evalProblems, layers, hidden, noLayerSkip, device, json,
         };
         command.SetAction((parse, cancellation) =>
         {
@@ -55,6 +60,7 @@ internal static class QuickstartCommand
                 EvalProblems = parse.GetValue(evalProblems),
                 Layers = parse.GetValue(layers),
                 HiddenSize = parse.GetValue(hidden),
+                LayerSkip = !parse.GetValue(noLayerSkip),
                 Device = Devices.Parse(parse.GetRequiredValue(device)),
             };
             options.Validate();

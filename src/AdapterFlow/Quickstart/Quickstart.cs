@@ -112,7 +112,8 @@ public static class Quickstart
         using (var trainer = Trainer.ForModel(model, PretrainOptions(options)))
             pretraining = Train(trainer, pretrainTokens.Examples, collator, "Pretrain", options.PretrainSteps, report, cancellation);
         model.eval();
-        Done("Pretrain", $"{options.PretrainSteps} steps of {options.BatchSize} problems (all weights, lr {Lr(options.PretrainLearningRate)}): " +
+        Done("Pretrain", $"{options.PretrainSteps} steps of {options.BatchSize} problems (all weights, lr {Lr(options.PretrainLearningRate)}" +
+                         (options.LayerSkip ? ", LayerSkip: layer dropout + early-exit loss" : "") + "): " +
                          $"loss {pretraining.FirstLoss:0.###} → {pretraining.FinalLoss:0.###}, {pretraining.TokensPerSecond:N0} tokens/s");
 
         Start("Save the base model");
@@ -193,6 +194,7 @@ public static class Quickstart
             VocabSize = tokenizer.VocabSize,
             Layers = c.NumHiddenLayers,
             HiddenSize = c.HiddenSize,
+            LayerSkip = options.LayerSkip,
             PretrainedSkill = "addition and subtraction",
             NewSkill = "multiplication",
             Pretraining = pretraining,
@@ -246,11 +248,15 @@ public static class Quickstart
     }
 
     /// <summary>
-    /// Pretraining from scratch: AdamW with a short warmup and cosine decay. (LayerSkip's layer dropout and early-exit
-    /// loss belong here once the trainer has them, so that self-speculative decoding speeds the model up.)
+    /// Pretraining from scratch: AdamW with a short warmup and cosine decay; with <see cref="QuickstartOptions.LayerSkip"/>,
+    /// LayerSkip's pretraining recipe (recipes/layerskip-pretrain.yaml): layer dropout up to 0.1 at the last layer,
+    /// exponential in depth and over training, and the early-exit loss (sum-of-l weights, exits switched on from the
+    /// last layer down by mid-training).
     /// </summary>
     public static TrainerOptions PretrainOptions(QuickstartOptions options) => new()
     {
+        LayerDropout = options.LayerSkip ? new LayerDropoutOptions(0.1, LayerDropoutScale.Exponential, LayerDropoutCurriculum.Exponential) : null,
+        EarlyExit = options.LayerSkip ? new EarlyExitOptions(EarlyExitScale.Sum, EarlyExitCurriculum.Gradual) : null,
         LearningRate = options.PretrainLearningRate,
         Schedule = LrScheduleKind.Cosine,
         WarmupRatio = 0.05,

@@ -20,8 +20,8 @@ public sealed record QuickstartOptions
     public int Seed { get; init; } = 1;
 
     // ---- model
-    public int HiddenSize { get; init; } = 128;
-    public int Layers { get; init; } = 4;
+    public int HiddenSize { get; init; } = 96;
+    public int Layers { get; init; } = 6;
     public int AttentionHeads { get; init; } = 4;
 
     /// <summary>The byte-level BPE tokenizer trained on the pretraining problems aims for this many tokens.</summary>
@@ -29,14 +29,20 @@ public sealed record QuickstartOptions
 
     // ---- pretraining (addition and subtraction, full model, from scratch)
     public int PretrainProblems { get; init; } = 8000;
-    public int PretrainSteps { get; init; } = 300;
+    public int PretrainSteps { get; init; } = 400;
     public double PretrainLearningRate { get; init; } = 3e-3;
+
+    /// <summary>
+    /// Pretrain with LayerSkip's recipe (layer dropout rising with depth and over training, early-exit loss on every
+    /// layer switched on gradually), so that early-exit and self-speculative decoding work on the model.
+    /// </summary>
+    public bool LayerSkip { get; init; } = true;
 
     // ---- fine-tuning (multiplication, LoRA)
     public int FinetuneProblems { get; init; } = 1000;
-    public int FinetuneSteps { get; init; } = 100;
-    public double FinetuneLearningRate { get; init; } = 5e-3;
-    public int LoraRank { get; init; } = 8;
+    public int FinetuneSteps { get; init; } = 300;
+    public double FinetuneLearningRate { get; init; } = 1e-2;
+    public int LoraRank { get; init; } = 16;
 
     /// <summary>Examples per optimizer step in both training runs.</summary>
     public int BatchSize { get; init; } = 32;
@@ -102,6 +108,9 @@ public sealed record QuickstartResult
     public required int VocabSize { get; init; }
     public required int Layers { get; init; }
     public required int HiddenSize { get; init; }
+
+    /// <summary>Pretrained with LayerSkip's layer dropout and early-exit loss.</summary>
+    public required bool LayerSkip { get; init; }
     public required string PretrainedSkill { get; init; }
     public required string NewSkill { get; init; }
     public required QuickstartTraining Pretraining { get; init; }
@@ -159,6 +168,7 @@ public sealed record QuickstartResult
             ["vocab_size"] = VocabSize,
             ["layers"] = Layers,
             ["hidden_size"] = HiddenSize,
+            ["layerskip"] = LayerSkip,
             ["merge_max_difference"] = MergeMaxDifference,
             ["sample"] = new JsonObject { ["question"] = SampleQuestion, ["response"] = SampleResponse, ["label"] = SampleLabel },
             ["tokens_per_second"] = Math.Round(TokensPerSecond, 1),
