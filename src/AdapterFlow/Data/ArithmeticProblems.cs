@@ -160,15 +160,20 @@ public static class ArithmeticProblems
         var heldOut = new List<MathItem>(heldOutCount);
         var train = new List<MathItem>(trainCount);
         int wanted = trainCount + heldOutCount;
-        // Repeats are expected once the templates' space is nearly used up; give up long before looping forever.
-        int attempts = 0, maxAttempts = 50 * wanted + 1000;
+        // Repeats grow as the templates' space is used up; this many in a row means it is (nearly) exhausted.
+        const int MaxRepeatsInARow = 10_000;
+        int repeats = 0;
         while (heldOut.Count + train.Count < wanted)
         {
-            if (++attempts > maxAttempts)
-                throw new ArgumentException(
-                    $"could only find {heldOut.Count + train.Count} distinct {string.Join("/", operations)} problems of the {wanted} asked for; ask for fewer or widen the number ranges");
             var item = Create(operations[(heldOut.Count + train.Count) % operations.Count], random, ranges);
-            if (!seen.Add(item.Instruction)) continue;
+            if (!seen.Add(item.Instruction))
+            {
+                if (++repeats >= MaxRepeatsInARow)
+                    throw new ArgumentException(
+                        $"could only find {heldOut.Count + train.Count} distinct {string.Join("/", operations)} problems of the {wanted} asked for; ask for fewer or widen the number ranges");
+                continue;
+            }
+            repeats = 0;
             if (heldOut.Count < heldOutCount) heldOut.Add(item with { Index = heldOut.Count });
             else train.Add(item with { Index = train.Count });
         }

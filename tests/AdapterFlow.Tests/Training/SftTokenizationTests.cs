@@ -34,10 +34,10 @@ public class SftTokenizationTests
     public void The_evaluation_prompt_tokenised_apart_gives_training_exactly_the_ids_generation_starts_from()
     {
         var item = Item("Tom has 3 boxes of 4 apples. How many apples?", "3 * 4 = 12. The answer is 12.");
-        var bpe = IO.ByteLevelBpeTrainer.Train(Enumerable.Repeat(Evaluation.MathPrompt.Format(item.Instruction) + item.Output, 20), 400);
-        var options = new SftOptions { PromptFormat = (i, x) => Evaluation.MathPrompt.Format(i, x), TokenizeSeparately = true };
+        var bpe = AdapterFlow.IO.ByteLevelBpeTrainer.Train(Enumerable.Repeat(AdapterFlow.Evaluation.MathPrompt.Format(item.Instruction) + item.Output, 20), 400);
+        var options = new SftOptions { PromptFormat = (i, x) => AdapterFlow.Evaluation.MathPrompt.Format(i, x), TokenizeSeparately = true };
         var example = SftTokenizer.Tokenize(item, bpe, options, out _);
-        var promptIds = bpe.Encode(Evaluation.MathPrompt.Format(item.Instruction), addSpecialTokens: true);
+        var promptIds = bpe.Encode(AdapterFlow.Evaluation.MathPrompt.Format(item.Instruction), addSpecialTokens: true);
         Assert.Equal(promptIds, example.InputIds.Take(promptIds.Count));
         Assert.Equal(bpe.Encode(item.Output).Append(bpe.EosTokenId!.Value), example.InputIds.Skip(promptIds.Count));
         Assert.All(example.Labels.Take(promptIds.Count), l => Assert.Equal(Example.IgnoreIndex, l));
@@ -46,7 +46,7 @@ public class SftTokenizationTests
         // not a prefix of the whole — the mismatch this option removes.
         var joint = SftTokenizer.Tokenize(item, bpe, options with { TokenizeSeparately = false }, out _);
         Assert.NotEqual(promptIds, joint.InputIds.Take(promptIds.Count));
-        Assert.Equal(Evaluation.MathPrompt.Format(item.Instruction) + item.Output, bpe.Decode(joint.InputIds, skipSpecialTokens: true));
+        Assert.Equal(AdapterFlow.Evaluation.MathPrompt.Format(item.Instruction) + item.Output, bpe.Decode(joint.InputIds, skipSpecialTokens: true));
     }
 
     [Fact]
