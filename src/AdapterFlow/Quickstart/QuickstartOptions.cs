@@ -29,7 +29,7 @@ public sealed record QuickstartOptions
 
     // ---- pretraining (addition and subtraction, full model, from scratch)
     public int PretrainProblems { get; init; } = 8000;
-    public int PretrainSteps { get; init; } = 400;
+    public int PretrainSteps { get; init; } = 800;
     public double PretrainLearningRate { get; init; } = 3e-3;
 
     /// <summary>
