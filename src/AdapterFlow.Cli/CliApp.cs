@@ -16,6 +16,9 @@ public static class CliApp
     public const int Failure = 1;
     public const int UsageError = 2;
 
+    /// <summary>Stopped by Ctrl-C / SIGINT after writing what was done (128 + SIGINT, as shells report it).</summary>
+    public const int Interrupted = 130;
+
     /// <summary>Runs one command line, writing to the given streams; returns the exit code.</summary>
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
@@ -45,6 +48,8 @@ public static class CliApp
         {
             // A single place turns exceptions into one line: library errors name the file/field/tensor already.
             var inner = e is AggregateException { InnerExceptions.Count: 1 } a ? a.InnerException! : e;
+            // Ctrl-C in a command that has nothing partial to report (training, quickstart): say so, exit as shells expect.
+            if (inner is OperationCanceledException) return ReportError(stderr, "interrupted", Interrupted);
             bool usage = IsUserError(inner);
             if (!usage && Environment.GetEnvironmentVariable("ADAPTERFLOW_DEBUG") == "1") stderr.WriteLine(inner.ToString());
             var message = usage ? inner.Message : $"unexpected {inner.GetType().Name}: {inner.Message}";

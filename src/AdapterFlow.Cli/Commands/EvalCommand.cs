@@ -146,13 +146,16 @@ internal static class EvalCommand
                 var result = WithProgress(context, !asJson, $"{set.Name} ({set.Items.Count} items)", set.Items.Count, task =>
                     evaluator.Evaluate(set, item =>
                     {
+                        // Flushed per item: Ctrl-C leaves the process a short grace period, and every scored item must be on disk.
                         jsonl?.WriteLine(item.ToJson().ToJsonString(CliContext.ReadableJson));
+                        jsonl?.Flush();
                         task.Increment(1);
                     }, cancellation));
-                jsonl?.Flush();
                 results.Add(result);
                 // Plain text (not Spectre markup): a console width must not wrap this line.
                 if (!asJson) context.Out.WriteLine(SummaryLine(result));
+                // Ctrl-C: the partial set is reported like a finished one, the sets after it are not started.
+                if (result.Interrupted) break;
             }
             var summary = new MathEvalSummary(results, evalOptions.AquaScoring, take);
             if (asJson)
@@ -173,6 +176,12 @@ internal static class EvalCommand
                 context.Console.Write(table);
                 context.Out.WriteLine($"AQuA scoring: {AnswerExtractor.Name(evalOptions.AquaScoring)}; numbers: last number, within 0.001 (LLM-Adapters)");
             }
+            if (summary.Interrupted)
+            {
+                context.Err.WriteLine($"interrupted: {results.Sum(r => r.Accuracy.Total)} items scored in {results.Count} of {sets.Length} sets" +
+                                        (parse.GetValue(output) is { } written ? $"; their results are in {written}" : ""));
+                return Task.FromResult(CliApp.Interrupted);
+            }
             return Task.FromResult(CliApp.Success);
         });
         return command;
@@ -181,7 +190,7 @@ internal static class EvalCommand
     private static string SummaryLine(MathEvalResult r)
     {
         var (low, high) = r.Accuracy.Interval95;
-        return $"{r.Dataset}: {r.Accuracy.Correct}/{r.Accuracy.Total} correct = {MathEvalSummary.Percent(r.Accuracy.Value)}% " +
+        return $"{r.Dataset}: " + (r.Interrupted ? $"INTERRUPTED after {r.Accuracy.Total} of {r.Requested} items: " : "") + $"{r.Accuracy.Correct}/{r.Accuracy.Total} correct = {MathEvalSummary.Percent(r.Accuracy.Value)}% " +
                $"(95% CI {MathEvalSummary.Percent(low)}-{MathEvalSummary.Percent(high)}%), scoring {r.Scoring}; " +
                $"{r.GeneratedTokens} tokens in {Format.Number(r.Elapsed.TotalSeconds)} s";
     }

@@ -62,6 +62,18 @@ public sealed class MathDataset
         return new MathDataset(Name, Path, Items.Take(limit.Value).ToArray(), Kind);
     }
 
+    /// <summary>
+    /// A set made in memory (e.g. by <see cref="ArithmeticProblems"/>): numbers or letters decided from the labels as
+    /// for a file. <paramref name="path"/> is only reported (empty when the items were never written).
+    /// </summary>
+    public static MathDataset FromItems(string name, IReadOnlyList<MathItem> items, string path = "")
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(name);
+        ArgumentNullException.ThrowIfNull(items);
+        if (items.Count == 0) throw new ArgumentException($"dataset '{name}' holds no items");
+        return new MathDataset(name, path, items, DecideKind(path.Length > 0 ? path : name, items));
+    }
+
     /// <summary>Reads a JSON array file; one-line errors name the file and the item for bad records.</summary>
     public static MathDataset Load(string path, string? name = null)
     {

@@ -71,6 +71,12 @@ public sealed record MathEvalResult(
     string Dataset, AnswerKind Kind, string Scoring, Accuracy Accuracy, IReadOnlyList<MathItemResult> Items,
     long GeneratedTokens, TimeSpan Elapsed)
 {
+    /// <summary>True when the evaluation was cancelled: <see cref="Items"/> and the accuracy cover only the items scored before.</summary>
+    public bool Interrupted { get; init; }
+
+    /// <summary>Items the set holds (more than <see cref="Accuracy"/>'s total when <see cref="Interrupted"/>).</summary>
+    public int Requested { get; init; }
+
     /// <summary>n, correct, accuracy, the 95% Wilson interval and the scoring mode.</summary>
     public JsonObject ToJson()
     {
@@ -84,6 +90,8 @@ public sealed record MathEvalResult(
             ["ci95_high"] = Math.Round(high, 6),
             ["scoring"] = Scoring,
             ["generated_tokens"] = GeneratedTokens,
+            ["interrupted"] = Interrupted,
+            ["requested"] = Requested,
             ["seconds"] = Math.Round(Elapsed.TotalSeconds, 3),
         };
     }
@@ -119,7 +127,9 @@ public sealed class MathEvaluator
 
     /// <summary>
     /// Generates and scores every item. <paramref name="onItem"/> is called as items finish (in the order they
-    /// are generated: longest prompts first); the result lists them in file order.
+    /// are generated: longest prompts first); the result lists them in file order. Cancelling
+    /// <paramref name="cancellation"/> stops generation within the current batch and returns the items scored
+    /// before it (<see cref="MathEvalResult.Interrupted"/>), so a stopped run still has its partial results.
     /// </summary>
     public MathEvalResult Evaluate(MathDataset dataset, Action<MathItemResult>? onItem = null, CancellationToken cancellation = default)
     {
@@ -143,11 +153,23 @@ public sealed class MathEvaluator
         };
         var results = new MathItemResult?[items.Count];
         long generated = 0;
+        bool interrupted = false;
         for (int start = 0; start < order.Length; start += Options.BatchSize)
         {
-            cancellation.ThrowIfCancellationRequested();
             var batch = order.Skip(start).Take(Options.BatchSize).ToArray();
-            var output = _generator.Generate(batch.Select(i => ids[i]).ToArray(), options);
+            GenerationResult output;
+            try
+            {
+                // The token is checked after every decoding step, so a cancelled run stops within the current batch.
+                cancellation.ThrowIfCancellationRequested();
+                output = _generator.Generate(batch.Select(i => ids[i]).ToArray(), options, cancellation);
+            }
+            catch (OperationCanceledException) when (cancellation.IsCancellationRequested)
+            {
+                // What was scored so far is kept: the half-done batch is dropped, the result says it is partial.
+                interrupted = true;
+                break;
+            }
             for (int b = 0; b < batch.Length; b++)
             {
                 int i = batch[b];
@@ -158,9 +180,13 @@ public sealed class MathEvaluator
                 onItem?.Invoke(result);
             }
         }
-        var all = results.Select(r => r!).ToArray();
+        var all = results.Where(r => r is not null).Select(r => r!).ToArray();
         return new MathEvalResult(dataset.Name, dataset.Kind, ScoringName(dataset.Kind),
-            new Accuracy(all.Count(r => r.Correct), all.Length), all, generated, clock.Elapsed);
+            new Accuracy(all.Count(r => r.Correct), all.Length), all, generated, clock.Elapsed)
+        {
+            Interrupted = interrupted,
+            Requested = items.Count,
+        };
     }
 
     private MathItemResult Score(MathDataset dataset, MathItem item, string prompt, GeneratedSequence sequence)
@@ -201,6 +227,9 @@ public sealed class MathEvalSummary
     public AquaScoring AquaScoring { get; }
     public int? Limit { get; }
 
+    /// <summary>True when the run was cancelled: the last set is partial and the sets after it are missing.</summary>
+    public bool Interrupted => Results.Any(r => r.Interrupted);
+
     /// <summary>Unweighted mean of the per-set accuracies, as LLM-Adapters' "Avg" column.</summary>
     public double Average => Results.Count == 0 ? 0 : Results.Average(r => r.Accuracy.Value);
 
@@ -219,6 +248,7 @@ public sealed class MathEvalSummary
                 ["aqua"] = AnswerExtractor.Name(AquaScoring),
             },
             ["limit"] = Limit,
+            ["interrupted"] = Interrupted,
         };
     }
 

@@ -39,6 +39,21 @@ public sealed record SftOptions
 
     /// <summary>Append EOS when there is room (as LLM-Adapters: only if the sequence is shorter than the cutoff).</summary>
     public bool AddEos { get; init; } = true;
+
+    /// <summary>
+    /// The text before the response, from (instruction, input); null = LLM-Adapters' training template
+    /// (<see cref="InstructionPrompt.Prompt"/>). <c>(i, x) =&gt; MathPrompt.Format(i, x)</c> trains on the prompt
+    /// <see cref="Evaluation.MathEvaluator"/> asks with.
+    /// </summary>
+    public Func<string, string?, string>? PromptFormat { get; init; }
+
+    /// <summary>
+    /// Tokenise the prompt and the response apart and join the ids, so training sees exactly the prompt ids
+    /// generation later starts from (a byte-level BPE merges the prompt's trailing spaces with the response's
+    /// first word when they are tokenised together, which a small model does not carry over). False (default):
+    /// LLM-Adapters' tokenisation of the whole text at once.
+    /// </summary>
+    public bool TokenizeSeparately { get; init; }
 }
 
 /// <summary>Tokenised examples and what truncation cut.</summary>
@@ -57,7 +72,13 @@ public static class SftTokenizer
         ArgumentNullException.ThrowIfNull(example);
         ArgumentNullException.ThrowIfNull(tokenizer);
         if (options.CutoffLength < 1) throw new ArgumentException($"CutoffLength must be positive, got {options.CutoffLength}");
-        var full = tokenizer.Encode(InstructionPrompt.Format(example.Instruction, example.Input, example.Output), options.AddSpecialTokens);
+        var prompt = options.PromptFormat is null
+            ? InstructionPrompt.Prompt(example.Instruction, example.Input)
+            : options.PromptFormat(example.Instruction, example.Input);
+        var promptIds = tokenizer.Encode(prompt, options.AddSpecialTokens);
+        IReadOnlyList<int> full = options.TokenizeSeparately
+            ? [.. promptIds, .. tokenizer.Encode(example.Output, addSpecialTokens: false)]
+            : tokenizer.Encode(prompt + example.Output, options.AddSpecialTokens);
         truncatedTokens = Math.Max(0, full.Count - options.CutoffLength);
         var ids = new List<int>(full.Take(options.CutoffLength));
         if (options.AddEos)
@@ -69,8 +90,7 @@ public static class SftTokenizer
         var labels = (int[])input.Clone();
         if (!options.TrainOnInputs)
         {
-            int promptLength = Math.Min(labels.Length,
-                tokenizer.Encode(InstructionPrompt.Prompt(example.Instruction, example.Input), options.AddSpecialTokens).Count);
+            int promptLength = Math.Min(labels.Length, promptIds.Count);
             Array.Fill(labels, Example.IgnoreIndex, 0, promptLength);
         }
         return new Example(input, labels);

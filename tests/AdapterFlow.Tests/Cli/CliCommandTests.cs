@@ -267,29 +267,4 @@ public class CliCommandTests(TinyModelFixture tiny)
         var batched = logitsFile.Load("logits")[1].narrow(0, 0, second.Count);
         Assert.True((alone - batched).abs().max().item<float>() < 1e-4);
     }
-
-    [Fact]
-    public void Quickstart_json_reports_what_it_did()
-    {
-        var dir = tiny.Scratch("quickstart");
-        var run = CliRunner.Run("quickstart", "--out", dir, "--preset", "tiny", "--json").AssertSuccess();
-        var json = run.LastJson();
-        Assert.True(json.GetProperty("seconds").GetDouble() > 0);
-        Assert.Equal("LlamaForCausalLM", json.GetProperty("architecture").GetString());
-        Assert.Equal(0.0, json.GetProperty("reload_max_difference").GetDouble());
-        Assert.True(json.GetProperty("new_tokens").GetInt32() > 0);
-        Assert.Equal(5, json.GetProperty("steps").GetArrayLength());
-        Assert.True(File.Exists(Path.Combine(dir, "model.safetensors")));
-        // What it saved is a normal model folder.
-        CliRunner.Run("inspect", dir, "--json").AssertSuccess();
-    }
-
-    [Fact]
-    public void Quickstart_explains_each_step_for_people()
-    {
-        var run = CliRunner.Run("quickstart", "--out", tiny.Scratch("quickstart-people"), "--preset", "tiny").AssertSuccess();
-        foreach (var step in new[] { "Train a tokenizer", "Create a model", "Save it", "Load it back", "Generate", "quickstart summary" })
-            Assert.Contains(step, run.Stdout);
-        Assert.Empty(run.Stderr);
-    }
 }

@@ -10,7 +10,7 @@ public class CliHelpAndErrorTests
         { "generate", ["--model", "--adapter", "--prompt", "--prompt-ids", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype", "--json"] },
         { "tokenize", ["--tokenizer", "--text", "--file", "--add-special-tokens", "--out", "--json"] },
         { "forward", ["--model", "--adapter", "--inputs", "--out", "--device", "--dtype"] },
-        { "quickstart", ["--out", "--preset", "--device", "--json"] },
+        { "quickstart", ["--out", "--seed", "--pretrain-steps", "--finetune-steps", "--eval-problems", "--layers", "--hidden-size", "--no-layerskip", "--device", "--json"] },
         { "merge", ["--model", "--adapter", "--out", "--json"] },
         { "train", ["--model", "--data", "--method", "--out", "--config", "--epochs", "--learning-rate", "--batch-size", "--micro-batch-size",
                     "--cutoff-len", "--warmup-steps", "--lr-scheduler", "--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules",

@@ -65,6 +65,15 @@ internal sealed class TinyLM : CausalLM
 
     public override ModelConfig Config => _config;
 
+    /// <summary>Called before every forward pass (tests use it to act in the middle of a generation).</summary>
+    public Action? BeforeForward { get; set; }
+
+    public override ForwardOutput forward(ForwardInput input)
+    {
+        BeforeForward?.Invoke();
+        return base.forward(input);
+    }
+
     public override Tensor EmbedTokens(Tensor inputIds) => wte.forward(inputIds);
 
     protected override LayerContext Prepare(ForwardInput input, out Tensor hidden)

@@ -31,6 +31,25 @@ public class SftTokenizationTests
     }
 
     [Fact]
+    public void The_evaluation_prompt_tokenised_apart_gives_training_exactly_the_ids_generation_starts_from()
+    {
+        var item = Item("Tom has 3 boxes of 4 apples. How many apples?", "3 * 4 = 12. The answer is 12.");
+        var bpe = AdapterFlow.IO.ByteLevelBpeTrainer.Train(Enumerable.Repeat(AdapterFlow.Evaluation.MathPrompt.Format(item.Instruction) + item.Output, 20), 400);
+        var options = new SftOptions { PromptFormat = (i, x) => AdapterFlow.Evaluation.MathPrompt.Format(i, x), TokenizeSeparately = true };
+        var example = SftTokenizer.Tokenize(item, bpe, options, out _);
+        var promptIds = bpe.Encode(AdapterFlow.Evaluation.MathPrompt.Format(item.Instruction), addSpecialTokens: true);
+        Assert.Equal(promptIds, example.InputIds.Take(promptIds.Count));
+        Assert.Equal(bpe.Encode(item.Output).Append(bpe.EosTokenId!.Value), example.InputIds.Skip(promptIds.Count));
+        Assert.All(example.Labels.Take(promptIds.Count), l => Assert.Equal(Example.IgnoreIndex, l));
+        Assert.Equal(example.InputIds.Skip(promptIds.Count), example.Labels.Skip(promptIds.Count));
+        // Tokenised together, the prompt's trailing spaces merge with the answer's first word: the prompt's ids are
+        // not a prefix of the whole — the mismatch this option removes.
+        var joint = SftTokenizer.Tokenize(item, bpe, options with { TokenizeSeparately = false }, out _);
+        Assert.NotEqual(promptIds, joint.InputIds.Take(promptIds.Count));
+        Assert.Equal(AdapterFlow.Evaluation.MathPrompt.Format(item.Instruction) + item.Output, bpe.Decode(joint.InputIds, skipSpecialTokens: true));
+    }
+
+    [Fact]
     public void Cutoff_truncates_counts_and_then_adds_no_eos()
     {
         var items = new[] { Item("short", "x"), Item("a much longer instruction", new string('y', 400)) };
