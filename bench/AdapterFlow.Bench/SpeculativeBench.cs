@@ -10,10 +10,13 @@ namespace AdapterFlow.Bench;
 /// </summary>
 public static class SpeculativeBench
 {
-    public static string Table(string modelDir, string machine, int newTokens, string? exitLayers, string? numSpeculations, int repeats)
+    public static string Table(string modelDir, string machine, int newTokens, string? exitLayers, string? numSpeculations, int repeats,
+        bool cpuKernels = true)
     {
         using var textModel = TextModel.Load(modelDir);
         var model = textModel.Model;
+        // Both sides of the comparison take the same path: libtorch only, or the managed CPU decode kernels where they apply.
+        if (model is AdapterFlow.Models.LlamaForCausalLM llama) llama.UseCpuDecodeKernels = cpuKernels;
         var prompts = SpeculativeSweep.DefaultPrompts.Select(t => textModel.Tokenizer.Encode(t, addSpecialTokens: true)).ToArray();
         var options = new SpeculativeSweepOptions
         {
@@ -33,7 +36,7 @@ public static class SpeculativeBench
             $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({model.Config.ModelType}, {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters, {model.DType}); ") +
             string.Create(CultureInfo.InvariantCulture,
             $"{prompts.Length} built-in prompts one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
-            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass)."));
+            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass). CPU decode kernels: {(cpuKernels ? "on (single-token steps of the baseline and of the drafts that qualify; verification passes are libtorch)" : "off (everything through libtorch)")}."));
         table.AppendLine();
         table.AppendLine("| exit layer E | drafts K | decode tok/s | speed-up | acceptance | tokens/round | same tokens as autoregressive |");
         table.AppendLine("|---:|---:|---:|---:|---:|---:|---|");
