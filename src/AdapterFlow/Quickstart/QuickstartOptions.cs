@@ -40,7 +40,7 @@ public sealed record QuickstartOptions
 
     // ---- fine-tuning (multiplication, LoRA)
     public int FinetuneProblems { get; init; } = 1000;
-    public int FinetuneSteps { get; init; } = 600;
+    public int FinetuneSteps { get; init; } = 1200;
     public double FinetuneLearningRate { get; init; } = 1e-2;
     public int LoraRank { get; init; } = 16;
 
