@@ -15,7 +15,9 @@ namespace AdapterFlow.Tests.Models;
 /// </summary>
 public class CpuDecodeTests
 {
-    private const double Tolerance = 1e-5;
+    // Two float32 summation orders (the kernels' and libtorch's) over logits of magnitude ~10 differ by about 1e-5;
+    // a real error (a wrong row, position or scale) is orders of magnitude larger.
+    private const double Tolerance = 5e-5;
 
     /// <summary>Prefill, then one token per step; the logits of every decode step, with the kernels on or off.</summary>
     private static (Tensor Logits, int FastSteps) Decode(CausalLM model, LlamaForCausalLM llama, bool kernels, Tensor ids, Tensor? mask = null,
@@ -56,7 +58,7 @@ public class CpuDecodeTests
         using var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny(arch, tied), seed: 11);
         using var scope = torch.NewDisposeScope();
         using var no = torch.no_grad();
-        var ids = torch.randint(4, 90, [1, 12], dtype: ScalarType.Int64);
+        var ids = torch.randint(4, 90, [1, 12], dtype: ScalarType.Int64, generator: new torch.Generator(21));
         var (fast, steps) = Decode(model, model, kernels: true, ids);
         var (slow, none) = Decode(model, model, kernels: false, ids);
         Assert.Equal(9, steps);
@@ -94,7 +96,7 @@ public class CpuDecodeTests
         using var model = (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 4);
         using var scope = torch.NewDisposeScope();
         using var no = torch.no_grad();
-        var ids = torch.randint(4, 90, [1, 10], dtype: ScalarType.Int64);
+        var ids = torch.randint(4, 90, [1, 10], dtype: ScalarType.Int64, generator: new torch.Generator(22));
         // A left-padded row as the generator feeds it: mask 0 on the padding, positions cumsum(mask) - 1.
         var mask = torch.ones([1, 10], dtype: ScalarType.Int64);
         mask[0, ..2] = torch.tensor(0L);
@@ -115,7 +117,7 @@ public class CpuDecodeTests
     {
         using var scope = torch.NewDisposeScope();
         using var no = torch.no_grad();
-        var ids = torch.randint(4, 90, [1, 9], dtype: ScalarType.Int64);
+        var ids = torch.randint(4, 90, [1, 9], dtype: ScalarType.Int64, generator: new torch.Generator(23));
         foreach (var dora in new[] { false, true })
         {
             var llama = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama", tied: true), seed: 2);
@@ -166,7 +168,7 @@ public class CpuDecodeTests
         using var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama"), seed: 1);
         using var scope = torch.NewDisposeScope();
         using var cache = model.CreateCache();
-        var ids = torch.randint(4, 90, [2, 4], dtype: ScalarType.Int64);
+        var ids = torch.randint(4, 90, [2, 4], dtype: ScalarType.Int64, generator: new torch.Generator(24));
         int before = LlamaCpuDecoder.StepsOnThisThread;
         using (torch.no_grad())
         {
