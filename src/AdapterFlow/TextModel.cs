@@ -106,7 +106,7 @@ public sealed class TextModel : IDisposable
     /// </summary>
     public static HFTokenizer LoadTokenizer(string folderOrFile)
     {
-        if (File.Exists(folderOrFile) && IsGguf(folderOrFile))
+        if (File.Exists(folderOrFile) && GgufFile.IsGgufFile(folderOrFile))
         {
             using var gguf = GgufFile.Open(folderOrFile);
             var vocabulary = GgufImport.Vocabulary(gguf) ?? throw new InvalidDataException($"{folderOrFile}: the GGUF file embeds no tokenizer (no tokenizer.ggml.tokens)");
@@ -120,13 +120,6 @@ public sealed class TextModel : IDisposable
         }
         if (!Directory.Exists(folderOrFile)) throw new FileNotFoundException($"{folderOrFile}: tokenizer folder or file not found");
         return HFTokenizer.FromDirectory(folderOrFile);
-    }
-
-    private static bool IsGguf(string file)
-    {
-        Span<byte> head = stackalloc byte[4];
-        using var stream = File.OpenRead(file);
-        return stream.ReadAtLeast(head, 4, throwOnEndOfStream: false) == 4 && GgufFile.HasMagic(head);
     }
 
     public void Dispose() => Model.Dispose();

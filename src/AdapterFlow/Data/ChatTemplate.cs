@@ -79,6 +79,17 @@ public sealed record ChatTemplate
     /// <summary>The names of the built-in templates.</summary>
     public static IReadOnlyList<string> BuiltInNames => BuiltIns.Keys.ToArray();
 
+    // ChatML (SmolLM2, Qwen2 without its default system message). Declared before BuiltIns, which uses it.
+    private static readonly ChatTemplate ChatMl = new()
+    {
+        Name = "chatml",
+        System = "<|im_start|>system\n{content}<|im_end|>\n",
+        User = "<|im_start|>user\n{content}<|im_end|>\n",
+        AssistantStart = "<|im_start|>assistant\n",
+        AssistantEnd = "<|im_end|>",
+        AssistantAfter = "\n",
+    };
+
     // Written from the formats' published definitions (the models' tokenizer_config.json chat_template).
     private static readonly Dictionary<string, ChatTemplate> BuiltIns = new(StringComparer.OrdinalIgnoreCase)
     {
@@ -104,27 +115,9 @@ public sealed record ChatTemplate
             AssistantEnd = "<|eot_id|>",
             StripContent = true,
         },
-        // ChatML (SmolLM2, Qwen2 without its default system message).
-        ["chatml"] = new()
-        {
-            Name = "chatml",
-            System = "<|im_start|>system\n{content}<|im_end|>\n",
-            User = "<|im_start|>user\n{content}<|im_end|>\n",
-            AssistantStart = "<|im_start|>assistant\n",
-            AssistantEnd = "<|im_end|>",
-            AssistantAfter = "\n",
-        },
+        ["chatml"] = ChatMl,
         // Qwen2-Instruct: ChatML with a default system message.
-        ["qwen2"] = new()
-        {
-            Name = "qwen2",
-            System = "<|im_start|>system\n{content}<|im_end|>\n",
-            User = "<|im_start|>user\n{content}<|im_end|>\n",
-            AssistantStart = "<|im_start|>assistant\n",
-            AssistantEnd = "<|im_end|>",
-            AssistantAfter = "\n",
-            DefaultSystem = "You are a helpful assistant.",
-        },
+        ["qwen2"] = ChatMl with { Name = "qwen2", DefaultSystem = "You are a helpful assistant." },
         // mistralai/Mistral-7B-Instruct-v0.1/v0.2: <s>[INST] {user} [/INST]{reply}</s>. The format has no system
         // turn; a system message is put before the first instruction, separated by a blank line.
         ["mistral"] = new()

@@ -71,6 +71,14 @@ public sealed class GgufFile : IDisposable
     public static bool HasMagic(ReadOnlySpan<byte> head) =>
         head.Length >= 4 && head[0] == 'G' && head[1] == 'G' && head[2] == 'U' && head[3] == 'F';
 
+    /// <summary>True when the file at <paramref name="path"/> starts with the GGUF magic.</summary>
+    public static bool IsGgufFile(string path)
+    {
+        Span<byte> head = stackalloc byte[4];
+        using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+        return stream.ReadAtLeast(head, head.Length, throwOnEndOfStream: false) == head.Length && HasMagic(head);
+    }
+
     public static GgufFile Open(string path)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"{path}: file not found", path);

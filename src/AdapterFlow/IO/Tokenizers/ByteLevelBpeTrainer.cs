@@ -148,13 +148,7 @@ public static class ByteLevelBpeTrainer
         {
             // Encoding with special tokens prepends BOS, as Llama-style tokenizers do.
             var bos = specials[0];
-            postProcessor = new JsonObject
-            {
-                ["type"] = "TemplateProcessing",
-                ["single"] = new JsonArray(Special(bos, 0), Sequence("A", 0)),
-                ["pair"] = new JsonArray(Special(bos, 0), Sequence("A", 0), Special(bos, 1), Sequence("B", 1)),
-                ["special_tokens"] = new JsonObject { [bos] = new JsonObject { ["id"] = bos, ["ids"] = new JsonArray(0), ["tokens"] = new JsonArray(bos) } },
-            };
+            postProcessor = BosTemplate(bos, 0);
         }
         return new JsonObject
         {
@@ -173,6 +167,18 @@ public static class ByteLevelBpeTrainer
             },
         };
     }
+
+    /// <summary>
+    /// A TemplateProcessing post-processor that puts BOS before each sequence (transformers' Llama-style
+    /// tokenizers): "BOS A" for one sequence, "BOS A BOS B" for a pair.
+    /// </summary>
+    internal static JsonObject BosTemplate(string bos, int bosId) => new()
+    {
+        ["type"] = "TemplateProcessing",
+        ["single"] = new JsonArray(Special(bos, 0), Sequence("A", 0)),
+        ["pair"] = new JsonArray(Special(bos, 0), Sequence("A", 0), Special(bos, 1), Sequence("B", 1)),
+        ["special_tokens"] = new JsonObject { [bos] = new JsonObject { ["id"] = bos, ["ids"] = new JsonArray(bosId), ["tokens"] = new JsonArray(bos) } },
+    };
 
     private static JsonObject Special(string id, int typeId) => new() { ["SpecialToken"] = new JsonObject { ["id"] = id, ["type_id"] = typeId } };
     private static JsonObject Sequence(string id, int typeId) => new() { ["Sequence"] = new JsonObject { ["id"] = id, ["type_id"] = typeId } };

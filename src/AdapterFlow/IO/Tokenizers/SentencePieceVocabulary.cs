@@ -70,7 +70,7 @@ public static partial class SentencePieceVocabulary
                     new JsonObject { ["type"] = "Replace", ["pattern"] = new JsonObject { ["String"] = " " }, ["content"] = Space }),
             },
             ["pre_tokenizer"] = null,
-            ["post_processor"] = bos is int b ? BosTemplate(pieces[b], b) : null,
+            ["post_processor"] = bos is int b ? ByteLevelBpeTrainer.BosTemplate(pieces[b], b) : null,
             ["decoder"] = new JsonObject
             {
                 ["type"] = "Sequence",
@@ -164,23 +164,6 @@ public static partial class SentencePieceVocabulary
         }
         return (pieces, types);
     }
-
-    private static JsonObject BosTemplate(string bos, int id) => new()
-    {
-        ["type"] = "TemplateProcessing",
-        ["single"] = new JsonArray(
-            new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = bos, ["type_id"] = 0 } },
-            new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }),
-        ["pair"] = new JsonArray(
-            new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = bos, ["type_id"] = 0 } },
-            new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } },
-            new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = bos, ["type_id"] = 1 } },
-            new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "B", ["type_id"] = 1 } }),
-        ["special_tokens"] = new JsonObject
-        {
-            [bos] = new JsonObject { ["id"] = bos, ["ids"] = new JsonArray(id), ["tokens"] = new JsonArray(bos) },
-        },
-    };
 
     [GeneratedRegex("^<0x[0-9A-Fa-f]{2}>$")]
     private static partial Regex ByteToken();
