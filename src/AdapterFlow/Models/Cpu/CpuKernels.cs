@@ -14,7 +14,7 @@ namespace AdapterFlow.Models.Cpu;
 /// four rows at a time with 256-bit fused multiply-adds, split across the cores; everything else is a plain loop.
 /// Results differ from libtorch's only by summation order (about 1e-6 relative).
 /// </summary>
-internal static unsafe class CpuKernels
+internal static unsafe partial class CpuKernels
 {
     /// <summary>Rows per parallel work item of a matrix-vector product: big enough to amortise scheduling, small enough to balance.</summary>
     private const int RowBlock = 64;

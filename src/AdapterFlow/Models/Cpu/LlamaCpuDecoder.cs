@@ -10,8 +10,11 @@ namespace AdapterFlow.Models.Cpu;
 /// Batch-1 decode step of the LLaMA family (Llama, Mistral, Qwen2) on the CPU in float32, computed by
 /// <see cref="CpuKernels"/> over the tensors' memory instead of ~50 libtorch calls per layer. It engages only for
 /// what it reproduces exactly (same logits as the libtorch path up to summation order, about 1e-6): inference
-/// (not training, no autograd), one row, one new token, a KV cache, float32 weights on the CPU, rotate-half
-/// rotary, and no hidden-state output. Anything else returns null and the caller runs the libtorch path.
+/// (not training, no autograd), one row, a KV cache, float32 weights on the CPU, rotate-half rotary. One new token
+/// is the decode step below; 2..<see cref="MaxTokensPerPass"/> new tokens (short prompt tails, self-speculative
+/// verification) run through the multi-token pass in LlamaCpuDecoder.Tokens.cs. Early exit, a start layer with its
+/// layer input, hidden-state output and a skipped head work as in <see cref="CausalLM.forward"/>. Anything else
+/// returns null and the caller runs the libtorch path.
 /// <para>
 /// Inside a step, projections it understands (nn.Linear; LoRA wrappers over one with unmerged, non-DoRA adapters
 /// and no per-row routing) run as matrix-vector products; any other module in a projection or MLP slot (IA3,
@@ -19,20 +22,21 @@ namespace AdapterFlow.Models.Cpu;
 /// and only pay for themselves.
 /// </para>
 /// </summary>
-internal static unsafe class LlamaCpuDecoder
+internal static unsafe partial class LlamaCpuDecoder
 {
     /// <summary>Decode steps this thread ran through the kernels (tests check that the path engages, or not).</summary>
     [ThreadStatic] internal static int StepsOnThisThread;
 
     public static ForwardOutput? TryForward(LlamaForCausalLM model, ForwardInput input)
     {
-        if (model.training || input.Cache is not { } cache || input.OutputHiddenStates || torch.is_grad_enabled()) return null;
+        if (model.training || input.Cache is not { } cache || torch.is_grad_enabled()) return null;
         var config = model.LlamaConfig;
         int layers = input.ExitLayer ?? model.NumLayers;
         int start = input.StartLayer;
         if (layers < 1 || layers > model.NumLayers || start < 0 || start >= layers || cache.NumLayers != model.NumLayers) return null;
         if ((start > 0) != (input.LayerInput is not null)) return null;
         if (model.Rotary.Layout != RotaryLayout.RotateHalf) return null;
+        if (NewTokens(input) is var time && time != 1) return TryForwardTokens(model, input, cache, start, layers, time);
         int hidden = config.HiddenSize;
         var ids = input.InputIds;
         var embeds = input.InputsEmbeds;
@@ -73,6 +77,10 @@ internal static unsafe class LlamaCpuDecoder
         if (input.LayerInput is { } given) Copy(given.contiguous(), x, hidden);
         else if (embeds is not null) Copy(embeds.contiguous(), x, hidden);
         else if (!EmbedInto(model, ids!, x)) return null;
+        // Hidden states (before the final norm) in one block [states, 1, 1, hidden]; the list hands out views.
+        Tensor? states = input.OutputHiddenStates ? torch.empty([layers - start + 1, 1, 1, hidden], ScalarType.Float32) : null;
+        float* statesData = states is null ? null : CpuKernels.Pointer(states);
+        if (statesData != null) Copy(x, statesData, hidden);
 
         // Rotary cos/sin for this position, computed as transformers does: float32 position × float32 inverse frequency.
         int rotaryDim = model.Rotary.RotaryDim;
@@ -135,9 +143,16 @@ internal static unsafe class LlamaCpuDecoder
                 RmsNorm(layer.post_attention_layernorm, x, buffers.Normed, hidden);
                 Mlp(layer.mlp, config, buffers);
                 CpuKernels.Add(x, buffers.Output, hidden);
+                if (statesData != null) Copy(x, statesData + (i - start + 1) * hidden, hidden);
             }
         }
 
+        var hiddenStates = states is null ? null : new StateViews(states.MoveToOuterDisposeScope());
+        if (input.SkipHead)
+        {
+            StepsOnThisThread++;
+            return new ForwardOutput(torch.empty([1, 0, config.VocabSize], ScalarType.Float32).MoveToOuterDisposeScope(), hiddenStates);
+        }
         RmsNorm(model.model.norm, x, buffers.Normed, hidden);
         var logits = torch.empty([1, 1, config.VocabSize], ScalarType.Float32);
         var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
@@ -145,7 +160,7 @@ internal static unsafe class LlamaCpuDecoder
             CpuKernels.Gemv(CpuKernels.Pointer(head), buffers.Normed, CpuKernels.Pointer(logits), null, config.VocabSize, hidden);
         else ThroughTorch(model.lm_head, buffers.Normed, hidden, CpuKernels.Pointer(logits), config.VocabSize);
         StepsOnThisThread++;
-        return new ForwardOutput(logits.MoveToOuterDisposeScope(), null);
+        return new ForwardOutput(logits.MoveToOuterDisposeScope(), hiddenStates);
     }
 
     /// <summary>The embedding row of the one token id, read from the table; other embedding modules run through libtorch.</summary>
@@ -243,6 +258,9 @@ internal static unsafe class LlamaCpuDecoder
             throw new InvalidOperationException($"{module.GetType().Name} returned [{string.Join(", ", output.shape)}] for a [1, 1, {inFeatures}] input; expected {outFeatures} features");
         Copy(output.to(ScalarType.Float32, torch.CPU).contiguous(), y, outFeatures);
     }
+
+    private static void Copy(float* source, float* destination, int count) =>
+        new ReadOnlySpan<float>(source, count).CopyTo(new Span<float>(destination, count));
 
     private static void Copy(Tensor source, float* destination, int count) =>
         new ReadOnlySpan<float>(CpuKernels.Pointer(source), count).CopyTo(new Span<float>(destination, count));

@@ -1,0 +1,89 @@
+using System.Runtime.Intrinsics;
+
+namespace AdapterFlow.Models.Cpu;
+
+// Kernels for a few new tokens of one row at once (self-speculative verification, short prompt tails).
+internal static unsafe partial class CpuKernels
+{
+    /// <summary>
+    /// y[t, r] = Σ_c w[r, c] · x[t, c] (+ bias[r]) for <paramref name="tokens"/> input vectors x [tokens, cols] and a
+    /// row-major [rows, cols] matrix; y is [tokens, rows]; y += … when <paramref name="accumulate"/>. Each matrix row is
+    /// read from memory once for all tokens (then from L1 for each group of four), so a bandwidth-bound model pays
+    /// about one token's weight traffic for the whole group: the point of verifying d drafts in one pass.
+    /// </summary>
+    public static void Gemm(float* w, float* x, float* y, float* bias, int rows, int cols, int tokens, bool accumulate = false)
+    {
+        if (tokens == 1)
+        {
+            Gemv(w, x, y, bias, rows, cols, accumulate);
+            return;
+        }
+        int workers = WorkerCount;
+        if (workers <= 1 || (long)rows * cols * tokens < ParallelThreshold)
+        {
+            GemmRows(w, x, y, bias, rows, cols, tokens, 0, rows, accumulate);
+            return;
+        }
+        int rowBlock = Math.Max(16, (rows / (workers * 4) + 3) & ~3);
+        int blocks = (rows + rowBlock - 1) / rowBlock;
+        nint wp = (nint)w, xp = (nint)x, yp = (nint)y, bp = (nint)bias;
+        KernelPool.For(blocks, workers, block =>
+        {
+            int r0 = block * rowBlock;
+            GemmRows((float*)wp, (float*)xp, (float*)yp, (float*)bp, rows, cols, tokens, r0, Math.Min(rows, r0 + rowBlock), accumulate);
+        });
+    }
+
+    private static void GemmRows(float* w, float* x, float* y, float* bias, int rows, int cols, int tokens, int r0, int r1, bool accumulate)
+    {
+        for (int r = r0; r < r1; r++)
+        {
+            float* wr = w + (long)r * cols;
+            int t = 0;
+            if (Vector256.IsHardwareAccelerated)
+            {
+                // Four tokens per pass over the row, two accumulators each: eight independent FMA chains, one load of
+                // the weights per four multiply-adds.
+                for (; t + 4 <= tokens; t += 4)
+                {
+                    float* x0 = x + (long)t * cols, x1 = x0 + cols, x2 = x1 + cols, x3 = x2 + cols;
+                    var a0 = Vector256<float>.Zero; var a1 = Vector256<float>.Zero; var a2 = Vector256<float>.Zero; var a3 = Vector256<float>.Zero;
+                    var b0 = Vector256<float>.Zero; var b1 = Vector256<float>.Zero; var b2 = Vector256<float>.Zero; var b3 = Vector256<float>.Zero;
+                    int c = 0;
+                    for (; c + 16 <= cols; c += 16)
+                    {
+                        var wa = Vector256.Load(wr + c);
+                        var wb = Vector256.Load(wr + c + 8);
+                        a0 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x0 + c), a0);
+                        a1 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x1 + c), a1);
+                        a2 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x2 + c), a2);
+                        a3 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x3 + c), a3);
+                        b0 = Vector256.FusedMultiplyAdd(wb, Vector256.Load(x0 + c + 8), b0);
+                        b1 = Vector256.FusedMultiplyAdd(wb, Vector256.Load(x1 + c + 8), b1);
+                        b2 = Vector256.FusedMultiplyAdd(wb, Vector256.Load(x2 + c + 8), b2);
+                        b3 = Vector256.FusedMultiplyAdd(wb, Vector256.Load(x3 + c + 8), b3);
+                    }
+                    for (; c + 8 <= cols; c += 8)
+                    {
+                        var wa = Vector256.Load(wr + c);
+                        a0 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x0 + c), a0);
+                        a1 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x1 + c), a1);
+                        a2 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x2 + c), a2);
+                        a3 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x3 + c), a3);
+                    }
+                    float s0 = Vector256.Sum(a0 + b0), s1 = Vector256.Sum(a1 + b1), s2 = Vector256.Sum(a2 + b2), s3 = Vector256.Sum(a3 + b3);
+                    for (; c < cols; c++)
+                    {
+                        float wc = wr[c];
+                        s0 += wc * x0[c]; s1 += wc * x1[c]; s2 += wc * x2[c]; s3 += wc * x3[c];
+                    }
+                    Store(y + (long)t * rows, bias, r, s0, accumulate);
+                    Store(y + (long)(t + 1) * rows, bias, r, s1, accumulate);
+                    Store(y + (long)(t + 2) * rows, bias, r, s2, accumulate);
+                    Store(y + (long)(t + 3) * rows, bias, r, s3, accumulate);
+                }
+            }
+            for (; t < tokens; t++) Store(y + (long)t * rows, bias, r, Dot(wr, x + (long)t * cols, cols), accumulate);
+        }
+    }
+}

@@ -1,0 +1,341 @@
+using System.Collections;
+using System.Runtime.InteropServices;
+using AdapterFlow.Adapters.Lora;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace AdapterFlow.Models.Cpu;
+
+// A pass over T > 1 new tokens of one row: prompts' short tails and self-speculative verification (the d + 1
+// drafted positions through the late layers, from StartLayer with a LayerInput). Same conditions as the one-token
+// step; the projections run as small GEMMs that read each weight row once for all T tokens, attention runs per
+// (head, query) over the cache and the new keys with causal, padding and sliding-window masking.
+internal static unsafe partial class LlamaCpuDecoder
+{
+    /// <summary>Most new tokens a kernel pass takes; longer inputs (real prompts) go to libtorch's GEMMs.</summary>
+    internal const int MaxTokensPerPass = 32;
+
+    /// <summary>Passes over several new tokens this thread ran through the kernels (tests check that the path engages).</summary>
+    [ThreadStatic] internal static int MultiTokenPassesOnThisThread;
+
+    /// <summary>New tokens of a one-row input (ids or embeddings), or 0 if it is not one row.</summary>
+    private static int NewTokens(ForwardInput input)
+    {
+        var source = input.InputIds ?? input.InputsEmbeds;
+        return source is not null && source.dim() >= 2 && source.shape[0] == 1 ? (int)source.shape[1] : 0;
+    }
+
+    /// <summary>Layer weights and cache storage the kernels can read, checked before anything is written.</summary>
+    private static bool LayersSupported(LlamaForCausalLM model, KVCache cache, int start, int layers)
+    {
+        var config = model.LlamaConfig;
+        int hidden = config.HiddenSize;
+        for (int i = start; i < layers; i++)
+        {
+            var layer = model.model.layers[i];
+            if (!IsF32Cpu(layer.input_layernorm.weight, hidden) || !IsF32Cpu(layer.post_attention_layernorm.weight, hidden)) return false;
+            if (cache.KeyStorage(i) is { } keys && !IsCacheStorage(keys, config.NumKeyValueHeads, config.HeadDim)) return false;
+            if (cache.ValueStorage(i) is { } values && !IsCacheStorage(values, config.NumKeyValueHeads, config.HeadDim)) return false;
+        }
+        return true;
+    }
+
+    private static ForwardOutput? TryForwardTokens(LlamaForCausalLM model, ForwardInput input, KVCache cache, int start, int layers, int time)
+    {
+        if (time < 2 || time > MaxTokensPerPass) return null;
+        var config = model.LlamaConfig;
+        int hidden = config.HiddenSize, vocab = config.VocabSize;
+        var ids = input.InputIds;
+        var embeds = input.InputsEmbeds;
+        if ((ids is null) == (embeds is null)) return null;
+        if (ids is not null && !(ids.dim() == 2 && ids.device_type == DeviceType.CPU)) return null;
+        if (embeds is not null && !IsF32Cpu(embeds, 1, time, hidden)) return null;
+        if (input.LayerInput is { } layerInput && !IsF32Cpu(layerInput, 1, time, hidden)) return null;
+        if (!IsF32Cpu(model.model.norm.weight, hidden) || !LayersSupported(model, cache, start, layers)) return null;
+        if (ids is not null && !(model.model.embed_tokens is Embedding { weight: { } embeddingTable } && IsF32Cpu(embeddingTable, vocab, hidden))) return null;
+        int heads = config.NumAttentionHeads, kvHeads = config.NumKeyValueHeads, headDim = config.HeadDim;
+
+        int past = cache.LayerLength(start);
+        int total = past + time;
+        var positions = new long[time];
+        if (input.PositionIds is { } given)
+        {
+            if (given.dim() != 2 || given.shape[0] != 1 || given.shape[1] != time || given.device_type != DeviceType.CPU) return null;
+            given.to_type(ScalarType.Int64).contiguous().data<long>().CopyTo(positions);
+        }
+        else
+        {
+            for (int t = 0; t < time; t++) positions[t] = past + t;
+        }
+        byte[]? keyReal = null;
+        if (input.AttentionMask is { } mask)
+        {
+            if (mask.dim() != 2 || mask.shape[0] != 1 || mask.shape[1] != total || mask.device_type != DeviceType.CPU) return null;
+            keyReal = mask.to_type(ScalarType.Byte).contiguous().data<byte>().ToArray();
+        }
+        long[]? tokenIds = null;
+        if (ids is not null)
+        {
+            tokenIds = ids.to_type(ScalarType.Int64).contiguous().data<long>().ToArray();
+            foreach (long id in tokenIds)
+                if (id < 0 || id >= vocab)
+                    throw new ArgumentException($"a token id is outside the vocabulary 0..{vocab - 1} of this {config.Architecture}");
+        }
+
+        using var scope = torch.NewDisposeScope();
+        using var buffers = new TokenBuffers(config, time, total);
+        float* x = buffers.Hidden;
+        if (input.LayerInput is { } entering) Copy(entering.contiguous(), x, time * hidden);
+        else if (embeds is not null) Copy(embeds.contiguous(), x, time * hidden);
+        else
+        {
+            float* table = CpuKernels.Pointer(((Embedding)model.model.embed_tokens).weight!);
+            for (int t = 0; t < time; t++)
+                new ReadOnlySpan<float>(table + tokenIds![t] * hidden, hidden).CopyTo(new Span<float>(x + (long)t * hidden, hidden));
+        }
+
+        // Rotary cos/sin per token, as the one-token step computes them (float32 position × float32 inverse frequency).
+        int rotaryDim = model.Rotary.RotaryDim, half = rotaryDim / 2;
+        long sequenceLength = input.PositionIds is null ? total : positions.Max() + 1;
+        var invFreq = model.Rotary.InverseFrequencies(sequenceLength);
+        float scaling = (float)model.Rotary.AttentionScaling;
+        var cosSin = new float[2 * time * rotaryDim];
+        for (int t = 0; t < time; t++)
+            for (int i = 0; i < half; i++)
+            {
+                float angle = (float)positions[t] * (float)invFreq[i];
+                float c = MathF.Cos(angle), s = MathF.Sin(angle);
+                if (scaling != 1f) { c *= scaling; s *= scaling; }
+                cosSin[t * rotaryDim + i] = cosSin[t * rotaryDim + i + half] = c;
+                cosSin[(time + t) * rotaryDim + i] = cosSin[(time + t) * rotaryDim + i + half] = s;
+            }
+
+        // Hidden states (before the final norm) in one block [states, 1, time, hidden]; the list hands out views.
+        Tensor? states = input.OutputHiddenStates ? torch.empty([layers - start + 1, 1, time, hidden], ScalarType.Float32) : null;
+        float* statesData = states is null ? null : CpuKernels.Pointer(states);
+        long stateSize = (long)time * hidden;
+        if (statesData != null) new ReadOnlySpan<float>(x, (int)stateSize).CopyTo(new Span<float>(statesData, (int)stateSize));
+
+        int attention = heads * headDim, kv = kvHeads * headDim;
+        float scale = 1f / MathF.Sqrt(headDim);
+        fixed (float* cosSinData = cosSin)
+        fixed (byte* maskBytes = keyReal)
+        {
+            float* cos = cosSinData, sin = cosSinData + time * rotaryDim;
+            for (int i = start; i < layers; i++)
+            {
+                var layer = model.model.layers[i];
+                if (cache.LayerLength(i) != past)
+                    throw new InvalidOperationException(
+                        $"KV cache layer {i} holds {cache.LayerLength(i)} tokens but layer {start} holds {past}; truncate the cache to a common length first");
+                var self = layer.self_attn;
+                RmsNormTokens(layer.input_layernorm, x, buffers.Normed, hidden, time);
+                ProjectTokens(self.q_proj, buffers.Normed, hidden, buffers.Query, attention, time, buffers);
+                ProjectTokens(self.k_proj, buffers.Normed, hidden, buffers.Key, kv, time, buffers);
+                ProjectTokens(self.v_proj, buffers.Normed, hidden, buffers.Value, kv, time, buffers);
+                for (int t = 0; t < time; t++)
+                {
+                    CpuKernels.RotateHalf(buffers.Query + t * attention, heads, headDim, cos + t * rotaryDim, sin + t * rotaryDim, half);
+                    CpuKernels.RotateHalf(buffers.Key + t * kv, kvHeads, headDim, cos + t * rotaryDim, sin + t * rotaryDim, half);
+                }
+
+                var (keys, values) = cache.Reserve(i, [1, kvHeads, 0, headDim], ScalarType.Float32, torch.CPU, time);
+                if (!IsCacheStorage(keys, kvHeads, headDim) || !IsCacheStorage(values, kvHeads, headDim))
+                    throw new InvalidOperationException($"KV cache layer {i}: storage is not float32 [1, {kvHeads}, capacity, {headDim}] on the CPU");
+                long capacity = keys.shape[2];
+                float* k = CpuKernels.Pointer(keys), v = CpuKernels.Pointer(values);
+                for (int t = 0; t < time; t++)
+                    for (int h = 0; h < kvHeads; h++)
+                    {
+                        long at = (h * capacity + past + t) * headDim;
+                        new ReadOnlySpan<float>(buffers.Key + t * kv + h * headDim, headDim).CopyTo(new Span<float>(k + at, headDim));
+                        new ReadOnlySpan<float>(buffers.Value + t * kv + h * headDim, headDim).CopyTo(new Span<float>(v + at, headDim));
+                    }
+                cache.Advance(i, time);
+
+                // Query t sits at cache index past + t: it sees keys up to itself (causal), those the padding mask lets
+                // through (itself always), within the sliding window (keys above past + t − window), as Attention.BuildMask.
+                for (int t = 0; t < time; t++)
+                {
+                    int query = past + t, length = query + 1;
+                    int first = layer.IsSliding && model.SlidingWindow is int window ? Math.Max(0, query - window + 1) : 0;
+                    byte* allowed = null;
+                    if (maskBytes != null)
+                    {
+                        allowed = buffers.Allowed;
+                        for (int j = 0; j < length; j++) allowed[j] = (byte)(maskBytes[j] != 0 || j == query ? 1 : 0);
+                    }
+                    CpuKernels.Attend(buffers.Query + t * attention, k, v, buffers.Attended + t * attention, heads, kvHeads, headDim, capacity,
+                        first, length, allowed, scale);
+                }
+                ProjectTokens(self.o_proj, buffers.Attended, attention, buffers.Output, hidden, time, buffers);
+                CpuKernels.Add(x, buffers.Output, time * hidden);
+
+                RmsNormTokens(layer.post_attention_layernorm, x, buffers.Normed, hidden, time);
+                MlpTokens(layer.mlp, config, time, buffers);
+                CpuKernels.Add(x, buffers.Output, time * hidden);
+                if (statesData != null)
+                    new ReadOnlySpan<float>(x, (int)stateSize).CopyTo(new Span<float>(statesData + (i - start + 1) * stateSize, (int)stateSize));
+            }
+        }
+
+        var hiddenStates = states is null ? null : new StateViews(states.MoveToOuterDisposeScope());
+        MultiTokenPassesOnThisThread++;
+        if (input.SkipHead)
+            return new ForwardOutput(torch.empty([1, 0, vocab], ScalarType.Float32).MoveToOuterDisposeScope(), hiddenStates);
+        int firstRow = input.LastPositionOnly ? time - 1 : 0, rows = time - firstRow;
+        RmsNormTokens(model.model.norm, x + (long)firstRow * hidden, buffers.Normed, hidden, rows);
+        var logits = torch.empty([1, rows, vocab], ScalarType.Float32);
+        var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
+        if (head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, vocab, hidden))
+            CpuKernels.Gemm(CpuKernels.Pointer(head), buffers.Normed, CpuKernels.Pointer(logits), null, vocab, hidden, rows);
+        else ThroughTorchTokens(model.lm_head, buffers.Normed, hidden, CpuKernels.Pointer(logits), vocab, rows);
+        return new ForwardOutput(logits.MoveToOuterDisposeScope(), hiddenStates);
+    }
+
+    private static void RmsNormTokens(RMSNorm norm, float* x, float* y, int n, int time)
+    {
+        float* weight = CpuKernels.Pointer(norm.weight);
+        for (int t = 0; t < time; t++) CpuKernels.RmsNorm(x + (long)t * n, weight, y + (long)t * n, n, norm.Eps);
+    }
+
+    /// <summary>The gated MLP of <paramref name="time"/> tokens into <see cref="TokenBuffers.Output"/>; other MLP modules run through libtorch.</summary>
+    private static void MlpTokens(nn.Module<Tensor, Tensor> module, LlamaConfig config, int time, TokenBuffers buffers)
+    {
+        int hidden = config.HiddenSize, inner = config.IntermediateSize;
+        if (module is LlamaMLP mlp && config.HiddenAct is "silu" or "swish")
+        {
+            ProjectTokens(mlp.gate_proj, buffers.Normed, hidden, buffers.Gate, inner, time, buffers);
+            ProjectTokens(mlp.up_proj, buffers.Normed, hidden, buffers.Up, inner, time, buffers);
+            CpuKernels.SiluMul(buffers.Gate, buffers.Up, time * inner);
+            ProjectTokens(mlp.down_proj, buffers.Gate, inner, buffers.Output, hidden, time, buffers);
+        }
+        else
+        {
+            ThroughTorchTokens(module, buffers.Normed, hidden, buffers.Output, hidden, time);
+        }
+    }
+
+    /// <summary>y [time, out] = module(x [time, in]) for a linear slot: nn.Linear and plain LoRA as GEMMs, anything else through libtorch.</summary>
+    private static void ProjectTokens(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, int time, TokenBuffers buffers)
+    {
+        if (module is Linear linear && LinearTokens(linear, x, inFeatures, y, outFeatures, time, accumulate: false)) return;
+        if (module is LoraLinear lora && LoraTokens(lora, x, inFeatures, y, outFeatures, time, buffers)) return;
+        ThroughTorchTokens(module, x, inFeatures, y, outFeatures, time);
+    }
+
+    private static bool LinearTokens(Linear linear, float* x, int inFeatures, float* y, int outFeatures, int time, bool accumulate)
+    {
+        var weight = linear.weight;
+        var bias = linear.bias;
+        if (weight is null || !IsF32Cpu(weight, outFeatures, inFeatures) || (bias is not null && !IsF32Cpu(bias, outFeatures))) return false;
+        CpuKernels.Gemm(CpuKernels.Pointer(weight), x, y, bias is null ? null : CpuKernels.Pointer(bias), outFeatures, inFeatures, time, accumulate);
+        return true;
+    }
+
+    /// <summary>The multi-token counterpart of <see cref="Lora"/>: W x + b + Σ s · B (A x), declining before writing anything.</summary>
+    private static bool LoraTokens(LoraLinear lora, float* x, int inFeatures, float* y, int outFeatures, int time, TokenBuffers buffers)
+    {
+        if (lora.Routing is not null || lora.BaseLayer is not Linear baseLinear) return false;
+        var adapters = lora.Disabled ? [] : lora.ActiveAdapters.Where(a => !lora.MergedAdapters.Contains(a)).ToArray();
+        foreach (var adapter in adapters)
+        {
+            if (lora.IsDora(adapter)) return false;
+            var a = lora.A(adapter).weight;
+            if (a is null || a.dim() != 2 || a.shape[0] > buffers.RankCapacity || lora.A(adapter).bias is not null || lora.B(adapter).bias is not null) return false;
+        }
+        if (!LinearTokens(baseLinear, x, inFeatures, y, outFeatures, time, accumulate: false)) return false;
+        foreach (var adapter in adapters)
+        {
+            var a = lora.A(adapter);
+            int rank = (int)a.weight!.shape[0];
+            if (!LinearTokens(a, x, inFeatures, buffers.Rank, rank, time, accumulate: false))
+                throw new InvalidOperationException($"LoRA adapter '{adapter}': lora_A is not a float32 [{rank}, {inFeatures}] CPU matrix");
+            float s = (float)lora.Scaling(adapter);
+            for (int i = 0; i < rank * time; i++) buffers.Rank[i] *= s;
+            if (!LinearTokens(lora.B(adapter), buffers.Rank, rank, y, outFeatures, time, accumulate: true))
+                throw new InvalidOperationException($"LoRA adapter '{adapter}': lora_B is not a float32 [{outFeatures}, {rank}] CPU matrix");
+        }
+        return true;
+    }
+
+    /// <summary>Runs any module on x as a [1, time, in] tensor and copies its [1, time, out] result to y.</summary>
+    private static void ThroughTorchTokens(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, int time)
+    {
+        var input = torch.empty([1, time, inFeatures], ScalarType.Float32);
+        new ReadOnlySpan<float>(x, time * inFeatures).CopyTo(new Span<float>(CpuKernels.Pointer(input), time * inFeatures));
+        var output = module.forward(input);
+        if (output.NumberOfElements != (long)time * outFeatures)
+            throw new InvalidOperationException($"{module.GetType().Name} returned [{string.Join(", ", output.shape)}] for a [1, {time}, {inFeatures}] input; expected {outFeatures} features");
+        Copy(output.to(ScalarType.Float32, torch.CPU).contiguous(), y, time * outFeatures);
+    }
+
+    /// <summary>
+    /// <see cref="ForwardOutput.HiddenStates"/> over one [states, 1, time, hidden] block: element i is a view made when
+    /// it is read, so a caller that reads only the last state (self-speculative drafting) creates one tensor, not L + 1.
+    /// </summary>
+    private sealed class StateViews(Tensor block) : IReadOnlyList<Tensor>
+    {
+        public Tensor this[int index] => index >= 0 && index < Count ? block[index] : throw new ArgumentOutOfRangeException(nameof(index));
+        public int Count => (int)block.shape[0];
+
+        public IEnumerator<Tensor> GetEnumerator()
+        {
+            for (int i = 0; i < Count; i++) yield return this[i];
+        }
+
+        IEnumerator IEnumerable.GetEnumerator() => GetEnumerator();
+    }
+
+    /// <summary>The pass's working matrices (time rows each) in one native block, freed when the pass ends.</summary>
+    private sealed class TokenBuffers : IDisposable
+    {
+        private readonly float* _block;
+        private readonly byte* _allowed;
+
+        public TokenBuffers(LlamaConfig config, int time, int keys)
+        {
+            int hidden = config.HiddenSize, attention = config.NumAttentionHeads * config.HeadDim, kv = config.NumKeyValueHeads * config.HeadDim;
+            int inner = config.IntermediateSize;
+            RankCapacity = Math.Max(256, Math.Max(hidden, inner));
+            long total = (long)time * (3L * hidden + 2L * attention + 2L * kv + 2L * inner + RankCapacity);
+            _block = (float*)NativeMemory.AlignedAlloc((nuint)(total * sizeof(float)), 64);
+            float* p = _block;
+            Hidden = Take(ref p, time * hidden); Normed = Take(ref p, time * hidden); Output = Take(ref p, time * hidden);
+            Query = Take(ref p, time * attention); Attended = Take(ref p, time * attention);
+            Key = Take(ref p, time * kv); Value = Take(ref p, time * kv);
+            Gate = Take(ref p, time * inner); Up = Take(ref p, time * inner);
+            Rank = Take(ref p, time * RankCapacity);
+            _allowed = (byte*)NativeMemory.Alloc((nuint)keys);
+        }
+
+        private static float* Take(ref float* p, int count)
+        {
+            var taken = p;
+            p += count;
+            return taken;
+        }
+
+        public float* Hidden { get; }
+        public float* Normed { get; }
+        public float* Output { get; }
+        public float* Query { get; }
+        public float* Attended { get; }
+        public float* Key { get; }
+        public float* Value { get; }
+        public float* Gate { get; }
+        public float* Up { get; }
+        public float* Rank { get; }
+        public int RankCapacity { get; }
+
+        /// <summary>One byte per key: may the current query attend to it.</summary>
+        public byte* Allowed => _allowed;
+
+        public void Dispose()
+        {
+            NativeMemory.AlignedFree(_block);
+            NativeMemory.Free(_allowed);
+        }
+    }
+}

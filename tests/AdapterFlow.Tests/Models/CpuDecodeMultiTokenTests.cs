@@ -1,0 +1,219 @@
+using AdapterFlow.Adapters;
+using AdapterFlow.Adapters.Lora;
+using AdapterFlow.Generation;
+using AdapterFlow.Models;
+using AdapterFlow.Models.Cpu;
+using AdapterFlow.Tests.Generation;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace AdapterFlow.Tests.Models;
+
+/// <summary>
+/// What self-speculative decoding asks of the CPU kernels: hidden-state output and a skipped head for one-token
+/// steps, and passes over several new tokens of one row (prompt tails, verification from a start layer) — each
+/// against the libtorch path (logits, every hidden state, the cache), and the speculative generator really using them.
+/// </summary>
+public class CpuDecodeMultiTokenTests
+{
+    private const double Tolerance = 5e-5; // float32 summation orders, as CpuDecodeTests
+
+    private static double MaxDiff(Tensor a, Tensor b)
+    {
+        Assert.Equal(a.shape, b.shape);
+        return a.NumberOfElements == 0 ? 0 : (a - b).abs().max().to_type(ScalarType.Float64).item<double>();
+    }
+
+    /// <summary>
+    /// Runs <paramref name="passes"/> over one cache with the kernels on or off; returns every pass's logits and hidden
+    /// states, then every layer's cached keys and values, and how many one-token and multi-token kernel passes ran.
+    /// </summary>
+    private static (List<Tensor> Outputs, int Steps, int Passes) Run(CausalLM model, LlamaForCausalLM llama, bool kernels,
+        Func<KVCache, List<Tensor>, IEnumerable<ForwardInput>> passes)
+    {
+        llama.UseCpuDecodeKernels = kernels;
+        int steps = LlamaCpuDecoder.StepsOnThisThread, multi = LlamaCpuDecoder.MultiTokenPassesOnThisThread;
+        var cache = model.CreateCache();
+        var outputs = new List<Tensor>();
+        var lastStates = new List<Tensor>();
+        try
+        {
+            foreach (var input in passes(cache, lastStates))
+            {
+                var output = model.forward(input);
+                outputs.Add(output.Logits);
+                Assert.Equal(input.OutputHiddenStates, output.HiddenStates is not null);
+                if (output.HiddenStates is { } states)
+                {
+                    Assert.Equal((input.ExitLayer ?? model.NumLayers) - input.StartLayer + 1, states.Count);
+                    outputs.AddRange(states);
+                    lastStates.Add(states[^1]);
+                }
+            }
+            for (int i = 0; i < model.NumLayers; i++)
+                if (cache.Get(i) is var (k, v))
+                {
+                    outputs.Add(k.clone());
+                    outputs.Add(v.clone());
+                }
+        }
+        finally
+        {
+            llama.UseCpuDecodeKernels = true;
+        }
+        return (outputs, LlamaCpuDecoder.StepsOnThisThread - steps, LlamaCpuDecoder.MultiTokenPassesOnThisThread - multi);
+    }
+
+    private static void AssertSame(List<Tensor> fast, List<Tensor> slow)
+    {
+        Assert.Equal(slow.Count, fast.Count);
+        for (int i = 0; i < fast.Count; i++)
+        {
+            double diff = MaxDiff(fast[i], slow[i]);
+            Assert.True(diff < Tolerance, $"output {i} [{string.Join(", ", slow[i].shape)}]: max |Δ| {diff}");
+        }
+    }
+
+    /// <summary>A left-padded row fed as prefill, a step, a block, and a last-position block with hidden states.</summary>
+    private static IEnumerable<ForwardInput> PaddedBlocks(KVCache cache, Tensor ids, Tensor? mask, Tensor? positions)
+    {
+        (int First, int Count, bool Last, bool States)[] pieces = [(0, 5, false, false), (5, 1, false, true), (6, 4, false, true), (10, 4, true, true)];
+        foreach (var (first, count, last, states) in pieces)
+            yield return new ForwardInput
+            {
+                InputIds = ids.narrow(1, first, count), AttentionMask = mask?.narrow(1, 0, first + count),
+                PositionIds = positions?.narrow(1, first, count), Cache = cache, LastPositionOnly = last, OutputHiddenStates = states,
+            };
+    }
+
+    public static TheoryData<string, bool> Families => new() { { "llama", false }, { "llama", true }, { "mistral", true }, { "qwen2", true } };
+
+    [Theory]
+    [MemberData(nameof(Families))]
+    public void Multi_token_blocks_match_libtorch_with_padding_positions_and_sliding_windows(string arch, bool padded)
+    {
+        var config = LlamaTestConfigs.Tiny(arch, tied: arch == "llama" && padded);
+        // Windows shorter than the blocks so that they cut inside a block; Qwen2 slides only its second layer (GQA 4:2 everywhere).
+        if (config is MistralConfig mistral) mistral.SlidingWindow = 3;
+        if (config is Qwen2Config qwen) { qwen.UseSlidingWindow = true; qwen.SlidingWindow = 3; qwen.MaxWindowLayers = 1; }
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(config, seed: 31);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.randint(4, 90, [1, 14], dtype: ScalarType.Int64, generator: new torch.Generator(41));
+        Tensor? mask = null, positions = null;
+        if (padded)
+        {
+            mask = torch.ones([1, 14], dtype: ScalarType.Int64);
+            mask[0, ..2] = torch.tensor(0L);
+            positions = DecoderParts.PositionIdsFromMask(mask);
+        }
+        var (fast, steps, passes) = Run(model, model, true, (cache, _) => PaddedBlocks(cache, ids, mask, positions));
+        var (slow, noSteps, noPasses) = Run(model, model, false, (cache, _) => PaddedBlocks(cache, ids, mask, positions));
+        Assert.Equal((1, 3), (steps, passes));
+        Assert.Equal((0, 0), (noSteps, noPasses));
+        AssertSame(fast, slow);
+        Assert.Equal([1, 1, config.VocabSize], fast[9].shape); // the last-position pass: logits of its last token only
+    }
+
+    /// <summary>Self-speculative decoding's passes: drafts through the first E layers with hidden states, the last with
+    /// no head, then layers E.. over the d + 1 exit states at once.</summary>
+    private static IEnumerable<ForwardInput> DraftAndVerify(KVCache cache, List<Tensor> states, Tensor ids, int exit, int drafts)
+    {
+        yield return new ForwardInput { InputIds = ids.narrow(1, 0, 4), Cache = cache };
+        for (int j = 0; j <= drafts; j++)
+            yield return new ForwardInput
+            {
+                InputIds = ids.narrow(1, 4 + j, 1), PositionIds = torch.tensor(new long[] { 4 + j }).view(1, 1), Cache = cache,
+                ExitLayer = exit, OutputHiddenStates = true, LastPositionOnly = true, SkipHead = j == drafts,
+            };
+        yield return new ForwardInput
+        {
+            InputIds = ids.narrow(1, 4, drafts + 1), PositionIds = torch.arange(4, 5 + drafts, dtype: ScalarType.Int64).view(1, -1),
+            Cache = cache, StartLayer = exit, LayerInput = torch.cat(states.ToArray(), 1), OutputHiddenStates = true,
+        };
+    }
+
+    [Theory]
+    [InlineData(1, 3)]
+    [InlineData(2, 5)]
+    public void Drafts_with_hidden_states_and_verification_from_a_start_layer_match_libtorch(int exit, int drafts)
+    {
+        var json = LlamaTestConfigs.Tiny("llama", tied: true).ToJson();
+        json["num_hidden_layers"] = 3;
+        using var model = (LlamaForCausalLM)AutoModel.FromConfig(AutoModel.ParseConfig(json, "config.json"), seed: 12);
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var ids = torch.randint(4, 90, [1, 12], dtype: ScalarType.Int64, generator: new torch.Generator(42));
+        var (fast, steps, passes) = Run(model, model, true, (cache, states) => DraftAndVerify(cache, states, ids, exit, drafts));
+        var (slow, _, _) = Run(model, model, false, (cache, states) => DraftAndVerify(cache, states, ids, exit, drafts));
+        Assert.Equal((drafts + 1, 2), (steps, passes)); // prefill and verification are the multi-token passes
+        AssertSame(fast, slow);
+        // The skipped head returns no logits; the verification's logits cover every drafted position.
+        int verify = 1 + drafts * (exit + 2) + (exit + 1) + 1;
+        Assert.Equal([1, 0, 97], fast[1 + drafts * (exit + 2)].shape);
+        Assert.Equal([1, drafts + 1, 97], fast[verify].shape);
+        // The verifier's logits are the full model's: feeding the same tokens autoregressively gives them too.
+        using var cache = model.CreateCache();
+        var full = model.forward(new ForwardInput { InputIds = ids.narrow(1, 0, 5 + drafts), Cache = cache }).Logits.narrow(1, 4, drafts + 1);
+        Assert.True(MaxDiff(fast[verify], full) < Tolerance);
+    }
+
+    [Fact]
+    public void Multi_token_blocks_with_unmerged_lora_match_and_long_inputs_decline()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var no = torch.no_grad();
+        var llama = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama", tied: true), seed: 2);
+        using var peft = PeftModel.Create(llama, new LoraConfig
+        {
+            R = 4, LoraAlpha = 8, InitLoraWeights = LoraInit.Random,
+            TargetModules = ModuleSelector.Names("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
+        });
+        peft.eval();
+        var ids = torch.randint(4, 90, [1, 14], dtype: ScalarType.Int64, generator: new torch.Generator(43));
+        var (fast, steps, passes) = Run(peft, llama, true, (cache, _) => PaddedBlocks(cache, ids, null, null));
+        var (slow, _, _) = Run(peft, llama, false, (cache, _) => PaddedBlocks(cache, ids, null, null));
+        Assert.Equal((1, 3), (steps, passes));
+        AssertSame(fast, slow);
+        using (peft.DisableAdapters())
+        {
+            var (plain, _, _) = Run(peft, llama, true, (cache, _) => PaddedBlocks(cache, ids, null, null));
+            Assert.True(MaxDiff(plain[0], fast[0]) > 1e-3); // the adapter is applied, not skipped
+        }
+
+        var longIds = torch.randint(4, 90, [1, LlamaCpuDecoder.MaxTokensPerPass + 1], dtype: ScalarType.Int64, generator: new torch.Generator(44));
+        var (_, longSteps, longPasses) = Run(llama, llama, true, (cache, _) => [new ForwardInput { InputIds = longIds, Cache = cache }]);
+        Assert.Equal((0, 0), (longSteps, longPasses));
+    }
+
+    [Fact]
+    public void Greedy_self_speculative_generation_runs_through_the_kernels_with_the_same_tokens()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        var generator = new TextGenerator(model);
+        var prompts = SelfSpeculativeTests.Prompts(3, seed: 13);
+        foreach (var (exit, k) in new[] { (1, 3), (2, 4), (4, 2) })
+            foreach (var prompt in prompts)
+            {
+                var options = new GenerationOptions
+                {
+                    MaxNewTokens = 14, StopTokenIds = [], Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k,
+                };
+                int steps = LlamaCpuDecoder.StepsOnThisThread, passes = LlamaCpuDecoder.MultiTokenPassesOnThisThread;
+                var fast = generator.Generate([prompt], options);
+                steps = LlamaCpuDecoder.StepsOnThisThread - steps;
+                passes = LlamaCpuDecoder.MultiTokenPassesOnThisThread - passes;
+                llama.UseCpuDecodeKernels = false;
+                var slow = generator.Generate([prompt], options);
+                llama.UseCpuDecodeKernels = true;
+                var plain = generator.Generate([prompt], options with { Strategy = DecodingStrategyKind.Autoregressive, ExitLayer = null });
+                Assert.Equal(plain.Sequences[0].Tokens, fast.Sequences[0].Tokens);
+                Assert.Equal(slow.Sequences[0].Tokens, fast.Sequences[0].Tokens);
+                // Every draft step is a kernel step; every verification (and a prompt of 2+ tokens) a multi-token pass.
+                long rounds = fast.Stats.DraftedTokens / k;
+                Assert.True(rounds > 0 && steps >= rounds * k, $"exit {exit}: {steps} kernel steps for {fast.Stats.DraftedTokens} drafts");
+                if (exit < model.NumLayers) Assert.True(passes >= rounds, $"exit {exit}: {passes} multi-token passes for {rounds}+ rounds");
+            }
+    }
+}
