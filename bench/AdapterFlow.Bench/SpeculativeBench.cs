@@ -36,7 +36,7 @@ public static class SpeculativeBench
             $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({model.Config.ModelType}, {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters, {model.DType}); ") +
             string.Create(CultureInfo.InvariantCulture,
             $"{prompts.Length} built-in prompts one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
-            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass). CPU decode kernels: {(cpuKernels ? "on (single-token steps of the baseline and of the drafts that qualify; verification passes are libtorch)" : "off (everything through libtorch)")}."));
+            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass). CPU decode kernels: {(cpuKernels ? "on (one-token steps of the baseline and of the drafts, and the verification passes over d + 1 positions)" : "off (everything through libtorch)")}."));
         table.AppendLine();
         table.AppendLine("| exit layer E | drafts K | decode tok/s | speed-up | acceptance | tokens/round | same tokens as autoregressive |");
         table.AppendLine("|---:|---:|---:|---:|---:|---:|---|");

@@ -264,6 +264,16 @@ public sealed class DecodingSession : IDisposable
         });
     }
 
+    /// <summary>The last chosen token of a row and its position (the column the next pass feeds first), read to the host.</summary>
+    internal (long Token, long Position) LastChosen(int row)
+    {
+        if (GeneratedLength == 0) throw new InvalidOperationException("run the prompt first");
+        using var scope = torch.NewDisposeScope();
+        long token = _sequences[row, PromptLength + GeneratedLength - 1].item<long>();
+        // _positions holds the position of the last fed column, the one before the last chosen token.
+        return (token, _positions[row, 0].item<long>() + 1);
+    }
+
     /// <summary>Adds to the self-speculative counters: tokens drafted and drafts the verifier agreed with.</summary>
     public void RecordDrafts(long drafted, long accepted)
     {

@@ -1,4 +1,5 @@
 using AdapterFlow.Models;
+using AdapterFlow.Models.Cpu;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -61,6 +62,8 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                 ? sampler.GeneratorOn(session.Device)
                 : throw new NotSupportedException($"self-speculative sampling needs the SamplingSelector, not {session.Selector.GetType().Name}");
 
+        HostGreedyRounds? host = null;
+        bool hostChecked = false;
         while (!session.AllFinished)
         {
             int drafts = Math.Min(options.NumSpeculations, session.RemainingTokens - 1);
@@ -69,9 +72,13 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             using (var noGrad = torch.no_grad())
             {
                 // The prompt goes through the whole model; a round with no room for a draft is a plain step.
-                accepted = session.GeneratedLength == 0 || drafts == 0
-                    ? AutoregressiveDecoding.Step(session, exitLayer: null)
-                    : Round(session, exit, drafts, options.DoSample, generator);
+                if (session.GeneratedLength == 0 || drafts == 0) accepted = AutoregressiveDecoding.Step(session, exitLayer: null);
+                else
+                {
+                    // Decided once the prompt has filled the cache (the host rounds check its storage).
+                    if (!hostChecked) (host, hostChecked) = (HostGreedyRounds.For(session, generator is not null), true);
+                    accepted = host is not null ? host.Round(session, exit, drafts) : Round(session, exit, drafts, options.DoSample, generator);
+                }
             }
             yield return accepted;
         }
@@ -198,5 +205,85 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         var processed = new Tensor[time];
         for (int t = 0; t < time; t++) processed[t] = ProcessOne(session, scores.select(1, t), t);
         return torch.stack(processed, 1);
+    }
+
+    /// <summary>
+    /// Greedy rounds for one row on the CPU decode kernels, with the tokens kept on the host: every pass goes straight
+    /// to <see cref="LlamaCpuDecoder.HostPass"/> (no tensors in or out) and the drafts' and verifier's argmax are read
+    /// from the logits' memory, so a round makes a handful of libtorch calls (reading the last token and writing the
+    /// accepted ones) instead of ~15 per draft. Same tokens as <see cref="Round"/>: the same passes over the same cache,
+    /// the same argmax (first maximum), the same acceptance. Used only where nothing needs the tensors: greedy, one
+    /// row without padding, no logits processors, a LLaMA-family model itself (not an adapter wrapper, whose forward
+    /// may add to the model's) that the kernels can run, and K + 1 within one kernel pass.
+    /// </summary>
+    private sealed class HostGreedyRounds
+    {
+        private readonly LlamaForCausalLM _model;
+        private readonly float[] _states;  // exit states [K + 1, hidden] of the round's columns
+        private readonly float[] _logits;  // [K + 1, vocab]: the drafts', then the verifier's
+
+        private HostGreedyRounds(LlamaForCausalLM model, int columns)
+        {
+            _model = model;
+            _states = new float[columns * model.LlamaConfig.HiddenSize];
+            _logits = new float[columns * model.LlamaConfig.VocabSize];
+        }
+
+        public static HostGreedyRounds? For(DecodingSession session, bool sampling)
+        {
+            int columns = session.Options.NumSpeculations + 1;
+            if (sampling || session.BatchSize != 1 || session.HasPadding || session.Device.type != DeviceType.CPU) return null;
+            if (session.Selector is not GreedySelector || session.Processors is not LogitsProcessorList { Processors.Count: 0 }) return null;
+            if (session.Model is not LlamaForCausalLM model || columns > LlamaCpuDecoder.MaxTokensPerPass) return null;
+            return LlamaCpuDecoder.CanRunHostPasses(model, session.Cache) ? new HostGreedyRounds(model, columns) : null;
+        }
+
+        public unsafe IReadOnlyList<GeneratedToken> Round(DecodingSession session, int exit, int drafts)
+        {
+            session.BeginStep();
+            var cache = session.Cache;
+            int layers = _model.NumLayers, hidden = _model.LlamaConfig.HiddenSize, vocab = _model.LlamaConfig.VocabSize;
+            var (last, position) = session.LastChosen(0);
+            var fed = new long[drafts + 1];    // the round's columns: the last chosen token, then the drafts
+            var chosen = new long[drafts + 1]; // the verifier's argmax at each column
+            fed[0] = last;
+            fixed (float* states = _states, logits = _logits)
+            {
+                // 1. Draft through layers 0..E−1, one token at a time, keeping each exit state.
+                for (int j = 0; j < drafts; j++)
+                {
+                    LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, logits + (long)j * vocab);
+                    fed[j + 1] = ArgMax(logits + (long)j * vocab, vocab);
+                }
+                // 2. Verify: the last draft through the early layers (no head), the late layers over all d + 1 exit states.
+                if (exit < layers)
+                {
+                    LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[drafts]], null, position + drafts, states + (long)drafts * hidden, 0, null);
+                    LlamaCpuDecoder.HostPass(_model, cache, exit, layers, drafts + 1, null, states, position, null, drafts + 1, logits);
+                }
+                else LlamaCpuDecoder.HostPass(_model, cache, 0, layers, 1, [fed[drafts]], null, position + drafts, null, 1, logits + (long)drafts * vocab);
+                for (int j = 0; j <= drafts; j++) chosen[j] = ArgMax(logits + (long)j * vocab, vocab);
+            }
+            // 3. Accept the drafts up to the first disagreement, plus the verifier's token there (as Round does for one row).
+            int agreed = 0;
+            while (agreed < drafts && chosen[agreed] == fed[agreed + 1]) agreed++;
+            bool ends = false;
+            for (int j = 0; j <= agreed && !ends; j++) ends = session.IsStopToken((int)chosen[j]);
+            session.RecordDrafts(drafts, agreed);
+            using var tokens = torch.tensor(chosen, [1, drafts + 1], ScalarType.Int64, session.Device);
+            var events = session.AcceptColumns(tokens, chosen, drafts + 1, ends ? drafts + 1 : agreed + 1);
+            cache.Truncate(session.CommittedCacheLength);
+            return events;
+        }
+
+        /// <summary>Index of the first maximum, as torch.argmax.</summary>
+        private static unsafe long ArgMax(float* values, int count)
+        {
+            int best = 0;
+            float max = values[0];
+            for (int i = 1; i < count; i++)
+                if (values[i] > max) (max, best) = (values[i], i);
+            return best;
+        }
     }
 }

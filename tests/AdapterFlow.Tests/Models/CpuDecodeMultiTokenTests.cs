@@ -216,4 +216,28 @@ public class CpuDecodeMultiTokenTests
                 if (exit < model.NumLayers) Assert.True(passes >= rounds, $"exit {exit}: {passes} multi-token passes for {rounds}+ rounds");
             }
     }
+
+    [Fact]
+    public void Self_speculative_rounds_with_processors_or_batches_use_the_kernels_through_tensors()
+    {
+        // Repetition penalty (history-dependent) and a padded batch take the tensor rounds: the one-row drafts still run
+        // through the kernels where they qualify (batch 1), and the output stays the autoregressive one.
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        var generator = new TextGenerator(model);
+        var prompt = SelfSpeculativeTests.Prompts(1, seed: 17)[0];
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = 12, StopTokenIds = [], RepetitionPenalty = 1.3, Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = 2, NumSpeculations = 3,
+        };
+        int passes = LlamaCpuDecoder.MultiTokenPassesOnThisThread;
+        var fast = generator.Generate([prompt], options);
+        Assert.True(LlamaCpuDecoder.MultiTokenPassesOnThisThread - passes >= 2);
+        llama.UseCpuDecodeKernels = false;
+        var slow = generator.Generate([prompt], options);
+        llama.UseCpuDecodeKernels = true;
+        var plain = generator.Generate([prompt], options with { Strategy = DecodingStrategyKind.Autoregressive, ExitLayer = null });
+        Assert.Equal(plain.Sequences[0].Tokens, fast.Sequences[0].Tokens);
+        Assert.Equal(slow.Sequences[0].Tokens, fast.Sequences[0].Tokens);
+    }
 }

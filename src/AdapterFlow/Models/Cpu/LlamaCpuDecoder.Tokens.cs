@@ -53,8 +53,8 @@ internal static unsafe partial class LlamaCpuDecoder
         if (embeds is not null && !IsF32Cpu(embeds, 1, time, hidden)) return null;
         if (input.LayerInput is { } layerInput && !IsF32Cpu(layerInput, 1, time, hidden)) return null;
         if (!IsF32Cpu(model.model.norm.weight, hidden) || !LayersSupported(model, cache, start, layers)) return null;
-        if (ids is not null && !(model.model.embed_tokens is Embedding { weight: { } embeddingTable } && IsF32Cpu(embeddingTable, vocab, hidden))) return null;
-        int heads = config.NumAttentionHeads, kvHeads = config.NumKeyValueHeads, headDim = config.HeadDim;
+        bool needsEmbedding = ids is not null && input.LayerInput is null;
+        if (needsEmbedding && !HasPlainEmbedding(model)) return null;
 
         int past = cache.LayerLength(start);
         int total = past + time;
@@ -74,20 +74,84 @@ internal static unsafe partial class LlamaCpuDecoder
             if (mask.dim() != 2 || mask.shape[0] != 1 || mask.shape[1] != total || mask.device_type != DeviceType.CPU) return null;
             keyReal = mask.to_type(ScalarType.Byte).contiguous().data<byte>().ToArray();
         }
-        long[]? tokenIds = null;
-        if (ids is not null)
-        {
-            tokenIds = ids.to_type(ScalarType.Int64).contiguous().data<long>().ToArray();
+        long[]? tokenIds = needsEmbedding ? ids!.to_type(ScalarType.Int64).contiguous().data<long>().ToArray() : null;
+
+        using var scope = torch.NewDisposeScope();
+        var entering = input.LayerInput ?? embeds;
+        if (entering is not null) entering = entering.contiguous();
+        // Hidden states (before the final norm) in one block [states, 1, time, hidden]; the list hands out views.
+        Tensor? states = input.OutputHiddenStates ? torch.empty([layers - start + 1, 1, time, hidden], ScalarType.Float32) : null;
+        int headRows = input.SkipHead ? 0 : input.LastPositionOnly ? 1 : time;
+        var logits = torch.empty([1, headRows, vocab], ScalarType.Float32);
+        long sequenceLength = input.PositionIds is null ? total : positions.Max() + 1;
+        fixed (byte* maskBytes = keyReal)
+            RunTokens(model, cache, start, layers, time, tokenIds, entering is null ? null : CpuKernels.Pointer(entering), positions, sequenceLength,
+                maskBytes, states is null ? null : CpuKernels.Pointer(states), null, headRows, headRows == 0 ? null : CpuKernels.Pointer(logits));
+        MultiTokenPassesOnThisThread++;
+        return new ForwardOutput(logits.MoveToOuterDisposeScope(), states is null ? null : new StateViews(states.MoveToOuterDisposeScope()));
+    }
+
+    private static bool HasPlainEmbedding(LlamaForCausalLM model) =>
+        model.model.embed_tokens is Embedding { weight: { } table } && IsF32Cpu(table, model.LlamaConfig.VocabSize, model.LlamaConfig.HiddenSize);
+
+    /// <summary>
+    /// Whether <see cref="HostPass"/> can run layers 0..L−1 of this model with this cache: the one-row float32 CPU
+    /// conditions of the kernels, a plain embedding table and head. Decoding loops check once per generation (the weights
+    /// do not change while it runs; cache storage the kernels grow stays valid).
+    /// </summary>
+    internal static bool CanRunHostPasses(LlamaForCausalLM model, KVCache cache)
+    {
+        var config = model.LlamaConfig;
+        if (model.training || torch.is_grad_enabled() || !model.UseCpuDecodeKernels || model.Rotary.Layout != RotaryLayout.RotateHalf) return false;
+        if (cache.NumLayers != model.NumLayers || !LayersSupported(model, cache, 0, model.NumLayers)) return false;
+        var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
+        return IsF32Cpu(model.model.norm.weight, config.HiddenSize) && HasPlainEmbedding(model) &&
+               head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, config.VocabSize, config.HiddenSize);
+    }
+
+    /// <summary>
+    /// A pass for decoding loops that keep their tokens on the host (lean greedy self-speculative rounds): no tensors in
+    /// or out, so no libtorch call at all for plain weights. Runs layers <paramref name="start"/>..<paramref name="layers"/> − 1
+    /// over <paramref name="time"/> new tokens at positions <paramref name="firstPosition"/>.. (no padding), entering
+    /// with the embeddings of <paramref name="ids"/> or with <paramref name="input"/> [time, hidden]; writes the last
+    /// layer's output [time, hidden] to <paramref name="exitState"/> (if not null) and the logits of the last
+    /// <paramref name="headRows"/> tokens [headRows, vocab] to <paramref name="logits"/>. Check
+    /// <see cref="CanRunHostPasses"/> first.
+    /// </summary>
+    internal static void HostPass(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? ids, float* input,
+        long firstPosition, float* exitState, int headRows, float* logits)
+    {
+        if (time < 1 || time > MaxTokensPerPass) throw new ArgumentOutOfRangeException(nameof(time), $"{time} tokens; a kernel pass takes 1..{MaxTokensPerPass}");
+        var positions = new long[time];
+        for (int t = 0; t < time; t++) positions[t] = firstPosition + t;
+        using var scope = torch.NewDisposeScope(); // modules the kernels do not know (IA3, …) run through libtorch
+        RunTokens(model, cache, start, layers, time, input == null ? ids : null, input, positions, firstPosition + time, null, null, exitState, headRows, logits);
+        if (time == 1) StepsOnThisThread++;
+        else MultiTokenPassesOnThisThread++;
+    }
+
+    /// <summary>
+    /// The pass itself, over host memory: enters with the embeddings of <paramref name="tokenIds"/> or with
+    /// <paramref name="input"/> [time, hidden]; <paramref name="keyReal"/> is the padding mask over past + time keys
+    /// (null = all real); writes every hidden state [(layers − start + 1), time, hidden] to <paramref name="states"/>
+    /// and/or the last one to <paramref name="exitState"/>, and the logits of the last <paramref name="headRows"/> tokens.
+    /// </summary>
+    private static void RunTokens(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? tokenIds, float* input,
+        long[] positions, long sequenceLength, byte* keyReal, float* states, float* exitState, int headRows, float* logits)
+    {
+        var config = model.LlamaConfig;
+        int hidden = config.HiddenSize, vocab = config.VocabSize;
+        int heads = config.NumAttentionHeads, kvHeads = config.NumKeyValueHeads, headDim = config.HeadDim;
+        if (tokenIds is not null)
             foreach (long id in tokenIds)
                 if (id < 0 || id >= vocab)
                     throw new ArgumentException($"a token id is outside the vocabulary 0..{vocab - 1} of this {config.Architecture}");
-        }
+        int past = cache.LayerLength(start);
+        int total = past + time;
 
-        using var scope = torch.NewDisposeScope();
         using var buffers = new TokenBuffers(config, time, total);
         float* x = buffers.Hidden;
-        if (input.LayerInput is { } entering) Copy(entering.contiguous(), x, time * hidden);
-        else if (embeds is not null) Copy(embeds.contiguous(), x, time * hidden);
+        if (input != null) Copy(input, x, time * hidden);
         else
         {
             float* table = CpuKernels.Pointer(((Embedding)model.model.embed_tokens).weight!);
@@ -97,7 +161,6 @@ internal static unsafe partial class LlamaCpuDecoder
 
         // Rotary cos/sin per token, as the one-token step computes them (float32 position × float32 inverse frequency).
         int rotaryDim = model.Rotary.RotaryDim, half = rotaryDim / 2;
-        long sequenceLength = input.PositionIds is null ? total : positions.Max() + 1;
         var invFreq = model.Rotary.InverseFrequencies(sequenceLength);
         float scaling = (float)model.Rotary.AttentionScaling;
         var cosSin = new float[2 * time * rotaryDim];
@@ -111,17 +174,14 @@ internal static unsafe partial class LlamaCpuDecoder
                 cosSin[(time + t) * rotaryDim + i] = cosSin[(time + t) * rotaryDim + i + half] = s;
             }
 
-        // Hidden states (before the final norm) in one block [states, 1, time, hidden]; the list hands out views.
-        Tensor? states = input.OutputHiddenStates ? torch.empty([layers - start + 1, 1, time, hidden], ScalarType.Float32) : null;
-        float* statesData = states is null ? null : CpuKernels.Pointer(states);
-        long stateSize = (long)time * hidden;
-        if (statesData != null) new ReadOnlySpan<float>(x, (int)stateSize).CopyTo(new Span<float>(statesData, (int)stateSize));
+        int stateSize = time * hidden;
+        if (states != null) Copy(x, states, stateSize);
 
         int attention = heads * headDim, kv = kvHeads * headDim;
         float scale = 1f / MathF.Sqrt(headDim);
         fixed (float* cosSinData = cosSin)
-        fixed (byte* maskBytes = keyReal)
         {
+            byte* maskBytes = keyReal;
             float* cos = cosSinData, sin = cosSinData + time * rotaryDim;
             for (int i = start; i < layers; i++)
             {
@@ -175,23 +235,16 @@ internal static unsafe partial class LlamaCpuDecoder
                 RmsNormTokens(layer.post_attention_layernorm, x, buffers.Normed, hidden, time);
                 MlpTokens(layer.mlp, config, time, buffers);
                 CpuKernels.Add(x, buffers.Output, time * hidden);
-                if (statesData != null)
-                    new ReadOnlySpan<float>(x, (int)stateSize).CopyTo(new Span<float>(statesData + (i - start + 1) * stateSize, (int)stateSize));
+                if (states != null) Copy(x, states + (long)(i - start + 1) * stateSize, stateSize);
             }
         }
-
-        var hiddenStates = states is null ? null : new StateViews(states.MoveToOuterDisposeScope());
-        MultiTokenPassesOnThisThread++;
-        if (input.SkipHead)
-            return new ForwardOutput(torch.empty([1, 0, vocab], ScalarType.Float32).MoveToOuterDisposeScope(), hiddenStates);
-        int firstRow = input.LastPositionOnly ? time - 1 : 0, rows = time - firstRow;
-        RmsNormTokens(model.model.norm, x + (long)firstRow * hidden, buffers.Normed, hidden, rows);
-        var logits = torch.empty([1, rows, vocab], ScalarType.Float32);
+        if (exitState != null) Copy(x, exitState, stateSize);
+        if (headRows == 0) return;
+        RmsNormTokens(model.model.norm, x + (long)(time - headRows) * hidden, buffers.Normed, hidden, headRows);
         var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
         if (head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, vocab, hidden))
-            CpuKernels.Gemm(CpuKernels.Pointer(head), buffers.Normed, CpuKernels.Pointer(logits), null, vocab, hidden, rows);
-        else ThroughTorchTokens(model.lm_head, buffers.Normed, hidden, CpuKernels.Pointer(logits), vocab, rows);
-        return new ForwardOutput(logits.MoveToOuterDisposeScope(), hiddenStates);
+            CpuKernels.Gemm(CpuKernels.Pointer(head), buffers.Normed, logits, null, vocab, hidden, headRows);
+        else ThroughTorchTokens(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);
     }
 
     private static void RmsNormTokens(RMSNorm norm, float* x, float* y, int n, int time)
