@@ -82,6 +82,54 @@ internal static unsafe partial class CpuKernels
                     Store(y + (long)(t + 2) * rows, bias, r, s2, accumulate);
                     Store(y + (long)(t + 3) * rows, bias, r, s3, accumulate);
                 }
+                // The remainder (d + 1 = 5 or 6 verified positions is common): two tokens, then one, still with four chains.
+                for (; t + 2 <= tokens; t += 2)
+                {
+                    float* x0 = x + (long)t * cols, x1 = x0 + cols;
+                    var a0 = Vector256<float>.Zero; var a1 = Vector256<float>.Zero; var b0 = Vector256<float>.Zero; var b1 = Vector256<float>.Zero;
+                    int c = 0;
+                    for (; c + 16 <= cols; c += 16)
+                    {
+                        var wa = Vector256.Load(wr + c);
+                        var wb = Vector256.Load(wr + c + 8);
+                        a0 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x0 + c), a0);
+                        a1 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x1 + c), a1);
+                        b0 = Vector256.FusedMultiplyAdd(wb, Vector256.Load(x0 + c + 8), b0);
+                        b1 = Vector256.FusedMultiplyAdd(wb, Vector256.Load(x1 + c + 8), b1);
+                    }
+                    for (; c + 8 <= cols; c += 8)
+                    {
+                        var wa = Vector256.Load(wr + c);
+                        a0 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x0 + c), a0);
+                        a1 = Vector256.FusedMultiplyAdd(wa, Vector256.Load(x1 + c), a1);
+                    }
+                    float s0 = Vector256.Sum(a0 + b0), s1 = Vector256.Sum(a1 + b1);
+                    for (; c < cols; c++)
+                    {
+                        s0 += wr[c] * x0[c];
+                        s1 += wr[c] * x1[c];
+                    }
+                    Store(y + (long)t * rows, bias, r, s0, accumulate);
+                    Store(y + (long)(t + 1) * rows, bias, r, s1, accumulate);
+                }
+                if (t < tokens)
+                {
+                    float* x0 = x + (long)t * cols;
+                    var a0 = Vector256<float>.Zero; var a1 = Vector256<float>.Zero; var a2 = Vector256<float>.Zero; var a3 = Vector256<float>.Zero;
+                    int c = 0;
+                    for (; c + 32 <= cols; c += 32)
+                    {
+                        a0 = Vector256.FusedMultiplyAdd(Vector256.Load(wr + c), Vector256.Load(x0 + c), a0);
+                        a1 = Vector256.FusedMultiplyAdd(Vector256.Load(wr + c + 8), Vector256.Load(x0 + c + 8), a1);
+                        a2 = Vector256.FusedMultiplyAdd(Vector256.Load(wr + c + 16), Vector256.Load(x0 + c + 16), a2);
+                        a3 = Vector256.FusedMultiplyAdd(Vector256.Load(wr + c + 24), Vector256.Load(x0 + c + 24), a3);
+                    }
+                    for (; c + 8 <= cols; c += 8) a0 = Vector256.FusedMultiplyAdd(Vector256.Load(wr + c), Vector256.Load(x0 + c), a0);
+                    float s0 = Vector256.Sum((a0 + a1) + (a2 + a3));
+                    for (; c < cols; c++) s0 += wr[c] * x0[c];
+                    Store(y + (long)t * rows, bias, r, s0, accumulate);
+                    t++;
+                }
             }
             for (; t < tokens; t++) Store(y + (long)t * rows, bias, r, Dot(wr, x + (long)t * cols, cols), accumulate);
         }
