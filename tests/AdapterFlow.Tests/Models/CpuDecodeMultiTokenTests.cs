@@ -240,4 +240,33 @@ public class CpuDecodeMultiTokenTests
         Assert.Equal(plain.Sequences[0].Tokens, fast.Sequences[0].Tokens);
         Assert.Equal(slow.Sequences[0].Tokens, fast.Sequences[0].Tokens);
     }
+
+    [Theory]
+    [InlineData(1, 37, 8)]
+    [InlineData(5, 96, 13)]
+    [InlineData(6, 41, 130)]
+    [InlineData(7, 250, 9)]
+    [InlineData(9, 300, 700)] // large enough to run in parallel blocks
+    public unsafe void Gemm_matches_a_float64_reference_for_every_token_count_and_ragged_width(int tokens, int cols, int rows)
+    {
+        // Widths that are not multiples of 8 or 16 take every remainder path (4-, 2-, 1-token blocks; 16-, 8-, 1-wide).
+        var random = new Random(tokens * 1000 + cols);
+        float[] w = Enumerable.Range(0, rows * cols).Select(_ => (float)(random.NextDouble() - 0.5)).ToArray();
+        float[] x = Enumerable.Range(0, tokens * cols).Select(_ => (float)(random.NextDouble() - 0.5)).ToArray();
+        float[] bias = Enumerable.Range(0, rows).Select(_ => (float)random.NextDouble()).ToArray();
+        foreach (bool accumulate in new[] { false, true })
+        {
+            float[] y = Enumerable.Range(0, tokens * rows).Select(i => (float)(i % 7)).ToArray();
+            float[] before = (float[])y.Clone();
+            fixed (float* wp = w, xp = x, yp = y, bp = bias)
+                CpuKernels.Gemm(wp, xp, yp, bp, rows, cols, tokens, accumulate);
+            for (int t = 0; t < tokens; t++)
+                for (int r = 0; r < rows; r++)
+                {
+                    double expected = bias[r] + (accumulate ? before[t * rows + r] : 0);
+                    for (int c = 0; c < cols; c++) expected += (double)w[r * cols + c] * x[t * cols + c];
+                    Assert.True(Math.Abs(y[t * rows + r] - expected) < 1e-4, $"token {t}, row {r}: {y[t * rows + r]} vs {expected}");
+                }
+        }
+    }
 }
