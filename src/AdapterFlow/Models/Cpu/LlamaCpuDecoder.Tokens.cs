@@ -287,7 +287,7 @@ internal static unsafe partial class LlamaCpuDecoder
         return true;
     }
 
-    /// <summary>The multi-token counterpart of <see cref="Lora"/>: W x + b + Σ s · B (A x), declining before writing anything.</summary>
+    /// <summary>Unmerged LoRA over several tokens: W x + b + Σ s · B (A x) (dropout is off at inference), declining before writing anything.</summary>
     private static bool LoraTokens(LoraLinear lora, float* x, int inFeatures, float* y, int outFeatures, int time, TokenBuffers buffers)
     {
         if (lora.Routing is not null || lora.BaseLayer is not Linear baseLinear) return false;
