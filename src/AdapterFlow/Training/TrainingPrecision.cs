@@ -141,6 +141,20 @@ internal sealed class PrecisionPlan : IDisposable
         for (int i = 0; i < _masters.Length; i++) _compute[i].copy_(_masters[i]);
     }
 
+    /// <summary>
+    /// The model's bfloat16 weight for a master, for an optimizer that writes the rounded weights itself in the pass
+    /// that updates the masters (<see cref="FusedAdamW"/>); null when some copy is not a contiguous bfloat16 CPU tensor
+    /// (then <see cref="CopyToModel"/> does it).
+    /// </summary>
+    public Func<Parameter, Tensor>? FusableCopies()
+    {
+        if (!InComputeForm || !_compute.All(c => c.dtype == ScalarType.BFloat16 && c.device_type == DeviceType.CPU && c.is_contiguous()))
+            return null;
+        var byMaster = new Dictionary<IntPtr, Tensor>();
+        for (int i = 0; i < _masters.Length; i++) byMaster[_masters[i].Handle] = _compute[i];
+        return master => byMaster[master.Handle];
+    }
+
     /// <summary>Whether the model is currently in its bfloat16 training form (false after <see cref="RestoreFloat32"/>).</summary>
     public bool InComputeForm { get; private set; } = true;
 
