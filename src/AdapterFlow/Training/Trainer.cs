@@ -315,7 +315,9 @@ public sealed class Trainer : IDisposable
         // Everything a step creates outside the micro-batches (clipping's norms, say) is freed with the step.
         using var stepScope = NewDisposeScope();
         foreach (var group in _optimizer.ParamGroups) group.LearningRate = lr;
+        long phaseStart = Stopwatch.GetTimestamp();
         _optimizer.zero_grad();
+        long zeroed = Stopwatch.GetTimestamp();
         var examples = batch.Select(i => data[i]).ToArray();
         // Normalise by the labelled tokens of the whole batch, not per micro-batch, so that accumulating
         // micro-batches gives the same gradient as one big batch (transformers' num_items_in_batch).
@@ -352,6 +354,7 @@ public sealed class Trainer : IDisposable
             tokens += output.Tokens;
         }
         var losses = lossSum.cpu().data<float>().ToArray();
+        long backwardDone = Stopwatch.GetTimestamp();
         double loss = losses[0];
         var extra = new Dictionary<string, double>();
         for (int i = 0; i < metricNames.Count; i++) extra[metricNames[i]] = losses[1 + i] / examples.Length;
@@ -371,6 +374,7 @@ public sealed class Trainer : IDisposable
                 throw new TrainingDivergedException($"gradient norm became {norm.Value} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate or check the data");
             if (_fused is not null) clipScale = FusedAdamW.ClipCoefficient(max, norm.Value);
         }
+        long clipped = Stopwatch.GetTimestamp();
         if (_fused is not null)
         {
             // Under bf16-mixed the model's bfloat16 weights are written in the same pass.
@@ -383,6 +387,9 @@ public sealed class Trainer : IDisposable
             _optimizer.step();
             _precision?.CopyToModel();
         }
+        long updated = Stopwatch.GetTimestamp();
+        LastStepPhases = new StepPhases(Stopwatch.GetElapsedTime(phaseStart, zeroed).TotalSeconds, Stopwatch.GetElapsedTime(zeroed, backwardDone).TotalSeconds,
+            Stopwatch.GetElapsedTime(backwardDone, clipped).TotalSeconds, Stopwatch.GetElapsedTime(clipped, updated).TotalSeconds);
         var elapsed = (clock.Elapsed - started).TotalSeconds;
         return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds,
             EarlyExitLoss: exitWeights is null ? null : losses[1],
@@ -492,6 +499,15 @@ public sealed class Trainer : IDisposable
     /// model to bfloat16.
     /// </summary>
     public void RestoreFloat32Weights() => _precision?.RestoreFloat32();
+
+    /// <summary>
+    /// Wall-clock seconds of the parts of the last optimizer step (for profiling): zeroing the gradients; forward and
+    /// backward of all micro-batches (with bf16-mixed's gradient accumulation into the masters); the gradient norm and
+    /// clipping; the AdamW update (with bf16-mixed's copy of the masters into the model).
+    /// </summary>
+    internal StepPhases? LastStepPhases { get; private set; }
+
+    internal sealed record StepPhases(double ZeroGrad, double ForwardBackward, double Clip, double Update);
 
     /// <summary>Whether the optimizer step is the fused CPU one (<see cref="TrainerOptions.FusedOptimizer"/>).</summary>
     public bool UsesFusedOptimizer => _fused is not null;
