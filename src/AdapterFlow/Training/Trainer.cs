@@ -316,7 +316,9 @@ public sealed class Trainer : IDisposable
         using var stepScope = NewDisposeScope();
         foreach (var group in _optimizer.ParamGroups) group.LearningRate = lr;
         long phaseStart = Stopwatch.GetTimestamp();
-        _optimizer.zero_grad();
+        // Mixed precision overwrites the masters' gradients with the first micro-batch's instead (no zeroing pass).
+        if (_precision is null) _optimizer.zero_grad();
+        else _precision.BeginStep();
         long zeroed = Stopwatch.GetTimestamp();
         var examples = batch.Select(i => data[i]).ToArray();
         // Normalise by the labelled tokens of the whole batch, not per micro-batch, so that accumulating
@@ -354,6 +356,7 @@ public sealed class Trainer : IDisposable
             tokens += output.Tokens;
         }
         var losses = lossSum.cpu().data<float>().ToArray();
+        _precision?.FinishStep();
         long backwardDone = Stopwatch.GetTimestamp();
         double loss = losses[0];
         var extra = new Dictionary<string, double>();
