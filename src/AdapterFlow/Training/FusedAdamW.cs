@@ -83,6 +83,7 @@ internal sealed unsafe class FusedAdamW
     public double GradientNorm()
     {
         using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
         var chunks = new List<Chunk>();
         foreach (var parameter in _parameters.SelectMany(p => p))
         {
@@ -98,6 +99,24 @@ internal sealed unsafe class FusedAdamW
         double sum = 0;
         foreach (var s in partial) sum += s;
         return Math.Sqrt(sum);
+    }
+
+    /// <summary>Sets every existing gradient to zero (the optimizer's <c>zero_grad</c>), in parallel chunks on the same pool.</summary>
+    public void ZeroGradients()
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var chunks = new List<Chunk>();
+        foreach (var parameter in _parameters.SelectMany(p => p))
+        {
+            var grad = parameter.grad;
+            if (grad is null) continue;
+            Require(grad, "gradient");
+            var g = Pointer(grad);
+            AddChunks(chunks, g, g, null, null, null, grad.numel(), 0);
+        }
+        var items = chunks.ToArray();
+        KernelPool.For(items.Length, Workers, i => new Span<float>(items[i].G, items[i].Count).Clear());
     }
 
     /// <summary>
@@ -119,6 +138,7 @@ internal sealed unsafe class FusedAdamW
     public void Step(float gradientScale = 1f, Func<Parameter, Tensor>? computeCopyOf = null)
     {
         using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
         var states = _optimizer.state_dict().State;
         var chunks = new List<Chunk>();
         var coefficients = new List<Coefficients>();

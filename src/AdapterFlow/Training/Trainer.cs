@@ -317,8 +317,9 @@ public sealed class Trainer : IDisposable
         foreach (var group in _optimizer.ParamGroups) group.LearningRate = lr;
         long phaseStart = Stopwatch.GetTimestamp();
         // Mixed precision overwrites the masters' gradients with the first micro-batch's instead (no zeroing pass).
-        if (_precision is null) _optimizer.zero_grad();
-        else _precision.BeginStep();
+        if (_precision is not null) _precision.BeginStep();
+        else if (_fused is not null) _fused.ZeroGradients();
+        else _optimizer.zero_grad();
         long zeroed = Stopwatch.GetTimestamp();
         var examples = batch.Select(i => data[i]).ToArray();
         // Normalise by the labelled tokens of the whole batch, not per micro-batch, so that accumulating

@@ -136,6 +136,10 @@ public sealed class FusedAdamWTests : IDisposable
         Assert.True(coefficient < 0.1f);
         AssertClose(reference.Parameters[0].grad!, fused.Parameters[0].grad! * coefficient, 1e-6, "clipped gradient");
         Assert.Equal(1f, FusedAdamW.ClipCoefficient(1e3, norm));
+
+        FusedAdamW.TryCreate(fused.Optimizer, fused.Groups)!.ZeroGradients();
+        Assert.All(fused.Parameters.Where(p => p.grad is not null), p => Assert.Equal(0f, p.grad!.abs().max().item<float>()));
+        Assert.Null(fused.Parameters[3].grad); // zeroing creates no gradient where there was none
     }
 
     [Fact]
