@@ -6,7 +6,7 @@ using AdapterFlow.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|gemv|train|all] [--out docs/benchmarks.md]
+// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|lorastep|gemv|train|all] [--out docs/benchmarks.md]
 //        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick] [--no-fused-adamw]
 //        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64] [--no-cpu-kernels]
 var argsList = args.ToList();
@@ -17,9 +17,9 @@ string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ord
 if (suite == "train-one")
     return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3),
         fusedOptimizer: !args.Contains("--no-fused-adamw"));
-if (suite is not ("decode" or "adapters" or "gemv" or "train" or "speculative" or "all"))
+if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "train" or "speculative" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, gemv, train, speculative, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, lorastep, gemv, train, speculative, all)");
     return 2;
 }
 if (suite == "speculative" && Value("--model") is null)
@@ -35,6 +35,24 @@ int promptLength = int.Parse(Value("--prompt") ?? (quick ? "32" : "128"), Cultur
 string? outPath = Value("--out");
 var device = torch.CPU;
 
+if (suite is "lorastep")
+{
+    // Unmerged vs merged LoRA r=32 decode steps on one model, alternating (robust to a busy machine), 1 and N threads.
+    using var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), 32);
+    foreach (var p in peft.parameters()) p.requires_grad = false;
+    peft.eval();
+    foreach (var threads in new[] { 1, torch.get_num_threads() }.Distinct())
+    {
+        var r = LoraStepBench.Run(peft, threads, rounds: IntValue("--rounds", 8));
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"LoRA r=32 decode step, {threads} thread(s): merged {1e3 * r.MergedMedian:F2} ms median ({1 / r.MergedMedian:F1} tok/s), best {1e3 * r.MergedBest:F2} ms; " +
+            $"unmerged {1e3 * r.UnmergedMedian:F2} ms median ({1 / r.UnmergedMedian:F1} tok/s), best {1e3 * r.UnmergedBest:F2} ms; " +
+            $"unmerged slower by {100 * r.MedianSlowdown:F1}% (median), {100 * r.BestSlowdown:F1}% (best); " +
+            $"calling thread's CPU time per step (median): merged {1e3 * r.MergedCpuMedian:F2} ms, unmerged {1e3 * r.UnmergedCpuMedian:F2} ms " +
+            $"({100 * (r.UnmergedCpuMedian / r.MergedCpuMedian - 1):F1}%)"));
+    }
+    return 0;
+}
 if (suite is "gemv")
 {
     Console.WriteLine(GemvBench.Table(GemvBench.Run()));
