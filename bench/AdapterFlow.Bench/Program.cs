@@ -6,8 +6,8 @@ using AdapterFlow.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|gemv|train|all] [--out docs/benchmarks.md]
-//        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick]
+// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|lorastep|gemv|train|all] [--out docs/benchmarks.md]
+//        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick] [--no-fused-adamw]
 //        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64] [--no-cpu-kernels]
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
@@ -15,10 +15,11 @@ int IntValue(string name, int fallback) => Value(name) is { } v ? int.Parse(v, C
 string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ordinal) ? args[0] : "decode";
 // One training setting in a child process of the `train` suite (so that its peak memory is its own).
 if (suite == "train-one")
-    return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3));
-if (suite is not ("decode" or "adapters" or "gemv" or "train" or "speculative" or "all"))
+    return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3),
+        fusedOptimizer: !args.Contains("--no-fused-adamw"));
+if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "train" or "speculative" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, gemv, train, speculative, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, lorastep, gemv, train, speculative, all)");
     return 2;
 }
 if (suite == "speculative" && Value("--model") is null)
@@ -27,11 +28,31 @@ if (suite == "speculative" && Value("--model") is null)
     return 2;
 }
 bool quick = argsList.Contains("--quick");
+// train: TorchSharp's AdamW step instead of the fused CPU one (before/after comparisons in one build).
+bool fusedAdamW = !argsList.Contains("--no-fused-adamw");
 int newTokens = int.Parse(Value("--new-tokens") ?? (quick ? "16" : "64"), CultureInfo.InvariantCulture);
 int promptLength = int.Parse(Value("--prompt") ?? (quick ? "32" : "128"), CultureInfo.InvariantCulture);
 string? outPath = Value("--out");
 var device = torch.CPU;
 
+if (suite is "lorastep")
+{
+    // Unmerged vs merged LoRA r=32 decode steps on one model, alternating (robust to a busy machine), 1 and N threads.
+    using var peft = AdapterBench.Lora(AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device), 32);
+    foreach (var p in peft.parameters()) p.requires_grad = false;
+    peft.eval();
+    foreach (var threads in new[] { 1, torch.get_num_threads() }.Distinct())
+    {
+        var r = LoraStepBench.Run(peft, threads, rounds: IntValue("--rounds", 8));
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"LoRA r=32 decode step, {threads} thread(s): merged {1e3 * r.MergedMedian:F2} ms median ({1 / r.MergedMedian:F1} tok/s), best {1e3 * r.MergedBest:F2} ms; " +
+            $"unmerged {1e3 * r.UnmergedMedian:F2} ms median ({1 / r.UnmergedMedian:F1} tok/s), best {1e3 * r.UnmergedBest:F2} ms; " +
+            $"unmerged slower by {100 * r.MedianSlowdown:F1}% (median), {100 * r.BestSlowdown:F1}% (best); " +
+            $"calling thread's CPU time per step (median): merged {1e3 * r.MergedCpuMedian:F2} ms, unmerged {1e3 * r.UnmergedCpuMedian:F2} ms " +
+            $"({100 * (r.UnmergedCpuMedian / r.MergedCpuMedian - 1):F1}%)"));
+    }
+    return 0;
+}
 if (suite is "gemv")
 {
     Console.WriteLine(GemvBench.Table(GemvBench.Run()));
@@ -64,17 +85,18 @@ string TrainTable()
         foreach (var (batch, length) in shapes)
             foreach (var precision in precisions)
             {
-                var r = TrainBench.RunInChild(method, precision, batch, length, steps);
+                var r = TrainBench.RunInChild(method, precision, batch, length, steps, fusedAdamW);
                 results.Add(r);
                 Console.WriteLine($"  {method} {r.Precision} {batch}x{length}: {r.TokensPerSecond:F0} tok/s, {r.SecondsPerStep:F2} s/step, " +
-                                  $"peak RSS {r.PeakRssBytes / (1 << 30):F2} GiB, losses [{string.Join(", ", r.Losses.Select(l => l.ToString("F4", CultureInfo.InvariantCulture)))}]");
+                                  $"peak RSS {r.PeakRssBytes / (1 << 30):F2} GiB, losses [{string.Join(", ", r.Losses.Select(l => l.ToString("F4", CultureInfo.InvariantCulture)))}]; " +
+                                  string.Join(", ", TrainResult.PhaseNames.Zip(r.PhaseSeconds!, (n, s) => $"{n} {s:F3} s")));
             }
 
     var table = new StringBuilder();
     table.AppendLine(machine);
     table.AppendLine();
     table.AppendLine($"Model: LLaMA 109.5M, random weights, random tokens (every position labelled); LoRA r=32 α=64 on q,k,v,up,down; " +
-                     $"AdamW, gradient clipping at 1.0; one warm-up step, then the mean of {steps} complete optimizer steps " +
+                     $"AdamW ({(fusedAdamW ? "the fused CPU step" : "TorchSharp's optim.AdamW, --no-fused-adamw")}), gradient clipping at 1.0; one warm-up step, then the mean of {steps} complete optimizer steps " +
                      "(forward + backward + clipping + AdamW step), each setting in a fresh process.");
     table.AppendLine();
     table.AppendLine("| method | precision | batch × length | trainable params | tokens/s | s/step | speed-up vs fp32 | model GFLOP/s | % of GEMM peak (dtype) | peak RSS GiB | RSS before training GiB | max \\|Δ loss\\| vs fp32 |");
@@ -91,6 +113,14 @@ string TrainTable()
             $"{r.TokensPerSecond / fp32.TokensPerSecond:F2}× | {flops / 1e9:F1} | {100 * flops / peakFlops:F0}% ({(bf16 ? "BF16" : "F32")}) | " +
             $"{r.PeakRssBytes / (1 << 30):F2}{(r.PeakIsTrainingOnly ? "" : "*")} | {r.RssBeforeBytes / (1 << 30):F2} | {(bf16 ? lossGap.ToString("F4", CultureInfo.InvariantCulture) : "—")} |"));
     }
+    table.AppendLine();
+    table.AppendLine("Where the time of a step goes (mean seconds per timed step; the AdamW update includes bf16-mixed's copy of the masters into the model, forward + backward its accumulation of the gradients into the masters):");
+    table.AppendLine();
+    table.AppendLine("| method | precision | batch × length | " + string.Join(" | ", TrainResult.PhaseNames) + " |");
+    table.AppendLine("|---|---|---|" + string.Concat(TrainResult.PhaseNames.Select(_ => "---:|")));
+    foreach (var r in results)
+        table.AppendLine($"| {r.Method} | {r.Precision} | {r.Batch} × {r.Length} | " +
+                         string.Join(" | ", r.PhaseSeconds!.Select(x => x.ToString("F3", CultureInfo.InvariantCulture))) + " |");
     table.AppendLine();
     table.AppendLine("Model FLOPs per token: 6N for full training; for LoRA 2N forward + 2N backward through the activations + 2·N_lora for the " +
                      "adapter's weight gradients (N = all parameters including the adapter's; attention's own FLOPs not counted). " +

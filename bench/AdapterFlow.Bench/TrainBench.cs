@@ -12,7 +12,12 @@ namespace AdapterFlow.Bench;
 
 /// <summary>One measured training setting: complete optimizer steps through the library's <see cref="Trainer"/>.</summary>
 public sealed record TrainResult(string Method, string Precision, int Batch, int Length, long Parameters, long TrainableParameters,
-    double TokensPerSecond, double SecondsPerStep, double ModelFlopsPerToken, double RssBeforeBytes, double PeakRssBytes, bool PeakIsTrainingOnly, double[] Losses);
+    double TokensPerSecond, double SecondsPerStep, double ModelFlopsPerToken, double RssBeforeBytes, double PeakRssBytes, bool PeakIsTrainingOnly, double[] Losses,
+    double[]? PhaseSeconds = null)
+{
+    /// <summary>Names of <see cref="PhaseSeconds"/>' entries: mean seconds per timed step of each part of it.</summary>
+    public static readonly string[] PhaseNames = ["zero_grad", "forward + backward", "grad norm + clip", "AdamW update"];
+}
 
 /// <summary>
 /// Training throughput of the benchmark model: full fine-tuning and LoRA r = 32 on q, k, v, up, down, under each
@@ -23,15 +28,15 @@ public sealed record TrainResult(string Method, string Precision, int Batch, int
 public static class TrainBench
 {
     /// <summary>Child-process entry: runs one setting and prints its result as one JSON line after <c>RESULT </c>.</summary>
-    public static int RunChild(string method, TrainingPrecision precision, int batch, int length, int steps)
+    public static int RunChild(string method, TrainingPrecision precision, int batch, int length, int steps, bool fusedOptimizer = true)
     {
-        var result = Measure(method, precision, batch, length, steps, CPU);
+        var result = Measure(method, precision, batch, length, steps, CPU, fusedOptimizer);
         Console.WriteLine("RESULT " + JsonSerializer.Serialize(result));
         return 0;
     }
 
     /// <summary>Runs one setting in a child process (this executable with the <c>train-one</c> command).</summary>
-    public static TrainResult RunInChild(string method, TrainingPrecision precision, int batch, int length, int steps)
+    public static TrainResult RunInChild(string method, TrainingPrecision precision, int batch, int length, int steps, bool fusedOptimizer = true)
     {
         var start = new ProcessStartInfo { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         var self = Environment.ProcessPath!;
@@ -42,6 +47,7 @@ public static class TrainBench
                      "--batch", batch.ToString(CultureInfo.InvariantCulture), "--length", length.ToString(CultureInfo.InvariantCulture),
                      "--steps", steps.ToString(CultureInfo.InvariantCulture) })
             start.ArgumentList.Add(arg);
+        if (!fusedOptimizer) start.ArgumentList.Add("--no-fused-adamw");
         using var child = Process.Start(start)!;
         var stderr = child.StandardError.ReadToEndAsync();
         var stdout = child.StandardOutput.ReadToEnd();
@@ -54,9 +60,10 @@ public static class TrainBench
 
     /// <summary>
     /// <paramref name="steps"/> timed optimizer steps (forward, backward, clipping, AdamW) after one warm-up step, on
-    /// random tokens, every position labelled. Tokens/s is the mean over the timed steps.
+    /// random tokens, every position labelled. Tokens/s is the mean over the timed steps. <paramref name="fusedOptimizer"/>
+    /// false: TorchSharp's AdamW step instead of the fused CPU one (<see cref="TrainerOptions.FusedOptimizer"/>), to compare.
     /// </summary>
-    public static TrainResult Measure(string method, TrainingPrecision precision, int batch, int length, int steps, Device device)
+    public static TrainResult Measure(string method, TrainingPrecision precision, int batch, int length, int steps, Device device, bool fusedOptimizer = true)
     {
         var model = AutoModel.FromConfig(BenchModels.Llama110M(), seed: 1, device: device);
         torch.manual_seed(1); // the LoRA's random init: the same adapter in every setting, so losses compare
@@ -70,7 +77,7 @@ public static class TrainBench
         var options = new TrainerOptions
         {
             LearningRate = 1e-4, Schedule = LrScheduleKind.Constant, BatchSize = batch, MicroBatchSize = batch,
-            MaxSteps = steps + 1, Precision = precision, Seed = 1,
+            MaxSteps = steps + 1, Precision = precision, Seed = 1, FusedOptimizer = fusedOptimizer,
         };
         using var trainer = trained is PeftModel peft ? Trainer.ForAdapter(peft, options) : Trainer.ForModel(model, options);
         long trainable = trainer.OptimizedParameters.Sum(p => p.Parameter.numel());
@@ -85,7 +92,12 @@ public static class TrainBench
         // The peak covers training only (weights, gradients, optimizer state, activations), not model construction.
         double before = PeakMemory.ResidentBytes();
         bool trainingOnly = PeakMemory.Reset();
-        var metrics = trainer.Train(data, new Collator(padTokenId: 0)).Steps;
+        var phases = new List<double[]>();
+        var metrics = trainer.Train(data, new Collator(padTokenId: 0), onStep: _ =>
+        {
+            var p = trainer.LastStepPhases!;
+            phases.Add([p.ZeroGrad, p.ForwardBackward, p.Clip, p.Update]);
+        }).Steps;
         double peak = PeakMemory.HighWaterMarkBytes();
         var timed = metrics.Skip(1).ToArray();
         double seconds = timed.Average(s => batch * length / s.TokensPerSecond);
@@ -95,7 +107,8 @@ public static class TrainBench
         double flopsPerToken = method == "full" ? 6.0 * parameters : 4.0 * (parameters + trainable) + 2.0 * trainable;
         trained.Dispose();
         return new TrainResult(method, TrainingPrecisionNames.Name(precision), batch, length, parameters, trainable,
-            batch * length / seconds, seconds, flopsPerToken, before, peak, trainingOnly, metrics.Select(s => s.Loss).ToArray());
+            batch * length / seconds, seconds, flopsPerToken, before, peak, trainingOnly, metrics.Select(s => s.Loss).ToArray(),
+            Enumerable.Range(0, 4).Select(k => phases.Skip(1).Average(p => p[k])).ToArray());
     }
 }
 

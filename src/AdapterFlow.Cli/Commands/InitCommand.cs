@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using System.Text.Json.Nodes;
 using Spectre.Console;
+using AdapterFlow.IO;
 using AdapterFlow.Models;
 
 namespace AdapterFlow.Cli.Commands;
@@ -19,7 +20,7 @@ internal static class InitCommand
         }.AcceptOnlyFromAmong([.. ModelPresets.Architectures]);
         var preset = new Option<string>("--preset", "-p")
         {
-            Description = "Model size: tiny (~1M parameters, for tests) or small (~10-30M parameters, quick experiments).",
+            Description = "Model size: tiny (~1M parameters, for tests), small (~10-30M parameters, quick experiments) or base (the benchmark shape: hidden 768, 12 layers, 12 heads; 109.5M parameters with a 32,000-token tokenizer such as Llama-2's; give it one with --tokenizer).",
             DefaultValueFactory = _ => "tiny",
             HelpName = string.Join("|", ModelPresets.Names),
         }.AcceptOnlyFromAmong([.. ModelPresets.Names]);
@@ -35,20 +36,32 @@ internal static class InitCommand
             Description = "Random seed of the weight initialisation (same seed, same weights).",
             DefaultValueFactory = _ => 0,
         };
+        var tokenizer = new Option<string?>("--tokenizer")
+        {
+            HelpName = "PATH",
+            Description = "Use this tokenizer (a tokenizer.json file, or a folder holding one with its tokenizer_config.json) instead of training a byte-level BPE on the built-in corpus; the model's vocabulary size and special token ids are taken from it.",
+        };
         var json = CommonOptions.Json("Print what was written (paths, parameters, vocabulary) as one JSON object.");
         var command = new Command("init",
             "Create a randomly initialised model of a family and size, with a byte-level BPE tokenizer whose vocabulary matches it, in the Hugging Face layout.")
         {
-            arch, preset, output, seed, json,
+            arch, preset, output, seed, tokenizer, json,
         };
         command.SetAction(parse => Run(context, parse.GetRequiredValue(arch), parse.GetRequiredValue(preset),
-            parse.GetRequiredValue(output), parse.GetValue(seed), parse.GetValue(json)));
+            parse.GetRequiredValue(output), parse.GetValue(seed), parse.GetValue(tokenizer), parse.GetValue(json)));
         return command;
     }
 
-    private static int Run(CliContext context, string arch, string preset, string output, long seed, bool json)
+    private static int Run(CliContext context, string arch, string preset, string output, long seed, string? tokenizerPath, bool json)
     {
-        var info = FreshModel.Create(arch, preset, output, seed);
+        HFTokenizer? tokenizer = null;
+        if (tokenizerPath is not null)
+        {
+            if (Directory.Exists(tokenizerPath)) tokenizer = HFTokenizer.FromDirectory(tokenizerPath);
+            else if (File.Exists(tokenizerPath)) tokenizer = HFTokenizer.FromFile(tokenizerPath);
+            else throw new FileNotFoundException($"--tokenizer {tokenizerPath}: no such file or folder");
+        }
+        var info = FreshModel.Create(arch, preset, output, seed, tokenizer: tokenizer);
         if (json)
         {
             context.WriteJson(new JsonObject
@@ -70,7 +83,9 @@ internal static class InitCommand
         table.AddRow("architecture", Markup.Escape($"{c.Architecture} ({info.Preset}, seed {info.Seed})"));
         table.AddRow("parameters", $"{Format.Count(info.Parameters)} ({info.Parameters.ToString("N0", CultureInfo.InvariantCulture)})");
         table.AddRow("shape", $"{c.NumHiddenLayers} layers, hidden {c.HiddenSize}, {c.NumAttentionHeads} heads / {c.NumKeyValueHeads} kv heads");
-        table.AddRow("vocabulary", $"{info.VocabSize} (byte-level BPE trained on the built-in corpus)");
+        table.AddRow("vocabulary", tokenizerPath is null
+            ? $"{info.VocabSize} (byte-level BPE trained on the built-in corpus)"
+            : Markup.Escape($"{info.VocabSize} (from {tokenizerPath})"));
         table.AddRow("files", Markup.Escape(string.Join(", ", info.Files)));
         context.Console.Write(table);
         return CliApp.Success;

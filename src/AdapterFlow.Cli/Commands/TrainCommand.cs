@@ -289,10 +289,18 @@ internal static class TrainCommand
         }
         else
         {
-            // Redirected output: one line per evaluation (a progress bar would only clutter a log file).
+            // Redirected output (a log file): a progress bar would only clutter it, so one plain line per evaluation,
+            // at the last step, and otherwise at most every 30 s, with the ETA a bar would show.
+            var sinceLine = Stopwatch.StartNew();
+            int firstStep = trainer.Step;
             result = trainer.Train(dataset, collator, json ? null : step =>
             {
-                if (step.EvalLoss is not null) context.Out.WriteLine($"step {step.Step}/{totalSteps}  loss {step.Loss:F4}{Describe(step)}");
+                if (step.EvalLoss is null && step.Step < totalSteps && sinceLine.Elapsed.TotalSeconds < 30) return;
+                sinceLine.Restart();
+                double perStep = clock.Elapsed.TotalSeconds / Math.Max(1, step.Step - firstStep);
+                var eta = TimeSpan.FromSeconds(Math.Round(perStep * (totalSteps - step.Step)));
+                context.Out.WriteLine($"step {step.Step}/{totalSteps}  loss {step.Loss:F4}{Describe(step)}  lr {step.LearningRate:G3}  {step.TokensPerSecond:F0} tok/s  eta {eta:g}");
+                context.Out.Flush();
             });
         }
         double seconds = clock.Elapsed.TotalSeconds;

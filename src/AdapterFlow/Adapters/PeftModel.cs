@@ -462,6 +462,9 @@ public sealed class PeftModel : CausalLM
             throw new NotSupportedException(
                 $"per-row adapters (mixed batches) are not supported with {string.Join(", ", _layers.Values.Where(l => l is not IRoutableAdapterLayer).Select(l => l.GetType().Name).Distinct())}");
         if (layers.Any(l => l.MergedAdapters.Count > 0)) throw new InvalidOperationException("per-row adapters need unmerged adapters; unmerge first");
+        // Layer dropout runs a layer on a subset of the rows, which the per-row routing (row indices) does not follow.
+        if (input.LayerDropout is not null && Model.training)
+            throw new NotSupportedException("per-row adapters (mixed batches) do not combine with layer dropout");
         var batch = (input.InputIds ?? input.InputsEmbeds)!.shape[0];
         if (rowAdapters.Count != batch) throw new ArgumentException($"{rowAdapters.Count} adapter names for a batch of {batch} rows");
         foreach (var name in rowAdapters)

@@ -109,6 +109,9 @@ public sealed class AlibiLayerContext : LayerContext
     }
 
     public Tensor Bias { get; }
+
+    public override LayerContext? SelectRows(Tensor rows) =>
+        Cache is null ? new AlibiLayerContext(RowsOf(Bias, rows)!, RowsOf(PositionIds, rows)!, null, PastLength) : null;
 }
 
 /// <summary>BLOOM's <c>self_attention</c>: fused per-head <c>query_key_value</c> and <c>dense</c>.</summary>

@@ -107,6 +107,19 @@ public class LayerContext
     public Tensor PositionIds { get; }
     public KVCache? Cache { get; }
     public int PastLength { get; }
+
+    /// <summary>
+    /// This context for the batch rows <paramref name="rows"/> (int64 indices) only, so a layer can run on a subset of
+    /// the batch (layer dropout); null when that is not possible (a KV cache holds every row). Families with extra
+    /// state override it; a derived context that does not is never sliced (null), rather than losing its state.
+    /// </summary>
+    public virtual LayerContext? SelectRows(Tensor rows) =>
+        GetType() == typeof(LayerContext) && Cache is null
+            ? new LayerContext(RowsOf(Mask, rows), IsCausal, RowsOf(PositionIds, rows)!, null, PastLength)
+            : null;
+
+    /// <summary>The rows of a [batch, ...] tensor; one broadcast row ([1, ...]) or none stays as it is.</summary>
+    protected static Tensor? RowsOf(Tensor? t, Tensor rows) => t is null || t.shape[0] == 1 ? t : t.index_select(0, rows);
 }
 
 /// <summary>
@@ -181,15 +194,22 @@ public abstract class CausalLM : nn.Module<ForwardInput, ForwardOutput>
 
     /// <summary>
     /// Runs a layer for the rows that keep it; rows drawn (with probability <paramref name="rate"/>, from torch's
-    /// generator so seeded runs repeat) to skip it pass their hidden state through. When every row skips, the
-    /// layer is not run at all; otherwise it runs on the whole batch and the skipping rows are restored, which
-    /// keeps the shared mask and positions valid for every family.
+    /// generator so seeded runs repeat) to skip it pass their hidden state through. Only the kept rows are computed
+    /// (the saving layer dropout is for): the context is sliced to them and their outputs are put back in place.
+    /// Where the context cannot be sliced (a KV cache), the layer runs on the whole batch and the skipping rows are
+    /// restored instead.
     /// </summary>
     private Tensor RunLayerWithDropout(int index, Tensor hidden, LayerContext context, double rate)
     {
         if (rate >= 1) return hidden;
-        var keep = torch.rand(hidden.shape[0], device: hidden.device).ge(rate);
-        if (!keep.any().item<bool>()) return hidden;
+        long batch = hidden.shape[0];
+        var keep = torch.rand(batch, device: hidden.device).ge(rate);
+        var kept = keep.nonzero().squeeze(1);
+        long count = kept.shape[0];
+        if (count == 0) return hidden;
+        if (count == batch) return RunLayer(index, hidden, context);
+        if (context.SelectRows(kept) is { } rows)
+            return hidden.index_copy(0, kept, RunLayer(index, hidden.index_select(0, kept), rows));
         var output = RunLayer(index, hidden, context);
         return torch.where(keep.view(-1, 1, 1), output, hidden);
     }

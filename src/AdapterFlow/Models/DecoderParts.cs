@@ -15,6 +15,10 @@ public sealed class RotaryLayerContext : LayerContext
 
     public Tensor Cos { get; }
     public Tensor Sin { get; }
+
+    public override LayerContext? SelectRows(Tensor rows) => Cache is null
+        ? new RotaryLayerContext(RowsOf(Mask, rows), IsCausal, RowsOf(PositionIds, rows)!, null, PastLength, RowsOf(Cos, rows)!, RowsOf(Sin, rows)!)
+        : null;
 }
 
 /// <summary>Small pieces the decoder families share: input embedding, head reshapes, cache update, positions.</summary>

@@ -27,18 +27,23 @@ public static class FreshModel
     {
         "tiny" => 512,
         "small" => 4096,
+        // The built-in corpus is too small for a 32,000-token vocabulary; pair this size with a real tokenizer.
+        "base" => 32000,
         _ => throw new ArgumentException($"unknown preset '{preset}' (choose from {string.Join(", ", ModelPresets.Names)})"),
     };
 
     /// <summary>
     /// Writes a fresh model to <paramref name="directory"/> (created if absent; refused if it already holds a model).
-    /// The model's vocabulary size and special token ids are the tokenizer's. Same seed, same weights.
+    /// The model's vocabulary size and special token ids are the tokenizer's: <paramref name="tokenizer"/> when given
+    /// (e.g. a real tokenizer.json, to pretrain a model for it), otherwise a byte-level BPE trained on
+    /// <paramref name="corpus"/> or the built-in corpus. Same seed, same weights.
     /// </summary>
-    public static FreshModelInfo Create(string architecture, string preset, string directory, long seed = 0, IEnumerable<string>? corpus = null)
+    public static FreshModelInfo Create(string architecture, string preset, string directory, long seed = 0, IEnumerable<string>? corpus = null,
+        HFTokenizer? tokenizer = null)
     {
         ModelPresets.ModelTypeOf(architecture); // fail on a bad name before any work
         CheckTarget(directory);
-        var tokenizer = TrainTokenizer(preset, corpus);
+        tokenizer ??= TrainTokenizer(preset, corpus);
         using var model = CreateModel(architecture, preset, tokenizer, seed);
         var files = Save(model, tokenizer, directory);
         return new FreshModelInfo(Path.GetFullPath(directory), model.Config.ModelType, preset, seed,

@@ -33,6 +33,11 @@ public sealed class LlamaLayerContext : LayerContext
     /// <summary>Rotary cos/sin [batch, 1, time, head_dim] in the activation dtype.</summary>
     public Tensor Cos { get; }
     public Tensor Sin { get; }
+
+    public override LayerContext? SelectRows(Tensor rows) => Cache is null
+        ? new LlamaLayerContext(RowsOf(Mask, rows), IsCausal, RowsOf(SlidingMask, rows), SlidingIsCausal, RowsOf(PositionIds, rows)!, null,
+            PastLength, RowsOf(Cos, rows)!, RowsOf(Sin, rows)!)
+        : null;
 }
 
 /// <summary>Self-attention with rotary embeddings and grouped KV heads (transformers' LlamaAttention).</summary>

@@ -12,8 +12,12 @@ public sealed record SpecialTokenIds(int? Bos, int? Eos, int? Pad);
 /// </summary>
 public static class ModelPresets
 {
-    /// <summary>Preset names: <c>tiny</c> (~1M parameters, for tests) and <c>small</c> (~10–30M, quick experiments).</summary>
-    public static IReadOnlyList<string> Names { get; } = ["tiny", "small"];
+    /// <summary>
+    /// Preset names: <c>tiny</c> (~1M parameters, for tests), <c>small</c> (~10–30M, quick experiments) and <c>base</c>
+    /// (the project's benchmark shape: hidden 768, 12 layers, 12 heads, MLP 2048 for LLaMA; 109.5M parameters with a
+    /// 32,000-token vocabulary and a tied head).
+    /// </summary>
+    public static IReadOnlyList<string> Names { get; } = ["tiny", "small", "base"];
 
     /// <summary>Architecture names accepted by <see cref="CreateConfigJson"/> (command-line spelling).</summary>
     public static IReadOnlyList<string> Architectures { get; } = ["llama", "mistral", "qwen2", "gpt2", "opt", "bloom", "gptj", "gpt-neox"];
@@ -36,6 +40,8 @@ public static class ModelPresets
         "tiny" => new Shape(Hidden: 128, Layers: 4, Heads: 4, KvHeads: groupedQuery ? 2 : 4, Context: 512, MlpRatio: 4),
         // small: 8 layers of width 384 ≈ 15–25M parameters (depending on the family's MLP and the vocabulary).
         "small" => new Shape(Hidden: 384, Layers: 8, Heads: 6, KvHeads: groupedQuery ? 2 : 6, Context: 1024, MlpRatio: 4),
+        // base: the benchmark model's shape (multi-head attention, no grouped queries, as the benchmark LLaMA).
+        "base" => new Shape(Hidden: 768, Layers: 12, Heads: 12, KvHeads: 12, Context: 2048, MlpRatio: 4),
         _ => throw new ArgumentException($"unknown preset '{preset}' (choose from {string.Join(", ", Names)})"),
     };
 
@@ -76,8 +82,9 @@ public static class ModelPresets
                 json["hidden_act"] = "silu";
                 json["rms_norm_eps"] = 1e-6;
                 json["rope_theta"] = modelType == "qwen2" ? 1000000.0 : 10000.0;
-                // Small Qwen2 checkpoints tie the head; LLaMA and Mistral do not.
-                json["tie_word_embeddings"] = modelType == "qwen2";
+                // Small Qwen2 checkpoints tie the head; LLaMA and Mistral do not, except the base preset, which is the
+                // benchmark model (tied, so the head is not a second 32000 × 768 matrix).
+                json["tie_word_embeddings"] = modelType == "qwen2" || preset.Trim().ToLowerInvariant() == "base";
                 if (modelType == "mistral") json["sliding_window"] = s.Context / 2;
                 if (modelType == "qwen2")
                 {

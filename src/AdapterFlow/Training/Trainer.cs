@@ -77,6 +77,8 @@ public sealed class Trainer : IDisposable
     private readonly nn.Module<ForwardInput, ForwardOutput> _model;
     private readonly IReadOnlyList<Parameter> _parameters;
     private readonly OptimizerHelper _optimizer;
+    // The fused CPU update over _optimizer's own state (null: TorchSharp's step, e.g. on CUDA or in pure bfloat16).
+    private readonly FusedAdamW? _fused;
     private readonly IReadOnlyList<(string Name, Parameter Parameter)> _named;
     private readonly List<AdamW.ParamGroup> _groups;
     // LayerSkip's schedules, built by Train once the run's length is known (null when off).
@@ -108,7 +110,10 @@ public sealed class Trainer : IDisposable
         _groups = groups;
         DecayedParameterCount = decay.Count;
         UndecayedParameterCount = noDecay.Count;
-        _optimizer = optim.AdamW(groups, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, Options.WeightDecay);
+        var adamW = optim.AdamW(groups, Options.LearningRate, Options.Beta1, Options.Beta2, Options.Epsilon, Options.WeightDecay);
+        _optimizer = adamW;
+        // Float32 CPU parameters (the model's own, or the masters under bf16-mixed): the fused update on the same state.
+        _fused = Options.FusedOptimizer ? FusedAdamW.TryCreate(adamW, groups) : null;
     }
 
     /// <summary>Full fine-tuning: every parameter of <paramref name="model"/> that requires a gradient (tied ones once).</summary>
@@ -310,7 +315,12 @@ public sealed class Trainer : IDisposable
         // Everything a step creates outside the micro-batches (clipping's norms, say) is freed with the step.
         using var stepScope = NewDisposeScope();
         foreach (var group in _optimizer.ParamGroups) group.LearningRate = lr;
-        _optimizer.zero_grad();
+        long phaseStart = Stopwatch.GetTimestamp();
+        // Mixed precision overwrites the masters' gradients with the first micro-batch's instead (no zeroing pass).
+        if (_precision is not null) _precision.BeginStep();
+        else if (_fused is not null) _fused.ZeroGradients();
+        else _optimizer.zero_grad();
+        long zeroed = Stopwatch.GetTimestamp();
         var examples = batch.Select(i => data[i]).ToArray();
         // Normalise by the labelled tokens of the whole batch, not per micro-batch, so that accumulating
         // micro-batches gives the same gradient as one big batch (transformers' num_items_in_batch).
@@ -347,6 +357,8 @@ public sealed class Trainer : IDisposable
             tokens += output.Tokens;
         }
         var losses = lossSum.cpu().data<float>().ToArray();
+        _precision?.FinishStep();
+        long backwardDone = Stopwatch.GetTimestamp();
         double loss = losses[0];
         var extra = new Dictionary<string, double>();
         for (int i = 0; i < metricNames.Count; i++) extra[metricNames[i]] = losses[1 + i] / examples.Length;
@@ -356,14 +368,32 @@ public sealed class Trainer : IDisposable
         if (exitWeights is not null && !double.IsFinite(losses[1]))
             throw new TrainingDivergedException($"early-exit loss became {losses[1]} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate, clip gradients or check the data");
         double? norm = null;
+        float clipScale = 1f;
         if (Options.MaxGradNorm is double max)
         {
-            norm = nn.utils.clip_grad_norm_(_parameters, max);
+            // The fused path scales the gradients inside the update instead of in a pass of their own.
+            if (_fused is not null) norm = _fused.GradientNorm();
+            else norm = nn.utils.clip_grad_norm_(_parameters, max);
             if (!double.IsFinite(norm.Value))
                 throw new TrainingDivergedException($"gradient norm became {norm.Value} at step {Step + 1} (learning rate {lr:G4}); lower the learning rate or check the data");
+            if (_fused is not null) clipScale = FusedAdamW.ClipCoefficient(max, norm.Value);
         }
-        _optimizer.step();
-        _precision?.CopyToModel();
+        long clipped = Stopwatch.GetTimestamp();
+        if (_fused is not null)
+        {
+            // Under bf16-mixed the model's bfloat16 weights are written in the same pass.
+            var copies = _precision?.FusableCopies();
+            _fused.Step(clipScale, copies);
+            if (copies is null) _precision?.CopyToModel();
+        }
+        else
+        {
+            _optimizer.step();
+            _precision?.CopyToModel();
+        }
+        long updated = Stopwatch.GetTimestamp();
+        LastStepPhases = new StepPhases(Stopwatch.GetElapsedTime(phaseStart, zeroed).TotalSeconds, Stopwatch.GetElapsedTime(zeroed, backwardDone).TotalSeconds,
+            Stopwatch.GetElapsedTime(backwardDone, clipped).TotalSeconds, Stopwatch.GetElapsedTime(clipped, updated).TotalSeconds);
         var elapsed = (clock.Elapsed - started).TotalSeconds;
         return new StepMetrics(Step + 1, epoch, loss, lr, norm, tokens, labelTokens, tokens / Math.Max(elapsed, 1e-9), clock.Elapsed.TotalSeconds,
             EarlyExitLoss: exitWeights is null ? null : losses[1],
@@ -473,6 +503,18 @@ public sealed class Trainer : IDisposable
     /// model to bfloat16.
     /// </summary>
     public void RestoreFloat32Weights() => _precision?.RestoreFloat32();
+
+    /// <summary>
+    /// Wall-clock seconds of the parts of the last optimizer step (for profiling): zeroing the gradients; forward and
+    /// backward of all micro-batches (with bf16-mixed's gradient accumulation into the masters); the gradient norm and
+    /// clipping; the AdamW update (with bf16-mixed's copy of the masters into the model).
+    /// </summary>
+    internal StepPhases? LastStepPhases { get; private set; }
+
+    internal sealed record StepPhases(double ZeroGrad, double ForwardBackward, double Clip, double Update);
+
+    /// <summary>Whether the optimizer step is the fused CPU one (<see cref="TrainerOptions.FusedOptimizer"/>).</summary>
+    public bool UsesFusedOptimizer => _fused is not null;
 
     /// <summary>AdamW's moment tensors (first and second), for tests that check their dtype.</summary>
     internal IEnumerable<Tensor> OptimizerMoments() =>

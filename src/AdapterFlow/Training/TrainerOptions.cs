@@ -85,6 +85,14 @@ public sealed record TrainerOptions
     /// </summary>
     public TrainingPrecision Precision { get; init; } = TrainingPrecision.Float32;
 
+    /// <summary>
+    /// Step AdamW with the fused CPU update when every parameter the optimizer owns is a contiguous float32 CPU tensor
+    /// (full or adapter training in fp32; the float32 masters under bf16-mixed): one pass over the weights instead of
+    /// TorchSharp's ten or so per tensor, with the same arithmetic, state and checkpoint format. Other devices and pure
+    /// bf16 use TorchSharp's <c>optim.AdamW</c> either way. False: always TorchSharp's.
+    /// </summary>
+    public bool FusedOptimizer { get; init; } = true;
+
     internal void Validate()
     {
         static void Positive(string name, double value)

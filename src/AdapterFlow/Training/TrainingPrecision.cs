@@ -66,6 +66,8 @@ internal sealed class PrecisionPlan : IDisposable
     private readonly string[] _names;
     private readonly Parameter[] _masters;
     private Parameter[] _compute;
+    // Which masters' gradients a micro-batch of the current step has written (the first one copies, later ones add).
+    private readonly bool[] _accumulated;
 
     private PrecisionPlan(nn.Module model, string[] names, Parameter[] masters, Parameter[] compute)
     {
@@ -73,6 +75,7 @@ internal sealed class PrecisionPlan : IDisposable
         _names = names;
         _masters = masters;
         _compute = compute;
+        _accumulated = new bool[masters.Length];
     }
 
     /// <summary>
@@ -118,7 +121,13 @@ internal sealed class PrecisionPlan : IDisposable
     /// <summary>Float32 master weights (by name), in the order the optimizer holds them.</summary>
     public IEnumerable<(string Name, Parameter Master)> Masters => _names.Zip(_masters);
 
-    /// <summary>Adds the model's bfloat16 gradients into the masters' float32 ones and clears the model's.</summary>
+    /// <summary>
+    /// Starts a step's accumulation instead of zeroing the masters' gradients: the step's first micro-batch
+    /// overwrites them (a copy instead of zeroing and then adding: one pass over 4 bytes per parameter less).
+    /// </summary>
+    public void BeginStep() => Array.Clear(_accumulated);
+
+    /// <summary>Adds the model's bfloat16 gradients into the masters' float32 ones (the step's first: copies them) and clears the model's.</summary>
     public void AccumulateGradients()
     {
         using var scope = NewDisposeScope();
@@ -128,10 +137,24 @@ internal sealed class PrecisionPlan : IDisposable
             var grad = _compute[i].grad;
             if (grad is null) continue;
             var master = _masters[i];
-            if (master.grad is { } sum) sum.add_(grad);
-            else master.grad = grad.to(ScalarType.Float32, copy: true);
+            if (master.grad is not { } sum) master.grad = grad.to(ScalarType.Float32, copy: true);
+            else if (_accumulated[i]) sum.add_(grad);
+            else sum.copy_(grad);
+            _accumulated[i] = true;
             grad.zero_();
         }
+    }
+
+    /// <summary>
+    /// Ends a step's accumulation: masters that no micro-batch gave a gradient this step (a layer skipped by layer
+    /// dropout, say) get a zero one, as the optimizer's zero_grad would have left them.
+    /// </summary>
+    public void FinishStep()
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        for (int i = 0; i < _masters.Length; i++)
+            if (!_accumulated[i] && _masters[i].grad is { } grad) grad.zero_();
     }
 
     /// <summary>Copies the masters into the model's bfloat16 weights (rounding to nearest).</summary>
@@ -139,6 +162,20 @@ internal sealed class PrecisionPlan : IDisposable
     {
         using var noGrad = no_grad();
         for (int i = 0; i < _masters.Length; i++) _compute[i].copy_(_masters[i]);
+    }
+
+    /// <summary>
+    /// The model's bfloat16 weight for a master, for an optimizer that writes the rounded weights itself in the pass
+    /// that updates the masters (<see cref="FusedAdamW"/>); null when some copy is not a contiguous bfloat16 CPU tensor
+    /// (then <see cref="CopyToModel"/> does it).
+    /// </summary>
+    public Func<Parameter, Tensor>? FusableCopies()
+    {
+        if (!InComputeForm || !_compute.All(c => c.dtype == ScalarType.BFloat16 && c.device_type == DeviceType.CPU && c.is_contiguous()))
+            return null;
+        var byMaster = new Dictionary<IntPtr, Tensor>();
+        for (int i = 0; i < _masters.Length; i++) byMaster[_masters[i].Handle] = _compute[i];
+        return master => byMaster[master.Handle];
     }
 
     /// <summary>Whether the model is currently in its bfloat16 training form (false after <see cref="RestoreFloat32"/>).</summary>

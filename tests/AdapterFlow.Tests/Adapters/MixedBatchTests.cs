@@ -127,4 +127,17 @@ public class MixedBatchTests
         var error = Assert.Throws<NotSupportedException>(() => peft.Forward(new ForwardInput { InputIds = Ids() }, ["default", "default", "__base__"]));
         Assert.Contains("PROMPT_TUNING", error.Message);
     }
+
+    [SkippableFact]
+    public void Mixed_batch_refuses_layer_dropout_in_training()
+    {
+        using var scope = torch.NewDisposeScope();
+        var peft = PeftModel.Create(PeftReferenceTests.LoadBase("llama"), Config("lora_embedding", "llama", 0));
+        peft.Model.train();
+        var rates = Enumerable.Repeat(0.5, peft.Model.NumLayers).ToArray();
+        // Layer dropout runs layers on row subsets, which per-row routing (row indices) would not follow.
+        var error = Assert.Throws<NotSupportedException>(() =>
+            peft.Forward(new ForwardInput { InputIds = Ids(), LayerDropout = rates }, ["default", "default", "__base__"]));
+        Assert.Contains("layer dropout", error.Message);
+    }
 }

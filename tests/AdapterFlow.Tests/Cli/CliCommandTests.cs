@@ -38,6 +38,30 @@ public class CliCommandTests(TinyModelFixture tiny)
         Assert.Contains("already holds", message);
     }
 
+    [SkippableFact]
+    public void Init_base_with_a_real_tokenizer_is_the_benchmark_model_with_that_vocabulary()
+    {
+        var llama2 = SharedFiles.Require("tokenizers", "llama-2");
+        using var tmp = new TempDir();
+        var dir = tmp.File("base");
+        var made = CliRunner.Run("init", "--arch", "llama", "--preset", "base", "--tokenizer", llama2, "--out", dir, "--json").AssertSuccess().LastJson();
+        // hidden 768, 12 layers, 12 heads, MLP 2048, vocabulary 32000, tied head: the benchmark LLaMA of 109.5M parameters.
+        Assert.Equal(109_529_856, made.GetProperty("parameters").GetInt64());
+        Assert.Equal(32000, made.GetProperty("vocab_size").GetInt32());
+        var config = AdapterFlow.Models.AutoModel.LoadConfig(dir);
+        Assert.True(config.TieWordEmbeddings);
+        Assert.Equal(1, config.BosTokenId);
+        Assert.Equal(2, Assert.Single(config.EosTokenIds));
+        // The written tokenizer is the given one: same ids as the source for a sentence.
+        var source = HFTokenizer.FromDirectory(llama2);
+        var written = TextModel.LoadTokenizer(dir);
+        Assert.Equal(source.Encode("Julia played tag with 16 kids.", addSpecialTokens: true), written.Encode("Julia played tag with 16 kids.", addSpecialTokens: true));
+
+        var missing = CliRunner.Run("init", "--arch", "llama", "--tokenizer", tmp.File("nowhere"), "--out", tmp.File("x")).AssertUsageError();
+        Assert.Contains("--tokenizer", missing);
+        Assert.False(Directory.Exists(tmp.File("x")) && File.Exists(tmp.File("x/model.safetensors")));
+    }
+
     public static TheoryData<string, string, int, int> Families => new()
     {
         { "llama", "LlamaForCausalLM", 4, 2 },

@@ -5,7 +5,7 @@ public class CliHelpAndErrorTests
 {
     public static TheoryData<string, string[]> CommandOptions => new()
     {
-        { "init", ["--arch", "--preset", "--out", "--seed", "--json"] },
+        { "init", ["--arch", "--preset", "--out", "--seed", "--tokenizer", "--json"] },
         { "inspect", ["DIR", "--json"] },
         { "generate", ["--model", "--adapter", "--prompt", "--prompt-ids", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype", "--json"] },
         { "tokenize", ["--tokenizer", "--text", "--file", "--add-special-tokens", "--out", "--json"] },

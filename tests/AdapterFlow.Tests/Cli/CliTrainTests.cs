@@ -70,6 +70,8 @@ public class CliTrainTests(TinyModelFixture tiny)
             "--max-steps", "2", "--batch-size", "4").AssertSuccess();
         Assert.Contains("final loss", run.Stdout);
         Assert.Contains(outDir, run.Stdout);
+        // Redirected output gets plain progress lines (here the last step's) instead of a progress bar.
+        Assert.Contains(run.StdoutLines, l => l.StartsWith("step 2/2  loss ") && l.Contains(" tok/s  eta "));
         foreach (var name in new[] { "config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png" })
             Assert.True(File.Exists(Path.Combine(outDir, name)), $"{name} missing");
         Assert.NotEqual(File.ReadAllBytes(Path.Combine(tiny.ModelDir, "model.safetensors")), File.ReadAllBytes(Path.Combine(outDir, "model.safetensors")));

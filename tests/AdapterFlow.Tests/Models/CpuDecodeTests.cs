@@ -239,4 +239,190 @@ public class CpuDecodeTests
         Assert.Contains("outside the vocabulary", e.Message);
         Assert.Equal(0, cache.Length);
     }
+    /// <summary>A config big enough that q/k/v, gate/up and down really run as parallel regions (hidden 256, MLP 512).</summary>
+    private static LlamaConfig Wide(string arch)
+    {
+        var json = LlamaTestConfigs.Tiny(arch).ToJson();
+        json["hidden_size"] = 256;
+        json["intermediate_size"] = 512;
+        return (LlamaConfig)AutoModel.ParseConfig(json, "config.json");
+    }
+
+    /// <summary>Relative to the logits' scale (wider models' logits reach the tens).</summary>
+    private static double RelativeDiff(Tensor fast, Tensor slow) => MaxDiff(fast, slow) / Math.Max(1.0, slow.abs().max().item<float>());
+
+    private static void AssertMatches(CausalLM model, LlamaForCausalLM llama, Tensor ids, string what)
+    {
+        var (fast, steps) = Decode(model, llama, true, ids);
+        Assert.Equal(ids.shape[1] - 3, steps);
+        var slow = Decode(model, llama, false, ids).Logits;
+        double relative = RelativeDiff(fast, slow);
+        Assert.True(relative < 1e-5, $"{what}: max |Δ| / max |logit| = {relative}");
+    }
+
+    private static IEnumerable<LoraLinear> LoraLayers(CausalLM model) => model.modules().OfType<LoraLinear>();
+
+    [Fact]
+    public void Fused_regions_with_lora_on_some_projections_and_several_adapters_match()
+    {
+        // Qwen2 (biased q/k/v): LoRA on q and v but not k, and on gate but not up, so a region mixes plain and adapted
+        // matrices; then a second adapter of another rank on other projections, both active at once; then disabled.
+        int saved = CpuKernels.Threads;
+        CpuKernels.Threads = 2;
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var llama = (LlamaForCausalLM)AutoModel.FromConfig(Wide("qwen2"), seed: 5);
+            using var peft = PeftModel.Create(llama, new LoraConfig
+            {
+                R = 8, LoraAlpha = 16, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("q_proj", "v_proj", "gate_proj"),
+            });
+            peft.AddAdapter("second", new LoraConfig
+            {
+                R = 20, LoraAlpha = 10, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("v_proj", "k_proj", "up_proj", "down_proj", "o_proj"),
+            });
+            peft.eval();
+            var ids = torch.randint(4, 90, [1, 9], dtype: ScalarType.Int64, generator: new torch.Generator(31));
+            var baseLogits = Decode(peft, llama, false, ids).Logits;
+            AssertMatches(peft, llama, ids, "one adapter on q, v, gate");
+            var one = Decode(peft, llama, true, ids).Logits;
+            foreach (var layer in LoraLayers(peft)) layer.ActiveAdapters = ["default", "second"];
+            AssertMatches(peft, llama, ids, "two active adapters");
+            Assert.True(MaxDiff(one, Decode(peft, llama, true, ids).Logits) > 1e-3); // the second adapter really counts
+            using (peft.DisableAdapters())
+            {
+                AssertMatches(peft, llama, ids, "adapters disabled");
+                var disabled = Decode(peft, llama, true, ids).Logits;
+                Assert.True(MaxDiff(disabled, one) > 1e-3);
+            }
+            peft.SetAdapter("second");
+            AssertMatches(peft, llama, ids, "the second adapter alone");
+            Assert.True(MaxDiff(baseLogits, Decode(peft, llama, true, ids).Logits) > 1e-3);
+        }
+        finally
+        {
+            CpuKernels.Threads = saved;
+        }
+    }
+
+    [Fact]
+    public void Merge_unmerge_delete_and_replaced_weights_are_seen_by_the_next_step()
+    {
+        // Whatever changes between steps (merging in place, unmerging, deleting an adapter, a base weight replaced by a
+        // new tensor, a weight changed in place), the next kernel step must compute what libtorch computes.
+        int saved = CpuKernels.Threads;
+        CpuKernels.Threads = 2;
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var llama = (LlamaForCausalLM)AutoModel.FromConfig(Wide("llama"), seed: 6);
+            using var peft = PeftModel.Create(llama, new LoraConfig
+            {
+                R = 16, LoraAlpha = 32, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+            });
+            peft.eval();
+            var ids = torch.randint(4, 90, [1, 8], dtype: ScalarType.Int64, generator: new torch.Generator(32));
+            var unmerged = Decode(peft, llama, true, ids).Logits;
+            AssertMatches(peft, llama, ids, "unmerged");
+            peft.Merge();
+            Assert.All(LoraLayers(peft), l => Assert.Single(l.MergedAdapters));
+            AssertMatches(peft, llama, ids, "merged");
+            var merged = Decode(peft, llama, true, ids).Logits;
+            Assert.True(RelativeDiff(merged, unmerged) < 1e-5, "merged and unmerged give the same function");
+            peft.Unmerge();
+            AssertMatches(peft, llama, ids, "unmerged again");
+            Assert.True(RelativeDiff(Decode(peft, llama, true, ids).Logits, unmerged) < 1e-5);
+
+            // A base weight replaced by a new tensor, and one changed in place.
+            var q = (LoraLinear)llama.model.layers[0].self_attn.q_proj;
+            var baseQ = (TorchSharp.Modules.Linear)q.BaseLayer;
+            baseQ.weight = new TorchSharp.Modules.Parameter(baseQ.weight!.detach().clone() * 1.5f, requires_grad: false);
+            AssertMatches(peft, llama, ids, "replaced q weight");
+            var replaced = Decode(peft, llama, true, ids).Logits;
+            Assert.True(MaxDiff(replaced, unmerged) > 1e-3);
+            q.B("default").weight!.mul_(3);
+            AssertMatches(peft, llama, ids, "lora_B scaled in place");
+            Assert.True(MaxDiff(Decode(peft, llama, true, ids).Logits, replaced) > 1e-3);
+
+            peft.AddAdapter("other", new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("q_proj") });
+            peft.SetAdapter("other");
+            AssertMatches(peft, llama, ids, "another adapter");
+            peft.DeleteAdapter("default");
+            AssertMatches(peft, llama, ids, "after deleting the first adapter");
+        }
+        finally
+        {
+            CpuKernels.Threads = saved;
+        }
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public unsafe void Projection_group_equals_separate_products(bool parallelFor)
+    {
+        // The region kernel directly: three matrices (odd sizes, one with a bias) with LoRA terms on two of them, and
+        // a gate/up pair with SiLU, against libtorch. Through Parallel.For too, which hands out items in any order.
+        int saved = CpuKernels.Threads;
+        CpuKernels.Threads = 2;
+        KernelPool.UseParallelFor = parallelFor;
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            using var no = torch.no_grad();
+            var g = new torch.Generator(41);
+            const int cols = 301;
+            var x = torch.randn([cols], generator: g);
+            var w = new[] { 517, 133, 260 }.Select(rows => torch.randn([rows, cols], generator: g) * 0.1f).ToArray();
+            var bias = torch.randn([133], generator: g);
+            var a0 = torch.randn([37, cols], generator: g) * 0.1f;
+            var b0 = torch.randn([517, 37], generator: g) * 0.1f;
+            var a2 = torch.randn([5, cols], generator: g) * 0.1f;
+            var b2 = torch.randn([260, 5], generator: g) * 0.1f;
+            var a2b = torch.randn([16, cols], generator: g) * 0.1f;
+            var b2b = torch.randn([260, 16], generator: g) * 0.1f;
+            var y = w.Select(m => torch.full([m.shape[0]], float.NaN)).ToArray();
+            var group = new ProjectionGroup();
+            for (int round = 0; round < 3; round++) // reused, as the decoder reuses one per thread
+            {
+                group.Begin(CpuKernels.Pointer(x), cols);
+                group.AddTarget(CpuKernels.Pointer(w[0]), null, CpuKernels.Pointer(y[0]), 517);
+                group.AddLora(CpuKernels.Pointer(a0), CpuKernels.Pointer(b0), 37, 0.5f);
+                group.AddTarget(CpuKernels.Pointer(w[1]), CpuKernels.Pointer(bias), CpuKernels.Pointer(y[1]), 133);
+                group.AddTarget(CpuKernels.Pointer(w[2]), null, CpuKernels.Pointer(y[2]), 260);
+                group.AddLora(CpuKernels.Pointer(a2), CpuKernels.Pointer(b2), 5, 2f);
+                group.AddLora(CpuKernels.Pointer(a2b), CpuKernels.Pointer(b2b), 16, -1f);
+                group.Run();
+                var expected = new[]
+                {
+                    w[0].mv(x) + 0.5f * b0.mv(a0.mv(x)),
+                    w[1].mv(x) + bias,
+                    w[2].mv(x) + 2f * b2.mv(a2.mv(x)) - b2b.mv(a2b.mv(x)),
+                };
+                for (int t = 0; t < 3; t++)
+                    Assert.True(MaxDiff(y[t], expected[t]) < 1e-4, $"round {round}, matrix {t}: max |Δ| {MaxDiff(y[t], expected[t])}");
+            }
+
+            var gate = torch.randn([700, cols], generator: g) * 0.1f;
+            var up = torch.randn([700, cols], generator: g) * 0.1f;
+            var gateOut = torch.empty([700]);
+            var upOut = torch.empty([700]);
+            group.Begin(CpuKernels.Pointer(x), cols);
+            var upB = torch.randn([700, 37], generator: g) * 0.1f;
+            group.AddTarget(CpuKernels.Pointer(gate), null, CpuKernels.Pointer(gateOut), 700);
+            group.AddTarget(CpuKernels.Pointer(up), null, CpuKernels.Pointer(upOut), 700);
+            group.AddLora(CpuKernels.Pointer(a0), CpuKernels.Pointer(upB), 37, 0.25f);
+            group.PairSiluMul();
+            group.Run();
+            var expectedGate = nn.functional.silu(gate.mv(x)) * (up.mv(x) + 0.25f * upB.mv(a0.mv(x)));
+            Assert.True(MaxDiff(gateOut, expectedGate) < 1e-4, $"gate/up: max |Δ| {MaxDiff(gateOut, expectedGate)}");
+        }
+        finally
+        {
+            KernelPool.UseParallelFor = false;
+            CpuKernels.Threads = saved;
+        }
+    }
 }

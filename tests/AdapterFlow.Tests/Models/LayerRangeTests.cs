@@ -15,18 +15,22 @@ public class LayerRangeTests
 {
     public static TheoryData<string> Families => new(FamilyVariantTests.Variants.Keys.Append("llama"));
 
-    private static CausalLM Model(string name)
+    internal static CausalLM Model(string name, bool noDropout = false)
     {
         var json = name == "llama"
             ? "{\"model_type\": \"llama\", \"vocab_size\": 96, \"hidden_size\": 32, \"intermediate_size\": 64, \"num_hidden_layers\": 3, " +
               "\"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"max_position_embeddings\": 64, \"initializer_range\": 0.2}"
             : FamilyVariantTests.Variants[name];
-        var model = AutoModel.FromConfig(AutoModel.ParseConfig((JsonObject)JsonNode.Parse(json)!, name), seed: 7);
+        var config = (JsonObject)JsonNode.Parse(json)!;
+        if (noDropout)
+            foreach (var key in new[] { "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout", "activation_dropout" })
+                config[key] = 0.0;
+        var model = AutoModel.FromConfig(AutoModel.ParseConfig(config, name), seed: 7);
         model.eval();
         return model;
     }
 
-    private static Tensor Ids(long batch, long time, int seed) =>
+    internal static Tensor Ids(long batch, long time, int seed) =>
         torch.randint(3, 96, [batch, time], generator: new torch.Generator((ulong)seed));
 
     [Theory]

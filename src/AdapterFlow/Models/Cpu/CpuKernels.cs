@@ -20,7 +20,7 @@ internal static unsafe partial class CpuKernels
     private const int RowBlock = 64;
 
     /// <summary>Below this many multiply-adds a matrix-vector product runs on the calling thread only.</summary>
-    private const long ParallelThreshold = 1 << 16;
+    internal const long ParallelThreshold = 1 << 16;
 
     /// <summary>The float32 memory of a contiguous CPU tensor (the caller has checked dtype, device and layout).</summary>
     public static float* Pointer(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
@@ -28,7 +28,7 @@ internal static unsafe partial class CpuKernels
     /// <summary>Workers used for the parallel kernels; 0 = torch's intra-op thread count.</summary>
     public static int Threads { get; set; }
 
-    private static int WorkerCount => Threads > 0 ? Threads : Math.Max(1, torch.get_num_threads());
+    internal static int WorkerCount => Threads > 0 ? Threads : Math.Max(1, torch.get_num_threads());
 
     /// <summary>y[r] = Σ_c w[r, c] · x[c] (+ bias[r]) for a row-major [rows, cols] matrix; y += … when <paramref name="accumulate"/>.</summary>
     public static void Gemv(float* w, float* x, float* y, float* bias, int rows, int cols, bool accumulate = false)
@@ -50,7 +50,7 @@ internal static unsafe partial class CpuKernels
         });
     }
 
-    private static void GemvRows(float* w, float* x, float* y, float* bias, int cols, int r0, int r1, bool accumulate)
+    internal static void GemvRows(float* w, float* x, float* y, float* bias, int cols, int r0, int r1, bool accumulate)
     {
         // One row at a time with four independent accumulators: the matrix is read as one sequential stream, which
         // the hardware prefetcher follows best (measured: about 1.6× the bandwidth of interleaving 2 or 4 rows).

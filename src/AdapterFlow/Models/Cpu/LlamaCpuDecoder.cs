@@ -109,9 +109,12 @@ internal static unsafe partial class LlamaCpuDecoder
                         $"KV cache layer {i} holds {cache.LayerLength(i)} tokens but layer 0 holds {past}; truncate the cache to a common length first");
                 var attention = layer.self_attn;
                 RmsNorm(layer.input_layernorm, x, buffers.Normed, hidden);
-                Project(attention.q_proj, buffers.Normed, hidden, buffers.Query, heads * headDim, buffers);
-                Project(attention.k_proj, buffers.Normed, hidden, buffers.Key, kvHeads * headDim, buffers);
-                Project(attention.v_proj, buffers.Normed, hidden, buffers.Value, kvHeads * headDim, buffers);
+                // q, k and v (and their LoRA terms) read the same normed input: one parallel region for all three.
+                var qkv = Group(buffers.Normed, hidden);
+                AddProjection(qkv, attention.q_proj, buffers.Normed, hidden, buffers.Query, heads * headDim);
+                AddProjection(qkv, attention.k_proj, buffers.Normed, hidden, buffers.Key, kvHeads * headDim);
+                AddProjection(qkv, attention.v_proj, buffers.Normed, hidden, buffers.Value, kvHeads * headDim);
+                qkv.Run();
                 CpuKernels.RotateHalf(buffers.Query, heads, headDim, cos, sin, rotaryDim / 2);
                 CpuKernels.RotateHalf(buffers.Key, kvHeads, headDim, cos, sin, rotaryDim / 2);
 
@@ -137,7 +140,7 @@ internal static unsafe partial class LlamaCpuDecoder
                 }
                 CpuKernels.Attend(buffers.Query, k, v, buffers.Attended, heads, kvHeads, headDim, capacity, first, total, allowed,
                     1f / MathF.Sqrt(headDim));
-                Project(attention.o_proj, buffers.Attended, heads * headDim, buffers.Output, hidden, buffers);
+                Project(attention.o_proj, buffers.Attended, heads * headDim, buffers.Output, hidden);
                 CpuKernels.Add(x, buffers.Output, hidden);
 
                 RmsNorm(layer.post_attention_layernorm, x, buffers.Normed, hidden);
@@ -191,10 +194,14 @@ internal static unsafe partial class LlamaCpuDecoder
         int hidden = config.HiddenSize, inner = config.IntermediateSize;
         if (module is LlamaMLP mlp && config.HiddenAct is "silu" or "swish")
         {
-            Project(mlp.gate_proj, buffers.Normed, hidden, buffers.Gate, inner, buffers);
-            Project(mlp.up_proj, buffers.Normed, hidden, buffers.Up, inner, buffers);
-            CpuKernels.SiluMul(buffers.Gate, buffers.Up, inner);
-            Project(mlp.down_proj, buffers.Gate, inner, buffers.Output, hidden, buffers);
+            // gate and up in one parallel region, each row block finishing with silu(gate) · up.
+            var gateUp = Group(buffers.Normed, hidden);
+            bool fused = AddProjection(gateUp, mlp.gate_proj, buffers.Normed, hidden, buffers.Gate, inner);
+            fused &= AddProjection(gateUp, mlp.up_proj, buffers.Normed, hidden, buffers.Up, inner);
+            if (fused) gateUp.PairSiluMul();
+            gateUp.Run();
+            if (!fused) CpuKernels.SiluMul(buffers.Gate, buffers.Up, inner);
+            Project(mlp.down_proj, buffers.Gate, inner, buffers.Output, hidden);
         }
         else
         {
@@ -203,47 +210,70 @@ internal static unsafe partial class LlamaCpuDecoder
     }
 
     /// <summary>y = module(x) for a linear slot: nn.Linear and plain LoRA directly, anything else through libtorch.</summary>
-    private static void Project(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, Buffers buffers)
+    private static void Project(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures)
     {
-        if (module is Linear linear && Linear(linear, x, inFeatures, y, outFeatures, accumulate: false)) return;
-        if (module is LoraLinear lora && Lora(lora, x, inFeatures, y, outFeatures, buffers)) return;
-        ThroughTorch(module, x, inFeatures, y, outFeatures);
+        var group = Group(x, inFeatures);
+        AddProjection(group, module, x, inFeatures, y, outFeatures);
+        group.Run();
     }
 
-    private static bool Linear(Linear linear, float* x, int inFeatures, float* y, int outFeatures, bool accumulate)
+    [ThreadStatic] private static ProjectionGroup? t_group;
+
+    /// <summary>This thread's (empty) projection group over input x.</summary>
+    private static ProjectionGroup Group(float* x, int inFeatures)
     {
-        var weight = linear.weight;
-        var bias = linear.bias;
-        if (weight is null || !IsF32Cpu(weight, outFeatures, inFeatures) || (bias is not null && !IsF32Cpu(bias, outFeatures))) return false;
-        CpuKernels.Gemv(CpuKernels.Pointer(weight), x, y, bias is null ? null : CpuKernels.Pointer(bias), outFeatures, inFeatures, accumulate);
+        var group = t_group ??= new ProjectionGroup();
+        group.Begin(x, inFeatures);
+        return group;
+    }
+
+    /// <summary>
+    /// Adds y = module(x) to the group when the module is an nn.Linear or a plain LoRA over one (true); anything else
+    /// runs through libtorch at once (false).
+    /// </summary>
+    private static bool AddProjection(ProjectionGroup group, nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures)
+    {
+        if (module is Linear linear && AddLinear(group, linear, y, inFeatures, outFeatures)) return true;
+        if (module is LoraLinear lora && AddLora(group, lora, y, inFeatures, outFeatures)) return true;
+        ThroughTorch(module, x, inFeatures, y, outFeatures);
+        return false;
+    }
+
+    private static bool IsKernelLinear(Linear linear, int inFeatures, int outFeatures) =>
+        linear.weight is { } weight && IsF32Cpu(weight, outFeatures, inFeatures) && (linear.bias is not { } bias || IsF32Cpu(bias, outFeatures));
+
+    private static bool AddLinear(ProjectionGroup group, Linear linear, float* y, int inFeatures, int outFeatures)
+    {
+        if (!IsKernelLinear(linear, inFeatures, outFeatures)) return false;
+        group.AddTarget(CpuKernels.Pointer(linear.weight!), linear.bias is { } bias ? CpuKernels.Pointer(bias) : null, y, outFeatures);
         return true;
     }
 
     /// <summary>
     /// y = W x + b + Σ s · B (A x) over the active unmerged adapters (dropout is off at inference). Declines (before
-    /// writing anything) for routing, DoRA, or non-linear pieces, so the caller can run the module through libtorch.
+    /// adding anything) for routing, DoRA, biases or tensors the kernels cannot read, so the caller runs the module
+    /// through libtorch.
     /// </summary>
-    private static bool Lora(LoraLinear lora, float* x, int inFeatures, float* y, int outFeatures, Buffers buffers)
+    private static bool AddLora(ProjectionGroup group, LoraLinear lora, float* y, int inFeatures, int outFeatures)
     {
-        if (lora.Routing is not null || lora.BaseLayer is not Linear baseLinear) return false;
-        var adapters = lora.Disabled ? [] : lora.ActiveAdapters.Where(a => !lora.MergedAdapters.Contains(a)).ToArray();
-        foreach (var adapter in adapters)
+        if (lora.Routing is not null || lora.BaseLayer is not Linear baseLinear || !IsKernelLinear(baseLinear, inFeatures, outFeatures)) return false;
+        var active = lora.Disabled ? [] : lora.ActiveAdapters;
+        var merged = lora.MergedAdapters;
+        foreach (var adapter in active)
         {
+            if (merged.Contains(adapter)) continue;
             if (lora.IsDora(adapter)) return false;
-            var a = lora.A(adapter).weight;
-            if (a is null || a.dim() != 2 || a.shape[0] > buffers.RankCapacity || lora.A(adapter).bias is not null || lora.B(adapter).bias is not null) return false;
+            Linear a = lora.A(adapter), b = lora.B(adapter);
+            if (a.bias is not null || b.bias is not null || a.weight is not { } aw || b.weight is not { } bw || aw.dim() != 2) return false;
+            long rank = aw.shape[0];
+            if (!IsF32Cpu(aw, rank, inFeatures) || !IsF32Cpu(bw, outFeatures, rank)) return false;
         }
-        if (!Linear(baseLinear, x, inFeatures, y, outFeatures, accumulate: false)) return false;
-        foreach (var adapter in adapters)
+        AddLinear(group, baseLinear, y, inFeatures, outFeatures);
+        foreach (var adapter in active)
         {
-            var a = lora.A(adapter);
-            int rank = (int)a.weight!.shape[0];
-            if (!Linear(a, x, inFeatures, buffers.Rank, rank, accumulate: false))
-                throw new InvalidOperationException($"LoRA adapter '{adapter}': lora_A is not a float32 [{rank}, {inFeatures}] CPU matrix");
-            float s = (float)lora.Scaling(adapter);
-            for (int i = 0; i < rank; i++) buffers.Rank[i] *= s;
-            if (!Linear(lora.B(adapter), buffers.Rank, rank, y, outFeatures, accumulate: true))
-                throw new InvalidOperationException($"LoRA adapter '{adapter}': lora_B is not a float32 [{outFeatures}, {rank}] CPU matrix");
+            if (merged.Contains(adapter)) continue;
+            var aw = lora.A(adapter).weight!;
+            group.AddLora(CpuKernels.Pointer(aw), CpuKernels.Pointer(lora.B(adapter).weight!), (int)aw.shape[0], (float)lora.Scaling(adapter));
         }
         return true;
     }
@@ -292,15 +322,13 @@ internal static unsafe partial class LlamaCpuDecoder
         {
             int hidden = config.HiddenSize, attention = config.NumAttentionHeads * config.HeadDim, kv = config.NumKeyValueHeads * config.HeadDim;
             int inner = config.IntermediateSize;
-            RankCapacity = Math.Max(256, Math.Max(hidden, inner));
-            long total = 4L * hidden + 2L * attention + 2L * kv + 2L * inner + RankCapacity;
+            long total = 4L * hidden + 2L * attention + 2L * kv + 2L * inner;
             _block = (float*)NativeMemory.AlignedAlloc((nuint)(total * sizeof(float)), 64);
             float* p = _block;
             Hidden = Take(ref p, hidden); Normed = Take(ref p, hidden); Output = Take(ref p, hidden); Take(ref p, hidden);
             Query = Take(ref p, attention); Attended = Take(ref p, attention);
             Key = Take(ref p, kv); Value = Take(ref p, kv);
             Gate = Take(ref p, inner); Up = Take(ref p, inner);
-            Rank = Take(ref p, RankCapacity);
         }
 
         private static float* Take(ref float* p, int count)
@@ -319,10 +347,6 @@ internal static unsafe partial class LlamaCpuDecoder
         public float* Value { get; }
         public float* Gate { get; }
         public float* Up { get; }
-
-        /// <summary>LoRA's rank-sized intermediate A·x.</summary>
-        public float* Rank { get; }
-        public int RankCapacity { get; }
 
         public byte* Allowed(int keys)
         {
