@@ -69,8 +69,11 @@ public class CpuDecodeMultiTokenTests
         Assert.Equal(slow.Count, fast.Count);
         for (int i = 0; i < fast.Count; i++)
         {
+            // Relative to the tensor's scale: hidden states and cached keys of these random models reach the tens, where
+            // float32 summation order alone moves them by a few 1e-5 (as CpuDecodeTests' wide-model comparison).
             double diff = MaxDiff(fast[i], slow[i]);
-            Assert.True(diff < Tolerance, $"output {i} [{string.Join(", ", slow[i].shape)}]: max |Δ| {diff}");
+            double scale = slow[i].NumberOfElements == 0 ? 1 : Math.Max(1.0, slow[i].abs().max().to_type(ScalarType.Float64).item<double>());
+            Assert.True(diff < Tolerance * scale, $"output {i} [{string.Join(", ", slow[i].shape)}]: max |Δ| {diff}, scale {scale:F1}");
         }
     }
 
