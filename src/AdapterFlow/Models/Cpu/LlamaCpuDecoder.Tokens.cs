@@ -149,7 +149,7 @@ internal static unsafe partial class LlamaCpuDecoder
         int past = cache.LayerLength(start);
         int total = past + time;
 
-        using var buffers = new TokenBuffers(config, time, total);
+        using var buffers = new Buffers(config, time, total);
         float* x = buffers.Hidden;
         if (input != null) Copy(input, x, time * hidden);
         else
@@ -253,8 +253,8 @@ internal static unsafe partial class LlamaCpuDecoder
         for (int t = 0; t < time; t++) CpuKernels.RmsNorm(x + (long)t * n, weight, y + (long)t * n, n, norm.Eps);
     }
 
-    /// <summary>The gated MLP of <paramref name="time"/> tokens into <see cref="TokenBuffers.Output"/>; other MLP modules run through libtorch.</summary>
-    private static void MlpTokens(nn.Module<Tensor, Tensor> module, LlamaConfig config, int time, TokenBuffers buffers)
+    /// <summary>The gated MLP of <paramref name="time"/> tokens into <see cref="Buffers.Output"/>; other MLP modules run through libtorch.</summary>
+    private static void MlpTokens(nn.Module<Tensor, Tensor> module, LlamaConfig config, int time, Buffers buffers)
     {
         int hidden = config.HiddenSize, inner = config.IntermediateSize;
         if (module is LlamaMLP mlp && config.HiddenAct is "silu" or "swish")
@@ -271,7 +271,7 @@ internal static unsafe partial class LlamaCpuDecoder
     }
 
     /// <summary>y [time, out] = module(x [time, in]) for a linear slot: nn.Linear and plain LoRA as GEMMs, anything else through libtorch.</summary>
-    private static void ProjectTokens(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, int time, TokenBuffers buffers)
+    private static void ProjectTokens(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, int time, Buffers buffers)
     {
         if (module is Linear linear && LinearTokens(linear, x, inFeatures, y, outFeatures, time, accumulate: false)) return;
         if (module is LoraLinear lora && LoraTokens(lora, x, inFeatures, y, outFeatures, time, buffers)) return;
@@ -288,7 +288,7 @@ internal static unsafe partial class LlamaCpuDecoder
     }
 
     /// <summary>Unmerged LoRA over several tokens: W x + b + Σ s · B (A x) (dropout is off at inference), declining before writing anything.</summary>
-    private static bool LoraTokens(LoraLinear lora, float* x, int inFeatures, float* y, int outFeatures, int time, TokenBuffers buffers)
+    private static bool LoraTokens(LoraLinear lora, float* x, int inFeatures, float* y, int outFeatures, int time, Buffers buffers)
     {
         if (lora.Routing is not null || lora.BaseLayer is not Linear baseLinear) return false;
         var adapters = lora.Disabled ? [] : lora.ActiveAdapters.Where(a => !lora.MergedAdapters.Contains(a)).ToArray();
@@ -339,56 +339,5 @@ internal static unsafe partial class LlamaCpuDecoder
         }
 
         IEnumerator IEnumerable.GetEnumerator() => GetEnumerator();
-    }
-
-    /// <summary>The pass's working matrices (time rows each) in one native block, freed when the pass ends.</summary>
-    private sealed class TokenBuffers : IDisposable
-    {
-        private readonly float* _block;
-        private readonly byte* _allowed;
-
-        public TokenBuffers(LlamaConfig config, int time, int keys)
-        {
-            int hidden = config.HiddenSize, attention = config.NumAttentionHeads * config.HeadDim, kv = config.NumKeyValueHeads * config.HeadDim;
-            int inner = config.IntermediateSize;
-            RankCapacity = Math.Max(256, Math.Max(hidden, inner));
-            long total = (long)time * (3L * hidden + 2L * attention + 2L * kv + 2L * inner + RankCapacity);
-            _block = (float*)NativeMemory.AlignedAlloc((nuint)(total * sizeof(float)), 64);
-            float* p = _block;
-            Hidden = Take(ref p, time * hidden); Normed = Take(ref p, time * hidden); Output = Take(ref p, time * hidden);
-            Query = Take(ref p, time * attention); Attended = Take(ref p, time * attention);
-            Key = Take(ref p, time * kv); Value = Take(ref p, time * kv);
-            Gate = Take(ref p, time * inner); Up = Take(ref p, time * inner);
-            Rank = Take(ref p, time * RankCapacity);
-            _allowed = (byte*)NativeMemory.Alloc((nuint)keys);
-        }
-
-        private static float* Take(ref float* p, int count)
-        {
-            var taken = p;
-            p += count;
-            return taken;
-        }
-
-        public float* Hidden { get; }
-        public float* Normed { get; }
-        public float* Output { get; }
-        public float* Query { get; }
-        public float* Attended { get; }
-        public float* Key { get; }
-        public float* Value { get; }
-        public float* Gate { get; }
-        public float* Up { get; }
-        public float* Rank { get; }
-        public int RankCapacity { get; }
-
-        /// <summary>One byte per key: may the current query attend to it.</summary>
-        public byte* Allowed => _allowed;
-
-        public void Dispose()
-        {
-            NativeMemory.AlignedFree(_block);
-            NativeMemory.Free(_allowed);
-        }
     }
 }

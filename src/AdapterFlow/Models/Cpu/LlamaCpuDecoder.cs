@@ -72,7 +72,7 @@ internal static unsafe partial class LlamaCpuDecoder
         }
 
         using var scope = torch.NewDisposeScope();
-        using var buffers = new Buffers(config);
+        using var buffers = new Buffers(config, 1, total);
         float* x = buffers.Hidden;
         if (input.LayerInput is { } given) Copy(given.contiguous(), x, hidden);
         else if (embeds is not null) Copy(embeds.contiguous(), x, hidden);
@@ -135,7 +135,7 @@ internal static unsafe partial class LlamaCpuDecoder
                 if (layer.IsSliding && model.SlidingWindow is int window && window < total) first = Math.Max(0, past - window + 1);
                 if (maskBytes != null)
                 {
-                    allowed = buffers.Allowed(total);
+                    allowed = buffers.Allowed;
                     for (int j = 0; j < total; j++) allowed[j] = (byte)(maskBytes[j] != 0 || j == past ? 1 : 0);
                 }
                 CpuKernels.Attend(buffers.Query, k, v, buffers.Attended, heads, kvHeads, headDim, capacity, first, total, allowed,
@@ -312,23 +312,29 @@ internal static unsafe partial class LlamaCpuDecoder
         return (!checkContiguous || t.is_contiguous()) && t.NumberOfElements <= int.MaxValue / sizeof(float);
     }
 
-    /// <summary>The step's working vectors in one native block (a few tens of KB), freed when the step ends.</summary>
+    /// <summary>
+    /// A pass's working matrices (<c>time</c> rows each; one row for a one-token step) in one native block, freed when
+    /// the pass ends.
+    /// </summary>
     private sealed class Buffers : IDisposable
     {
         private readonly float* _block;
-        private byte* _allowed;
+        private readonly byte* _allowed;
 
-        public Buffers(LlamaConfig config)
+        public Buffers(LlamaConfig config, int time, int keys)
         {
             int hidden = config.HiddenSize, attention = config.NumAttentionHeads * config.HeadDim, kv = config.NumKeyValueHeads * config.HeadDim;
             int inner = config.IntermediateSize;
-            long total = 4L * hidden + 2L * attention + 2L * kv + 2L * inner;
+            RankCapacity = Math.Max(256, Math.Max(hidden, inner));
+            long total = (long)time * (3L * hidden + 2L * attention + 2L * kv + 2L * inner + RankCapacity);
             _block = (float*)NativeMemory.AlignedAlloc((nuint)(total * sizeof(float)), 64);
             float* p = _block;
-            Hidden = Take(ref p, hidden); Normed = Take(ref p, hidden); Output = Take(ref p, hidden); Take(ref p, hidden);
-            Query = Take(ref p, attention); Attended = Take(ref p, attention);
-            Key = Take(ref p, kv); Value = Take(ref p, kv);
-            Gate = Take(ref p, inner); Up = Take(ref p, inner);
+            Hidden = Take(ref p, time * hidden); Normed = Take(ref p, time * hidden); Output = Take(ref p, time * hidden);
+            Query = Take(ref p, time * attention); Attended = Take(ref p, time * attention);
+            Key = Take(ref p, time * kv); Value = Take(ref p, time * kv);
+            Gate = Take(ref p, time * inner); Up = Take(ref p, time * inner);
+            Rank = Take(ref p, time * RankCapacity);
+            _allowed = (byte*)NativeMemory.Alloc((nuint)keys);
         }
 
         private static float* Take(ref float* p, int count)
@@ -347,17 +353,16 @@ internal static unsafe partial class LlamaCpuDecoder
         public float* Value { get; }
         public float* Gate { get; }
         public float* Up { get; }
+        public float* Rank { get; }
+        public int RankCapacity { get; }
 
-        public byte* Allowed(int keys)
-        {
-            if (_allowed == null) _allowed = (byte*)NativeMemory.Alloc((nuint)keys);
-            return _allowed;
-        }
+        /// <summary>One byte per key: may the current query attend to it.</summary>
+        public byte* Allowed => _allowed;
 
         public void Dispose()
         {
             NativeMemory.AlignedFree(_block);
-            if (_allowed != null) NativeMemory.Free(_allowed);
+            NativeMemory.Free(_allowed);
         }
     }
 }
