@@ -11,8 +11,10 @@ namespace AdapterFlow.Tests.Models;
 
 /// <summary>
 /// The CPU decode kernels (batch-1 float32 decode steps of the LLaMA family) give the libtorch path's logits and
-/// cache, engage where they should, and leave everything else to libtorch.
+/// cache, engage where they should, and leave everything else to libtorch. Some tests set the kernels' process-wide
+/// thread count and pool mode, so the class runs alone.
 /// </summary>
+[Collection(KernelSettingsCollection.Name)]
 public class CpuDecodeTests
 {
     // Two float32 summation orders (the kernels' and libtorch's) over logits of magnitude ~10 differ by about 1e-5;
