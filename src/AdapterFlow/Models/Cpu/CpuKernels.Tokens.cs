@@ -34,7 +34,7 @@ internal static unsafe partial class CpuKernels
         });
     }
 
-    private static void GemmRows(float* w, float* x, float* y, float* bias, int rows, int cols, int tokens, int r0, int r1, bool accumulate)
+    internal static void GemmRows(float* w, float* x, float* y, float* bias, int rows, int cols, int tokens, int r0, int r1, bool accumulate)
     {
         for (int r = r0; r < r1; r++)
         {

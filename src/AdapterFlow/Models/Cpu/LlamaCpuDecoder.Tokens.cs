@@ -1,16 +1,15 @@
 using System.Collections;
-using System.Runtime.InteropServices;
-using AdapterFlow.Adapters.Lora;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace AdapterFlow.Models.Cpu;
 
-// A pass over T > 1 new tokens of one row: prompts' short tails and self-speculative verification (the d + 1
-// drafted positions through the late layers, from StartLayer with a LayerInput). Same conditions as the one-token
-// step; the projections run as small GEMMs that read each weight row once for all T tokens, attention runs per
-// (head, query) over the cache and the new keys with causal, padding and sliding-window masking.
+// The pass over T ≤ 32 new tokens of one row: decode steps (T = 1), self-speculative verification (the d + 1 drafted
+// positions through the late layers, from StartLayer with a LayerInput) and prompts' short tails. The projections
+// that share an input run as one parallel region (ProjectionGroup: q/k/v, gate/up), reading each weight row once
+// for all T tokens; attention runs per (head, query) over the cache and the new keys with causal, padding and
+// sliding-window masking.
 internal static unsafe partial class LlamaCpuDecoder
 {
     /// <summary>Most new tokens a kernel pass takes; longer inputs (real prompts) go to libtorch's GEMMs.</summary>
@@ -43,7 +42,7 @@ internal static unsafe partial class LlamaCpuDecoder
 
     private static ForwardOutput? TryForwardTokens(LlamaForCausalLM model, ForwardInput input, KVCache cache, int start, int layers, int time)
     {
-        if (time < 2 || time > MaxTokensPerPass) return null;
+        if (time < 1 || time > MaxTokensPerPass) return null;
         var config = model.LlamaConfig;
         int hidden = config.HiddenSize, vocab = config.VocabSize;
         var ids = input.InputIds;
@@ -54,7 +53,14 @@ internal static unsafe partial class LlamaCpuDecoder
         if (input.LayerInput is { } layerInput && !IsF32Cpu(layerInput, 1, time, hidden)) return null;
         if (!IsF32Cpu(model.model.norm.weight, hidden) || !LayersSupported(model, cache, start, layers)) return null;
         bool needsEmbedding = ids is not null && input.LayerInput is null;
-        if (needsEmbedding && !HasPlainEmbedding(model)) return null;
+        using var scope = torch.NewDisposeScope();
+        if (needsEmbedding && !HasPlainEmbedding(model))
+        {
+            // An embedding the kernels do not read (trainable tokens, LoRA on the embedding, …) runs through its module.
+            embeds = model.EmbedTokens(ids!);
+            if (!IsF32Cpu(embeds, 1, time, hidden)) return null;
+            needsEmbedding = false;
+        }
 
         int past = cache.LayerLength(start);
         int total = past + time;
@@ -76,7 +82,6 @@ internal static unsafe partial class LlamaCpuDecoder
         }
         long[]? tokenIds = needsEmbedding ? ids!.to_type(ScalarType.Int64).contiguous().data<long>().ToArray() : null;
 
-        using var scope = torch.NewDisposeScope();
         var entering = input.LayerInput ?? embeds;
         if (entering is not null) entering = entering.contiguous();
         // Hidden states (before the final norm) in one block [states, 1, time, hidden]; the list hands out views.
@@ -87,7 +92,8 @@ internal static unsafe partial class LlamaCpuDecoder
         fixed (byte* maskBytes = keyReal)
             RunTokens(model, cache, start, layers, time, tokenIds, entering is null ? null : CpuKernels.Pointer(entering), positions, sequenceLength,
                 maskBytes, states is null ? null : CpuKernels.Pointer(states), null, headRows, headRows == 0 ? null : CpuKernels.Pointer(logits));
-        MultiTokenPassesOnThisThread++;
+        if (time == 1) StepsOnThisThread++;
+        else MultiTokenPassesOnThisThread++;
         return new ForwardOutput(logits.MoveToOuterDisposeScope(), states is null ? null : new StateViews(states.MoveToOuterDisposeScope()));
     }
 
@@ -190,10 +196,13 @@ internal static unsafe partial class LlamaCpuDecoder
                     throw new InvalidOperationException(
                         $"KV cache layer {i} holds {cache.LayerLength(i)} tokens but layer {start} holds {past}; truncate the cache to a common length first");
                 var self = layer.self_attn;
-                RmsNormTokens(layer.input_layernorm, x, buffers.Normed, hidden, time);
-                ProjectTokens(self.q_proj, buffers.Normed, hidden, buffers.Query, attention, time, buffers);
-                ProjectTokens(self.k_proj, buffers.Normed, hidden, buffers.Key, kv, time, buffers);
-                ProjectTokens(self.v_proj, buffers.Normed, hidden, buffers.Value, kv, time, buffers);
+                RmsNorm(layer.input_layernorm, x, buffers.Normed, hidden, time);
+                // q, k and v (and their LoRA terms) read the same normed input: one parallel region for all three.
+                var qkv = Group(buffers.Normed, hidden, time);
+                AddProjection(qkv, self.q_proj, buffers.Normed, hidden, buffers.Query, attention, time);
+                AddProjection(qkv, self.k_proj, buffers.Normed, hidden, buffers.Key, kv, time);
+                AddProjection(qkv, self.v_proj, buffers.Normed, hidden, buffers.Value, kv, time);
+                qkv.Run();
                 for (int t = 0; t < time; t++)
                 {
                     CpuKernels.RotateHalf(buffers.Query + t * attention, heads, headDim, cos + t * rotaryDim, sin + t * rotaryDim, half);
@@ -229,99 +238,22 @@ internal static unsafe partial class LlamaCpuDecoder
                     CpuKernels.Attend(buffers.Query + t * attention, k, v, buffers.Attended + t * attention, heads, kvHeads, headDim, capacity,
                         first, length, allowed, scale);
                 }
-                ProjectTokens(self.o_proj, buffers.Attended, attention, buffers.Output, hidden, time, buffers);
+                Project(self.o_proj, buffers.Attended, attention, buffers.Output, hidden, time);
                 CpuKernels.Add(x, buffers.Output, time * hidden);
 
-                RmsNormTokens(layer.post_attention_layernorm, x, buffers.Normed, hidden, time);
-                MlpTokens(layer.mlp, config, time, buffers);
+                RmsNorm(layer.post_attention_layernorm, x, buffers.Normed, hidden, time);
+                Mlp(layer.mlp, config, time, buffers);
                 CpuKernels.Add(x, buffers.Output, time * hidden);
                 if (states != null) Copy(x, states + (long)(i - start + 1) * stateSize, stateSize);
             }
         }
         if (exitState != null) Copy(x, exitState, stateSize);
         if (headRows == 0) return;
-        RmsNormTokens(model.model.norm, x + (long)(time - headRows) * hidden, buffers.Normed, hidden, headRows);
+        RmsNorm(model.model.norm, x + (long)(time - headRows) * hidden, buffers.Normed, hidden, headRows);
         var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
         if (head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, vocab, hidden))
             CpuKernels.Gemm(CpuKernels.Pointer(head), buffers.Normed, logits, null, vocab, hidden, headRows);
-        else ThroughTorchTokens(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);
-    }
-
-    private static void RmsNormTokens(RMSNorm norm, float* x, float* y, int n, int time)
-    {
-        float* weight = CpuKernels.Pointer(norm.weight);
-        for (int t = 0; t < time; t++) CpuKernels.RmsNorm(x + (long)t * n, weight, y + (long)t * n, n, norm.Eps);
-    }
-
-    /// <summary>The gated MLP of <paramref name="time"/> tokens into <see cref="Buffers.Output"/>; other MLP modules run through libtorch.</summary>
-    private static void MlpTokens(nn.Module<Tensor, Tensor> module, LlamaConfig config, int time, Buffers buffers)
-    {
-        int hidden = config.HiddenSize, inner = config.IntermediateSize;
-        if (module is LlamaMLP mlp && config.HiddenAct is "silu" or "swish")
-        {
-            ProjectTokens(mlp.gate_proj, buffers.Normed, hidden, buffers.Gate, inner, time, buffers);
-            ProjectTokens(mlp.up_proj, buffers.Normed, hidden, buffers.Up, inner, time, buffers);
-            CpuKernels.SiluMul(buffers.Gate, buffers.Up, time * inner);
-            ProjectTokens(mlp.down_proj, buffers.Gate, inner, buffers.Output, hidden, time, buffers);
-        }
-        else
-        {
-            ThroughTorchTokens(module, buffers.Normed, hidden, buffers.Output, hidden, time);
-        }
-    }
-
-    /// <summary>y [time, out] = module(x [time, in]) for a linear slot: nn.Linear and plain LoRA as GEMMs, anything else through libtorch.</summary>
-    private static void ProjectTokens(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, int time, Buffers buffers)
-    {
-        if (module is Linear linear && LinearTokens(linear, x, inFeatures, y, outFeatures, time, accumulate: false)) return;
-        if (module is LoraLinear lora && LoraTokens(lora, x, inFeatures, y, outFeatures, time, buffers)) return;
-        ThroughTorchTokens(module, x, inFeatures, y, outFeatures, time);
-    }
-
-    private static bool LinearTokens(Linear linear, float* x, int inFeatures, float* y, int outFeatures, int time, bool accumulate)
-    {
-        var weight = linear.weight;
-        var bias = linear.bias;
-        if (weight is null || !IsF32Cpu(weight, outFeatures, inFeatures) || (bias is not null && !IsF32Cpu(bias, outFeatures))) return false;
-        CpuKernels.Gemm(CpuKernels.Pointer(weight), x, y, bias is null ? null : CpuKernels.Pointer(bias), outFeatures, inFeatures, time, accumulate);
-        return true;
-    }
-
-    /// <summary>Unmerged LoRA over several tokens: W x + b + Σ s · B (A x) (dropout is off at inference), declining before writing anything.</summary>
-    private static bool LoraTokens(LoraLinear lora, float* x, int inFeatures, float* y, int outFeatures, int time, Buffers buffers)
-    {
-        if (lora.Routing is not null || lora.BaseLayer is not Linear baseLinear) return false;
-        var adapters = lora.Disabled ? [] : lora.ActiveAdapters.Where(a => !lora.MergedAdapters.Contains(a)).ToArray();
-        foreach (var adapter in adapters)
-        {
-            if (lora.IsDora(adapter)) return false;
-            var a = lora.A(adapter).weight;
-            if (a is null || a.dim() != 2 || a.shape[0] > buffers.RankCapacity || lora.A(adapter).bias is not null || lora.B(adapter).bias is not null) return false;
-        }
-        if (!LinearTokens(baseLinear, x, inFeatures, y, outFeatures, time, accumulate: false)) return false;
-        foreach (var adapter in adapters)
-        {
-            var a = lora.A(adapter);
-            int rank = (int)a.weight!.shape[0];
-            if (!LinearTokens(a, x, inFeatures, buffers.Rank, rank, time, accumulate: false))
-                throw new InvalidOperationException($"LoRA adapter '{adapter}': lora_A is not a float32 [{rank}, {inFeatures}] CPU matrix");
-            float s = (float)lora.Scaling(adapter);
-            for (int i = 0; i < rank * time; i++) buffers.Rank[i] *= s;
-            if (!LinearTokens(lora.B(adapter), buffers.Rank, rank, y, outFeatures, time, accumulate: true))
-                throw new InvalidOperationException($"LoRA adapter '{adapter}': lora_B is not a float32 [{outFeatures}, {rank}] CPU matrix");
-        }
-        return true;
-    }
-
-    /// <summary>Runs any module on x as a [1, time, in] tensor and copies its [1, time, out] result to y.</summary>
-    private static void ThroughTorchTokens(nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, int time)
-    {
-        var input = torch.empty([1, time, inFeatures], ScalarType.Float32);
-        new ReadOnlySpan<float>(x, time * inFeatures).CopyTo(new Span<float>(CpuKernels.Pointer(input), time * inFeatures));
-        var output = module.forward(input);
-        if (output.NumberOfElements != (long)time * outFeatures)
-            throw new InvalidOperationException($"{module.GetType().Name} returned [{string.Join(", ", output.shape)}] for a [1, {time}, {inFeatures}] input; expected {outFeatures} features");
-        Copy(output.to(ScalarType.Float32, torch.CPU).contiguous(), y, time * outFeatures);
+        else ThroughTorch(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);
     }
 
     /// <summary>

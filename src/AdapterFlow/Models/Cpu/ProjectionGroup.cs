@@ -1,16 +1,17 @@
 namespace AdapterFlow.Models.Cpu;
 
 /// <summary>
-/// Several matrix-vector products over one input vector (q, k and v of a layer; gate and up of its MLP; or one
-/// projection alone), with their unmerged LoRA terms, as ONE parallel region instead of one per matrix plus two
-/// serial products per adapter. The work items are, in order: row blocks of every adapter's A (rank × in, into a
+/// Several matrix products over one input (q, k and v of a layer; gate and up of its MLP; or one projection alone),
+/// with their unmerged LoRA terms, as ONE parallel region instead of one per matrix plus two serial products per
+/// adapter. The input is one vector (a decode step) or a few token vectors [time, cols] (verifying drafts, short
+/// prompt tails); each weight row is then read once for all of them (<see cref="CpuKernels.Gemm"/>'s row kernel). The work items are, in order: row blocks of every adapter's A (rank × in, into a
 /// small scaled rank vector), then row blocks of every base matrix. A base block, once its rows are done, adds its
 /// rows of s · B (A x): it first helps finish any A block nobody has claimed yet and waits for the claimed ones, which
 /// are short and already running (A items come first, so by then they are almost always done). With
 /// <see cref="PairSiluMul"/>, each block computes the same rows of gate and up and ends with gate = silu(gate) · up.
 /// <para>
-/// Each output row is summed exactly as <see cref="CpuKernels.Gemv"/> sums it (same row kernel, same order), whichever
-/// thread runs it, so results do not depend on scheduling. One instance per thread (it holds the call's state).
+/// Each output row is summed exactly as <see cref="CpuKernels.Gemv"/> (one token) or <see cref="CpuKernels.Gemm"/>
+/// (several) sums it (same row kernel, same order), whichever thread runs it, so results do not depend on scheduling. One instance per thread (it holds the call's state).
 /// </para>
 /// </summary>
 internal sealed unsafe class ProjectionGroup
@@ -45,17 +46,18 @@ internal sealed unsafe class ProjectionGroup
     private readonly Action<int> _body;
     private int _targetCount, _termCount, _lowUsed, _lowItems, _itemCount;
     private float* _x;
-    private int _cols;
+    private int _cols, _time;
     private bool _pair;
     private int _lowNext, _lowDone;
 
     public ProjectionGroup() => _body = Body;
 
-    /// <summary>Starts a new group over input x of <paramref name="cols"/> values.</summary>
-    public void Begin(float* x, int cols)
+    /// <summary>Starts a new group over input x [time, cols] (row-major; outputs are [time, rows]).</summary>
+    public void Begin(float* x, int cols, int time = 1)
     {
         _x = x;
         _cols = cols;
+        _time = time;
         _targetCount = _termCount = _lowUsed = 0;
         _pair = false;
     }
@@ -91,11 +93,12 @@ internal sealed unsafe class ProjectionGroup
     public void Run()
     {
         if (_targetCount == 0) return;
-        if (_low.Length < _lowUsed) _low = GC.AllocateArray<float>(Math.Max(_lowUsed, 2 * _low.Length), pinned: true);
+        int lowSize = _lowUsed * _time;
+        if (_low.Length < lowSize) _low = GC.AllocateArray<float>(Math.Max(lowSize, 2 * _low.Length), pinned: true);
         long work = 0;
         int rows = 0;
         for (int t = 0; t < _targetCount; t++) rows += _targets[t].Rows;
-        work += (long)rows * _cols;
+        work += (long)rows * _cols * _time;
         // The array is pinned (allocated so), so its address stays valid after the fixed block.
         fixed (float* low = _low)
         {
@@ -103,8 +106,8 @@ internal sealed unsafe class ProjectionGroup
             for (int i = 0; i < _termCount; i++)
             {
                 _terms[i].Low = next;
-                next += _terms[i].Rank;
-                work += (long)_terms[i].Rank * _cols + (long)_terms[i].Rank * 64;
+                next += _terms[i].Rank * _time;
+                work += ((long)_terms[i].Rank * _cols + (long)_terms[i].Rank * 64) * _time;
             }
         }
         int workers = CpuKernels.WorkerCount;
@@ -154,7 +157,8 @@ internal sealed unsafe class ProjectionGroup
             ref var up = ref _targets[1];
             Rows(ref gate, it.Row0, it.Row1);
             Rows(ref up, it.Row0, it.Row1);
-            CpuKernels.SiluMul(gate.Output + it.Row0, up.Output + it.Row0, it.Row1 - it.Row0);
+            for (int t = 0; t < _time; t++)
+                CpuKernels.SiluMul(gate.Output + (long)t * gate.Rows + it.Row0, up.Output + (long)t * up.Rows + it.Row0, it.Row1 - it.Row0);
         }
         else
         {
@@ -165,14 +169,21 @@ internal sealed unsafe class ProjectionGroup
     /// <summary>Rows [r0, r1) of one target: base product, then its LoRA terms.</summary>
     private void Rows(ref Target target, int r0, int r1)
     {
-        CpuKernels.GemvRows(target.Weight, _x, target.Output, target.Bias, _cols, r0, r1, accumulate: false);
+        Product(target.Weight, _x, target.Output, target.Bias, target.Rows, _cols, r0, r1, accumulate: false);
         if (target.Terms == 0) return;
         FinishLowRank();
         for (int i = target.FirstTerm; i < target.FirstTerm + target.Terms; i++)
         {
             ref var term = ref _terms[i];
-            CpuKernels.GemvRows(term.B, term.Low, target.Output, null, term.Rank, r0, r1, accumulate: true);
+            Product(term.B, term.Low, target.Output, null, target.Rows, term.Rank, r0, r1, accumulate: true);
         }
+    }
+
+    /// <summary>Rows [r0, r1) of y [time, rows] = x [time, cols] · wᵀ: the one-token kernel for one token, the small GEMM's otherwise.</summary>
+    private void Product(float* w, float* x, float* y, float* bias, int rows, int cols, int r0, int r1, bool accumulate)
+    {
+        if (_time == 1) CpuKernels.GemvRows(w, x, y, bias, cols, r0, r1, accumulate);
+        else CpuKernels.GemmRows(w, x, y, bias, rows, cols, _time, r0, r1, accumulate);
     }
 
     /// <summary>Runs one unclaimed A block, if any is left; false when all are claimed.</summary>
@@ -184,8 +195,9 @@ internal sealed unsafe class ProjectionGroup
         {
             var it = _items[i];
             ref var term = ref _terms[it.Index];
-            CpuKernels.GemvRows(term.A, _x, term.Low, null, _cols, it.Row0, it.Row1, accumulate: false);
-            for (int r = it.Row0; r < it.Row1; r++) term.Low[r] *= term.Scale;
+            Product(term.A, _x, term.Low, null, term.Rank, _cols, it.Row0, it.Row1, accumulate: false);
+            for (int t = 0; t < _time; t++)
+                for (int r = it.Row0; r < it.Row1; r++) term.Low[t * term.Rank + r] *= term.Scale;
         }
         finally
         {
