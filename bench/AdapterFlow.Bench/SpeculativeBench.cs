@@ -11,7 +11,7 @@ namespace AdapterFlow.Bench;
 public static class SpeculativeBench
 {
     public static string Table(string modelDir, string machine, int newTokens, string? exitLayers, string? numSpeculations, int repeats,
-        bool cpuKernels = true)
+        bool cpuKernels = true, string? draftVocabulary = null)
     {
         using var textModel = TextModel.Load(modelDir);
         var model = textModel.Model;
@@ -25,6 +25,7 @@ public static class SpeculativeBench
             MaxNewTokens = newTokens,
             StopTokenIds = textModel.GenerationStopTokenIds,
             Repeats = repeats,
+            DraftVocabulary = draftVocabulary is null ? null : DraftVocabulary.Load(draftVocabulary),
         };
         Console.WriteLine($"Self-speculative sweep on {modelDir}: {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters");
         var result = SpeculativeSweep.Run(model, prompts, options, line => Console.WriteLine("  " + line));
@@ -36,7 +37,8 @@ public static class SpeculativeBench
             $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({model.Config.ModelType}, {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters, {model.DType}); ") +
             string.Create(CultureInfo.InvariantCulture,
             $"{prompts.Length} built-in prompts one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
-            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass). CPU decode kernels: {(cpuKernels ? "on (one-token steps of the baseline and of the drafts, and the verification passes over d + 1 positions)" : "off (everything through libtorch)")}."));
+            string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass). CPU decode kernels: {(cpuKernels ? "on (one-token steps of the baseline and of the drafts, and the verification passes over d + 1 positions)" : "off (everything through libtorch)")}.") +
+            (options.DraftVocabulary is { } draft ? string.Create(CultureInfo.InvariantCulture, $" Draft head over {draft.Count} tokens (`{Path.GetFileName(draftVocabulary)}`) plus those of the text so far; the verifier's head is whole.") : " Draft head: the whole vocabulary."));
         table.AppendLine();
         table.AppendLine("| exit layer E | drafts K | decode tok/s | speed-up | acceptance | tokens/round | same tokens as autoregressive |");
         table.AppendLine("|---:|---:|---:|---:|---:|---:|---|");

@@ -71,6 +71,7 @@ public static class CliApp
         root.Add(InspectCommand.Create(context));
         root.Add(GenerateCommand.Create(context));
         root.Add(BenchSpeculativeCommand.Create(context));
+        root.Add(DraftVocabCommand.Create(context));
         root.Add(TokenizeCommand.Create(context));
         root.Add(ForwardCommand.Create(context));
         root.Add(QuickstartCommand.Create(context));

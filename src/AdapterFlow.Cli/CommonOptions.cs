@@ -38,6 +38,22 @@ internal static class CommonOptions
     };
 
     /// <summary>Adds a validator that reports a one-line error unless <paramref name="isValid"/> holds.</summary>
+    public static Option<string?> DraftVocab() => new("--draft-vocab")
+    {
+        Description = "Self-speculative decoding: the tokens the draft may propose, a file written by `adapterflow draft-vocab` (its head then " +
+                      $"computes only their logits, plus the prompt's and generated tokens'; the output does not change). Default: the model " +
+                      $"folder's {Generation.DraftVocabulary.FileName} if there is one, else the whole vocabulary; 'none' for the whole vocabulary.",
+        HelpName = "FILE|none",
+    };
+
+    /// <summary>The draft vocabulary <c>--draft-vocab</c> selects: the named file, none, or the model folder's file if present.</summary>
+    public static Generation.DraftVocabulary? ReadDraftVocab(string? value, string modelPath) => value switch
+    {
+        "none" => null,
+        null => Generation.DraftVocabulary.FromModelFolder(modelPath),
+        _ => Generation.DraftVocabulary.Load(value),
+    };
+
     public static Option<T> Check<T>(this Option<T> option, Func<T, bool> isValid, string requirement)
     {
         option.Validators.Add(result =>

@@ -45,6 +45,7 @@ internal static class BenchSpeculativeCommand
                           "of the pairs' ratios (steadier on a busy machine).",
             DefaultValueFactory = _ => 3,
         }.Check(n => n >= 1, "must be at least 1");
+        var draftVocab = CommonOptions.DraftVocab();
         var device = CommonOptions.Device();
         var dtype = CommonOptions.DType();
         var json = CommonOptions.Json("Print one JSON object as the last line: best_speedup, best_exit_layer, best_num_speculations, " +
@@ -55,7 +56,7 @@ internal static class BenchSpeculativeCommand
             "that every setting gives exactly the autoregressive tokens. Speed-ups need a model trained with LayerSkip's recipe " +
             "(layer dropout + early-exit loss); other models typically show 1x or less.")
         {
-            model, adapter, promptsFile, exitLayers, numSpeculations, maxNewTokens, repeats, device, dtype, json,
+            model, adapter, promptsFile, exitLayers, numSpeculations, maxNewTokens, repeats, draftVocab, device, dtype, json,
         };
         command.SetAction((parse, cancellation) =>
         {
@@ -81,10 +82,12 @@ internal static class BenchSpeculativeCommand
                 MaxNewTokens = parse.GetValue(maxNewTokens),
                 StopTokenIds = textModel.GenerationStopTokenIds,
                 Repeats = parse.GetValue(repeats),
+                DraftVocabulary = CommonOptions.ReadDraftVocab(parse.GetValue(draftVocab), parse.GetRequiredValue(model)),
             };
             // Progress goes to stderr with --json (stdout's last line is the JSON), else to stdout above the table.
             var log = asJson ? context.Err : context.Out;
-            log.WriteLine($"Sweeping {prompts.Length} prompts, {layers} layers, up to {options.MaxNewTokens} new tokens each (greedy, batch 1)...");
+            log.WriteLine($"Sweeping {prompts.Length} prompts, {layers} layers, up to {options.MaxNewTokens} new tokens each (greedy, batch 1; " +
+                          (options.DraftVocabulary is { } dv ? $"draft head over {dv.Count} tokens" : "draft head over the whole vocabulary") + ")...");
             log.Flush();
             var result = SpeculativeSweep.Run(textModel.Model, prompts, options, line =>
             {
@@ -107,6 +110,7 @@ internal static class BenchSpeculativeCommand
                     ["prompts"] = result.Prompts,
                     ["generated_tokens"] = result.GeneratedTokens,
                     ["all_identical"] = result.AllIdentical,
+                    ["draft_vocab_size"] = options.DraftVocabulary?.Count,
                     ["sweep"] = new JsonArray(result.Points.Select(p => (JsonNode?)new JsonObject
                     {
                         ["exit_layer"] = p.ExitLayer,

@@ -79,6 +79,14 @@ public sealed record GenerationOptions
     /// <summary>Self-speculative decoding: tokens drafted per round before one verification pass (LayerSkip's d).</summary>
     public int NumSpeculations { get; init; } = 4;
 
+    /// <summary>
+    /// Self-speculative decoding: the tokens the draft may propose (its head computes only their logits, plus the
+    /// prompt's and the generated tokens'); null = the whole vocabulary. The output does not change (the verifier
+    /// runs the full head); a smaller draft head makes drafts cheaper on bandwidth-bound models. Used by greedy
+    /// one-row decoding on the CPU decode kernels; other self-speculative paths draft over the whole vocabulary.
+    /// </summary>
+    public DraftVocabulary? DraftVocabulary { get; init; }
+
     /// <summary>Leave special tokens (EOS, pad...) out of the decoded text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 

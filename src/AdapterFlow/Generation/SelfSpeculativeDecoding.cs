@@ -214,19 +214,23 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
     /// accepted ones) instead of ~15 per draft. Same tokens as <see cref="Round"/>: the same passes over the same cache,
     /// the same argmax (first maximum), the same acceptance. Used only where nothing needs the tensors: greedy, one
     /// row without padding, no logits processors, a LLaMA-family model itself (not an adapter wrapper, whose forward
-    /// may add to the model's) that the kernels can run, and K + 1 within one kernel pass.
+    /// may add to the model's) that the kernels can run, and K + 1 within one kernel pass. With a
+    /// <see cref="GenerationOptions.DraftVocabulary"/>, a draft's head computes only the logits of that vocabulary's
+    /// tokens and of every token in the text so far (added as they appear); the verifier's head stays whole.
     /// </summary>
     private sealed class HostGreedyRounds
     {
         private readonly LlamaForCausalLM _model;
         private readonly float[] _states;  // exit states [K + 1, hidden] of the round's columns
         private readonly float[] _logits;  // [K + 1, vocab]: the drafts', then the verifier's
+        private readonly DraftTokenSet? _draftTokens;
 
-        private HostGreedyRounds(LlamaForCausalLM model, int columns)
+        private HostGreedyRounds(LlamaForCausalLM model, int columns, DraftTokenSet? draftTokens)
         {
             _model = model;
             _states = new float[columns * model.LlamaConfig.HiddenSize];
             _logits = new float[columns * model.LlamaConfig.VocabSize];
+            _draftTokens = draftTokens;
         }
 
         public static HostGreedyRounds? For(DecodingSession session, bool sampling)
@@ -235,7 +239,14 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             if (sampling || session.BatchSize != 1 || session.HasPadding || session.Device.type != DeviceType.CPU) return null;
             if (session.Selector is not GreedySelector || session.Processors is not LogitsProcessorList { Processors.Count: 0 }) return null;
             if (session.Model is not LlamaForCausalLM model || columns > LlamaCpuDecoder.MaxTokensPerPass) return null;
-            return LlamaCpuDecoder.CanRunHostPasses(model, session.Cache) ? new HostGreedyRounds(model, columns) : null;
+            if (!LlamaCpuDecoder.CanRunHostPasses(model, session.Cache)) return null;
+            DraftTokenSet? draftTokens = null;
+            if (session.Options.DraftVocabulary is { } vocabulary)
+            {
+                draftTokens = new DraftTokenSet(vocabulary, model.LlamaConfig.VocabSize);
+                foreach (long id in session.InputIds.contiguous().data<long>().ToArray()) draftTokens.Add(id);
+            }
+            return new HostGreedyRounds(model, columns, draftTokens);
         }
 
         public unsafe IReadOnlyList<GeneratedToken> Round(DecodingSession session, int exit, int drafts)
@@ -252,8 +263,19 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                 // 1. Draft through layers 0..E−1, one token at a time, keeping each exit state.
                 for (int j = 0; j < drafts; j++)
                 {
-                    LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, logits + (long)j * vocab);
-                    fed[j + 1] = ArgMax(logits + (long)j * vocab, vocab);
+                    float* draftLogits = logits + (long)j * vocab;
+                    // With E = L the drafts' logits are the verifier's, so they stay whole.
+                    if (_draftTokens is { } subset && exit < layers)
+                    {
+                        LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits,
+                            subset.Pointer, subset.Count);
+                        fed[j + 1] = subset[(int)ArgMax(draftLogits, subset.Count)];
+                    }
+                    else
+                    {
+                        LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits);
+                        fed[j + 1] = ArgMax(draftLogits, vocab);
+                    }
                 }
                 // 2. Verify: the last draft through the early layers (no head), the late layers over all d + 1 exit states.
                 if (exit < layers)
@@ -270,6 +292,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             bool ends = false;
             for (int j = 0; j <= agreed && !ends; j++) ends = session.IsStopToken((int)chosen[j]);
             session.RecordDrafts(drafts, agreed);
+            for (int j = 0; j <= agreed; j++) _draftTokens?.Add(chosen[j]);
             using var tokens = torch.tensor(chosen, [1, drafts + 1], ScalarType.Int64, session.Device);
             var events = session.AcceptColumns(tokens, chosen, drafts + 1, ends ? drafts + 1 : agreed + 1);
             cache.Truncate(session.CommittedCacheLength);

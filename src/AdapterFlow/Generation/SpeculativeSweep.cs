@@ -19,6 +19,9 @@ public sealed record SpeculativeSweepOptions
 
     /// <summary>Timed passes over the prompts per setting, each paired with a baseline pass just before it; the speed-up is the median ratio.</summary>
     public int Repeats { get; init; } = 1;
+
+    /// <summary>The draft's vocabulary (<see cref="GenerationOptions.DraftVocabulary"/>) in every setting; null = the whole vocabulary.</summary>
+    public DraftVocabulary? DraftVocabulary { get; init; }
 }
 
 /// <summary>One measured setting of the sweep (greedy, prompts one at a time).</summary>
@@ -110,7 +113,10 @@ public static class SpeculativeSweep
         foreach (var exit in exits)
             foreach (var k in options.NumSpeculations)
             {
-                var speculative = greedy with { Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k };
+                var speculative = greedy with
+                {
+                    Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k, DraftVocabulary = options.DraftVocabulary,
+                };
                 var ratios = new List<double>(options.Repeats);
                 Timing best = default;
                 double rate = 0;

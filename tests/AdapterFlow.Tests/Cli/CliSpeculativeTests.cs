@@ -38,6 +38,39 @@ public class CliSpeculativeTests(TinyModelFixture tiny)
     }
 
     [Fact]
+    public void Draft_vocab_writes_a_vocabulary_that_generate_and_bench_use_without_changing_the_tokens()
+    {
+        var data = tiny.Scratch("draft-corpus.jsonl");
+        File.WriteAllLines(data, ["{\"text\": \"Tom has 12 apples and buys 7 more.\"}", "{\"text\": \"A farmer has 48 sheep.\"}", "not json"]);
+        var vocabPath = tiny.Scratch("draft-vocab.json");
+        var made = CliRunner.Run("draft-vocab", "--model", tiny.ModelDir, "--data", data, "--size", "12", "-o", vocabPath, "--json").AssertSuccess();
+        Assert.Contains("skipped 1 malformed record", made.Stderr);
+        var json = made.LastJson();
+        Assert.Equal(vocabPath, json.GetProperty("path").GetString());
+        Assert.InRange(json.GetProperty("size").GetInt32(), 12, 13); // 12 tokens, and EOS unless among them
+        Assert.InRange(json.GetProperty("coverage").GetDouble(), 0.3, 1.0);
+        Assert.True(File.Exists(vocabPath));
+
+        var plain = Ids(CliRunner.Run(Generate()).AssertSuccess().LastJson());
+        foreach (var exit in new[] { "1", "2" })
+        {
+            var drafted = CliRunner.Run(Generate("--strategy", "self-speculative", "--exit-layer", exit, "--draft-vocab", vocabPath)).AssertSuccess().LastJson();
+            Assert.Equal(plain, Ids(drafted));
+        }
+        Assert.Contains("--draft-vocab", CliRunner.Run(Generate("--draft-vocab", vocabPath)).AssertUsageError());
+        var bad = tiny.Scratch("bad-vocab.json");
+        File.WriteAllText(bad, "{\"token_ids\": [1, -3]}");
+        var error = CliRunner.Run(Generate("--strategy", "self-speculative", "--exit-layer", "2", "--draft-vocab", bad));
+        Assert.NotEqual(0, error.ExitCode);
+        Assert.Contains("bad-vocab.json: token_ids[1]", error.Stderr);
+
+        var bench = CliRunner.Run("bench-speculative", "--model", tiny.ModelDir, "--exit-layers", "2", "--num-speculations", "3", "-n", "6",
+            "--repeats", "1", "--draft-vocab", vocabPath, "--json").AssertSuccess().LastJson();
+        Assert.True(bench.GetProperty("all_identical").GetBoolean());
+        Assert.Equal(json.GetProperty("size").GetInt32(), bench.GetProperty("draft_vocab_size").GetInt32());
+    }
+
+    [Fact]
     public void Self_speculative_text_output_shows_the_acceptance()
     {
         var run = CliRunner.Run("generate", "--model", tiny.ModelDir, "--prompt", "Once", "-n", "5", "--temperature", "0",

@@ -1,0 +1,160 @@
+using System.Runtime.InteropServices;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using AdapterFlow.Data;
+using AdapterFlow.IO;
+
+namespace AdapterFlow.Generation;
+
+/// <summary>
+/// The tokens a self-speculative draft may propose: its head computes the logits of these tokens only (plus every
+/// token of the prompt and of the text generated so far), instead of the whole vocabulary. On a bandwidth-bound model
+/// the LM head is a large share of a draft's weight traffic (a 32000 × 768 head is 22% of a 109.5M LLaMA), and a few
+/// thousand frequent tokens cover most of the text, as in FR-Spec (Zhao et al., 2025). The verifier still computes
+/// the full model, so greedy output is unchanged; a token outside the set only costs one rejected draft.
+/// <para>
+/// Build one from a corpus like the text the model will write (<see cref="FromTexts"/>, or <c>adapterflow draft-vocab</c>);
+/// saved as <see cref="FileName"/> in the model folder, <c>generate</c> and <c>bench-speculative</c> pick it up.
+/// </para>
+/// </summary>
+public sealed class DraftVocabulary
+{
+    /// <summary>The file name looked for in a model folder.</summary>
+    public const string FileName = "draft_vocab.json";
+
+    /// <summary>Token ids, most frequent first, each once.</summary>
+    public IReadOnlyList<int> TokenIds { get; }
+
+    public int Count => TokenIds.Count;
+
+    public DraftVocabulary(IEnumerable<int> tokenIds)
+    {
+        var ids = new List<int>();
+        var seen = new HashSet<int>();
+        foreach (int id in tokenIds)
+        {
+            if (id < 0) throw new ArgumentException($"draft vocabulary: token id {id} is negative");
+            if (seen.Add(id)) ids.Add(id);
+        }
+        if (ids.Count == 0) throw new ArgumentException("draft vocabulary: no token ids");
+        TokenIds = ids;
+    }
+
+    /// <summary>
+    /// The <paramref name="size"/> most frequent tokens of <paramref name="texts"/> (encoded with special tokens, ties
+    /// by lower id), plus the tokenizer's EOS so that a draft can end a text.
+    /// </summary>
+    public static DraftVocabulary FromTexts(ITokenizer tokenizer, IEnumerable<string> texts, int size)
+    {
+        if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), $"a draft vocabulary needs at least one token, got {size}");
+        var counts = new long[tokenizer.VocabSize];
+        foreach (var text in texts)
+            foreach (int id in tokenizer.Encode(text, addSpecialTokens: true))
+                if (id >= 0 && id < counts.Length) counts[id]++;
+        var ranked = Enumerable.Range(0, counts.Length).Where(i => counts[i] > 0)
+            .OrderByDescending(i => counts[i]).ThenBy(i => i).Take(size);
+        var always = tokenizer.EosTokenId is int eos ? new[] { eos } : [];
+        var ids = ranked.Concat(always).ToArray();
+        if (ids.Length == 0) throw new ArgumentException("draft vocabulary: the texts hold no tokens");
+        return new DraftVocabulary(ids);
+    }
+
+    /// <summary>
+    /// The texts of a data file, in any shape <c>train</c> reads: plain text (.txt, or {text} records), instruction
+    /// records (instruction, input and output), chat records (every message) or preference pairs (prompt and both
+    /// answers). With <see cref="BadRecordPolicy.Skip"/>, malformed records are left out and counted in <paramref name="skipped"/>.
+    /// </summary>
+    public static IReadOnlyList<string> CorpusTexts(string path, BadRecordPolicy policy, out int skipped)
+    {
+        switch (DataFile.DetectShape(path))
+        {
+            case DataShape.Text:
+                var text = TextCorpus.Load(path, policy);
+                skipped = text.Problems.Count;
+                return text.Items.Select(d => d.Text).ToArray();
+            case DataShape.Chat:
+                var chat = ChatDataset.Load(path, policy);
+                skipped = chat.Problems.Count;
+                return chat.Items.SelectMany(c => c.Messages.Select(m => m.Content)).ToArray();
+            case DataShape.Preference:
+                var pairs = PreferenceDataset.Load(path, policy);
+                skipped = pairs.Problems.Count;
+                return pairs.Items.SelectMany(p => p.Prompt.Select(m => m.Content).Append(p.Chosen).Append(p.Rejected)).ToArray();
+            default:
+                var instructions = InstructionDataset.Load(path, policy);
+                skipped = instructions.Problems.Count;
+                return instructions.Items.Select(e => string.Join("\n", e.Instruction, e.Input, e.Output)).ToArray();
+        }
+    }
+
+    /// <summary>Reads a file written by <see cref="Save"/>; errors name the file and the field.</summary>
+    public static DraftVocabulary Load(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"{path}: draft vocabulary file not found");
+        JsonNode? root;
+        try { root = JsonNode.Parse(File.ReadAllText(path)); }
+        catch (JsonException e) { throw new InvalidDataException($"{path}: invalid JSON ({e.Message})"); }
+        if (root is not JsonObject obj || obj["token_ids"] is not JsonArray array)
+            throw new InvalidDataException($"{path}: expected an object with a \"token_ids\" array");
+        var ids = new List<int>(array.Count);
+        for (int i = 0; i < array.Count; i++)
+        {
+            if (array[i] is not JsonValue value || !value.TryGetValue(out int id) || id < 0)
+                throw new InvalidDataException($"{path}: token_ids[{i}] is not a non-negative integer");
+            ids.Add(id);
+        }
+        if (ids.Count == 0) throw new InvalidDataException($"{path}: token_ids is empty");
+        return new DraftVocabulary(ids);
+    }
+
+    /// <summary>Writes {"token_ids": [...]} (most frequent first), atomically.</summary>
+    public void Save(string path, string? source = null)
+    {
+        var obj = new JsonObject { ["format"] = "adapterflow draft vocabulary", ["size"] = Count };
+        if (source is not null) obj["source"] = source;
+        obj["token_ids"] = new JsonArray(TokenIds.Select(id => (JsonNode?)id).ToArray());
+        AtomicFile.WriteAllText(path, obj.ToJsonString());
+    }
+
+    /// <summary>The vocabulary in a model folder (<see cref="FileName"/>), or null if it has none.</summary>
+    public static DraftVocabulary? FromModelFolder(string modelDir)
+    {
+        var path = Path.Combine(modelDir, FileName);
+        return Directory.Exists(modelDir) && File.Exists(path) ? Load(path) : null;
+    }
+}
+
+/// <summary>
+/// A generation's draft tokens in pinned memory for the kernels' head over listed rows: the vocabulary's ids (ascending,
+/// so the head's rows are read roughly in order), then each prompt or generated token not yet in it.
+/// </summary>
+internal sealed class DraftTokenSet
+{
+    private readonly int[] _ids;
+    private readonly bool[] _member;
+
+    public DraftTokenSet(DraftVocabulary vocabulary, int vocab)
+    {
+        _ids = GC.AllocateArray<int>(vocab, pinned: true);
+        _member = new bool[vocab];
+        foreach (int id in vocabulary.TokenIds.Order())
+        {
+            if (id >= vocab) throw new ArgumentException($"draft vocabulary: token id {id} is outside the model's vocabulary 0..{vocab - 1}");
+            Add(id);
+        }
+    }
+
+    public int Count { get; private set; }
+
+    /// <summary>The ids as a pinned array (valid for the set's lifetime); the first <see cref="Count"/> are in use.</summary>
+    public unsafe int* Pointer => (int*)Marshal.UnsafeAddrOfPinnedArrayElement(_ids, 0);
+
+    public int this[int index] => _ids[index];
+
+    public void Add(long id)
+    {
+        if (id < 0 || id >= _member.Length || _member[id]) return;
+        _member[id] = true;
+        _ids[Count++] = (int)id;
+    }
+}

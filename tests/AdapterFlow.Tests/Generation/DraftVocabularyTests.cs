@@ -1,0 +1,182 @@
+using AdapterFlow.Data;
+using AdapterFlow.Generation;
+using AdapterFlow.IO;
+using AdapterFlow.Models;
+using AdapterFlow.Models.Cpu;
+using TorchSharp;
+
+namespace AdapterFlow.Tests.Generation;
+
+/// <summary>
+/// Self-speculative drafts over part of the vocabulary: the output stays the autoregressive one whatever the subset,
+/// the subset head's logits are the full head's at those tokens, and the vocabulary file's build, save and load.
+/// </summary>
+public class DraftVocabularyTests
+{
+    private static GenerationOptions Speculative(int exit, int k, DraftVocabulary? draft) => new()
+    {
+        MaxNewTokens = 14, StopTokenIds = [], Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k,
+        DraftVocabulary = draft,
+    };
+
+    [Fact]
+    public void Greedy_output_is_the_autoregressive_output_with_any_draft_vocabulary()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var generator = new TextGenerator(model);
+        var prompts = SelfSpeculativeTests.Prompts(3, seed: 21);
+        var whole = new DraftVocabulary(Enumerable.Range(0, 96));
+        var few = new DraftVocabulary([5, 17, 40, 41, 90]); // most next tokens are outside it (until they appear in the text)
+        var plainOptions = new GenerationOptions { MaxNewTokens = 14, StopTokenIds = [] };
+        double fewAcceptance = 0, wholeAcceptance = 0;
+        foreach (var prompt in prompts)
+        {
+            var expected = generator.Generate([prompt], plainOptions).Sequences[0].Tokens;
+            foreach (var (exit, k) in new[] { (1, 3), (2, 2), (3, 5), (4, 3) })
+            {
+                var full = generator.Generate([prompt], Speculative(exit, k, null));
+                int passes = LlamaCpuDecoder.MultiTokenPassesOnThisThread, steps = LlamaCpuDecoder.StepsOnThisThread;
+                var withWhole = generator.Generate([prompt], Speculative(exit, k, whole));
+                Assert.True(LlamaCpuDecoder.StepsOnThisThread > steps, "the host rounds (kernel passes) should run");
+                if (exit < model.NumLayers) Assert.True(LlamaCpuDecoder.MultiTokenPassesOnThisThread > passes);
+                var withFew = generator.Generate([prompt], Speculative(exit, k, few));
+                Assert.Equal(expected, full.Sequences[0].Tokens);
+                Assert.Equal(expected, withWhole.Sequences[0].Tokens);
+                Assert.Equal(expected, withFew.Sequences[0].Tokens);
+                // The whole vocabulary as a subset drafts exactly what the full head drafts.
+                Assert.Equal(full.Stats.AcceptanceRate, withWhole.Stats.AcceptanceRate);
+                Assert.Equal(full.Stats.DraftedTokens, withWhole.Stats.DraftedTokens);
+                if (exit < model.NumLayers)
+                {
+                    wholeAcceptance += withWhole.Stats.AcceptanceRate ?? 0;
+                    fewAcceptance += withFew.Stats.AcceptanceRate ?? 0;
+                }
+                else Assert.Equal(1.0, withFew.Stats.AcceptanceRate); // E = L: the drafts are the full model's, subset or not
+            }
+        }
+        Assert.True(fewAcceptance < wholeAcceptance, $"a 5-token draft vocabulary should accept less ({fewAcceptance:F2} vs {wholeAcceptance:F2})");
+    }
+
+    [Fact]
+    public unsafe void The_subset_head_gives_the_full_heads_logits_at_the_listed_tokens()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        int vocab = llama.LlamaConfig.VocabSize, hidden = llama.LlamaConfig.HiddenSize;
+        int[] listed = [3, 95, 0, 40, 41, 7];
+        var full = new float[vocab];
+        var subset = new float[listed.Length];
+        var stateA = new float[hidden];
+        var stateB = new float[hidden];
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var cacheA = model.CreateCache();
+        var cacheB = model.CreateCache();
+        Assert.True(LlamaCpuDecoder.CanRunHostPasses(llama, cacheA));
+        fixed (float* f = full, s = subset, a = stateA, b = stateB)
+        fixed (int* rows = listed)
+        {
+            long[] prompt = [4, 9, 33, 12];
+            LlamaCpuDecoder.HostPass(llama, cacheA, 0, 4, prompt.Length, prompt, null, 0, null, 0, null);
+            LlamaCpuDecoder.HostPass(llama, cacheB, 0, 4, prompt.Length, prompt, null, 0, null, 0, null);
+            LlamaCpuDecoder.HostPass(llama, cacheA, 0, 2, 1, [50], null, prompt.Length, a, 1, f);
+            LlamaCpuDecoder.HostPass(llama, cacheB, 0, 2, 1, [50], null, prompt.Length, b, 1, s, rows, listed.Length);
+        }
+        Assert.Equal(stateA, stateB);
+        for (int i = 0; i < listed.Length; i++) Assert.Equal(full[listed[i]], subset[i]); // the same row kernel: bit for bit
+        Assert.Contains(full, v => v != 0);
+    }
+
+    [Fact]
+    public void From_texts_keeps_the_most_frequent_tokens_then_eos()
+    {
+        var tokenizer = new CharTokenizer();
+        var vocabulary = DraftVocabulary.FromTexts(tokenizer, ["aab", "abc", "aaa"], size: 2);
+        // a: 6, b: 2, c: 1 (+ BOS 3 times, id 0): the two most frequent are 'a' and BOS, then EOS.
+        Assert.Equal([CharTokenizer.Id('a'), 0, 1], vocabulary.TokenIds);
+        Assert.Throws<ArgumentOutOfRangeException>(() => DraftVocabulary.FromTexts(tokenizer, ["a"], 0));
+    }
+
+    [Fact]
+    public void Save_and_load_round_trip_and_bad_files_name_the_file_and_field()
+    {
+        var dir = Directory.CreateTempSubdirectory("draftvocab").FullName;
+        try
+        {
+            var path = Path.Combine(dir, DraftVocabulary.FileName);
+            new DraftVocabulary([9, 2, 9, 30]).Save(path, source: "corpus.jsonl");
+            Assert.Equal([9, 2, 30], DraftVocabulary.Load(path).TokenIds);
+            Assert.Equal([9, 2, 30], DraftVocabulary.FromModelFolder(dir)!.TokenIds);
+            Assert.Null(DraftVocabulary.FromModelFolder(Path.Combine(dir, "missing")));
+
+            foreach (var (text, field) in new[]
+                     {
+                         ("not json", "invalid JSON"), ("[1, 2]", "token_ids"), ("{\"token_ids\": []}", "token_ids is empty"),
+                         ("{\"token_ids\": [1, -2]}", "token_ids[1]"), ("{\"token_ids\": [1, \"x\"]}", "token_ids[1]"),
+                     })
+            {
+                File.WriteAllText(path, text);
+                var error = Assert.Throws<InvalidDataException>(() => DraftVocabulary.Load(path));
+                Assert.Contains(path, error.Message);
+                Assert.Contains(field, error.Message);
+            }
+            Assert.Throws<FileNotFoundException>(() => DraftVocabulary.Load(Path.Combine(dir, "nope.json")));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void A_token_outside_the_models_vocabulary_is_an_error()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var generator = new TextGenerator(model);
+        var error = Assert.Throws<ArgumentException>(() =>
+            generator.Generate([[4, 5, 6]], Speculative(2, 3, new DraftVocabulary([1, 96]))));
+        Assert.Contains("96", error.Message);
+    }
+
+    [Fact]
+    public void Corpus_texts_come_from_every_data_shape()
+    {
+        var dir = Directory.CreateTempSubdirectory("draftcorpus").FullName;
+        try
+        {
+            var text = Path.Combine(dir, "t.jsonl");
+            File.WriteAllText(text, "{\"text\": \"one\"}\n{\"text\": \"two\"}\n");
+            Assert.Equal(["one", "two"], DraftVocabulary.CorpusTexts(text, BadRecordPolicy.Fail, out _));
+            var instructions = Path.Combine(dir, "i.json");
+            File.WriteAllText(instructions, "[{\"instruction\": \"Add\", \"input\": \"1 2\", \"output\": \"3\"}, {\"instruction\": \"Bad\", \"output\": \"\"}]");
+            Assert.Equal(["Add\n1 2\n3"], DraftVocabulary.CorpusTexts(instructions, BadRecordPolicy.Skip, out int skipped));
+            Assert.Equal(1, skipped);
+            Assert.Throws<InvalidDataException>(() => DraftVocabulary.CorpusTexts(instructions, BadRecordPolicy.Fail, out _));
+            var chat = Path.Combine(dir, "c.jsonl");
+            File.WriteAllText(chat, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n");
+            Assert.Equal(["hi", "hello"], DraftVocabulary.CorpusTexts(chat, BadRecordPolicy.Fail, out _));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    /// <summary>One id per character ('a' = 2, …), BOS = 0 added in front, EOS = 1.</summary>
+    private sealed class CharTokenizer : ITokenizer
+    {
+        public static int Id(char c) => c - 'a' + 2;
+        public int VocabSize => 28;
+        public int? BosTokenId => 0;
+        public int? EosTokenId => 1;
+        public int? PadTokenId => null;
+
+        public IReadOnlyList<int> Encode(string text, bool addSpecialTokens = false) =>
+            (addSpecialTokens ? new[] { 0 } : []).Concat(text.Select(Id)).ToArray();
+
+        public string Decode(IReadOnlyList<int> ids, bool skipSpecialTokens = false) =>
+            new(ids.Where(i => i >= 2).Select(i => (char)('a' + i - 2)).ToArray());
+
+        public bool IsSpecialToken(int id) => id < 2;
+    }
+}
