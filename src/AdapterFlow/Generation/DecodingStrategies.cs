@@ -27,15 +27,23 @@ public sealed class AutoregressiveDecoding : IDecodingStrategy
 
     public IEnumerable<IReadOnlyList<GeneratedToken>> Run(DecodingSession session) => Loop(session, exitLayer: null);
 
-    /// <summary>The one-token-per-step loop through the first <paramref name="exitLayer"/> layers (null = all).</summary>
+    /// <summary>
+    /// The one-token-per-step loop through the first <paramref name="exitLayer"/> layers (null = all). Greedy one-row
+    /// decoding on the CPU kernels keeps its tokens on the host after the prompt (<see cref="HostGreedySteps"/>).
+    /// </summary>
     internal static IEnumerable<IReadOnlyList<GeneratedToken>> Loop(DecodingSession session, int? exitLayer)
     {
+        HostGreedySteps? host = null;
+        bool hostChecked = false;
         while (!session.AllFinished)
         {
             IReadOnlyList<GeneratedToken> accepted;
             using (var scope = torch.NewDisposeScope())
             using (var noGrad = torch.no_grad())
-                accepted = Step(session, exitLayer);
+            {
+                if (session.GeneratedLength > 0 && !hostChecked) (host, hostChecked) = (HostGreedySteps.For(session), true);
+                accepted = host is not null ? host.Step(session, exitLayer ?? session.Model.NumLayers) : Step(session, exitLayer);
+            }
             yield return accepted;
         }
     }

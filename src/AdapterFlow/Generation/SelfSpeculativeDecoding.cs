@@ -76,7 +76,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                 else
                 {
                     // Decided once the prompt has filled the cache (the host rounds check its storage).
-                    if (!hostChecked) (host, hostChecked) = (HostGreedyRounds.For(session, generator is not null), true);
+                    if (!hostChecked) (host, hostChecked) = (HostGreedyRounds.For(session), true);
                     accepted = host is not null ? host.Round(session, exit, drafts) : Round(session, exit, drafts, options.DoSample, generator);
                 }
             }
@@ -233,13 +233,10 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             _draftTokens = draftTokens;
         }
 
-        public static HostGreedyRounds? For(DecodingSession session, bool sampling)
+        public static HostGreedyRounds? For(DecodingSession session)
         {
             int columns = session.Options.NumSpeculations + 1;
-            if (sampling || session.BatchSize != 1 || session.HasPadding || session.Device.type != DeviceType.CPU) return null;
-            if (session.Selector is not GreedySelector || session.Processors is not LogitsProcessorList { Processors.Count: 0 }) return null;
-            if (session.Model is not LlamaForCausalLM model || columns > LlamaCpuDecoder.MaxTokensPerPass) return null;
-            if (!LlamaCpuDecoder.CanRunHostPasses(model, session.Cache)) return null;
+            if (HostGreedy.Model(session, columns) is not { } model) return null;
             DraftTokenSet? draftTokens = null;
             if (session.Options.DraftVocabulary is { } vocabulary)
             {
@@ -269,12 +266,12 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                     {
                         LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits,
                             subset.Pointer, subset.Count);
-                        fed[j + 1] = subset[(int)ArgMax(draftLogits, subset.Count)];
+                        fed[j + 1] = subset[(int)HostGreedy.ArgMax(draftLogits, subset.Count)];
                     }
                     else
                     {
                         LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits);
-                        fed[j + 1] = ArgMax(draftLogits, vocab);
+                        fed[j + 1] = HostGreedy.ArgMax(draftLogits, vocab);
                     }
                 }
                 // 2. Verify: the last draft through the early layers (no head), the late layers over all d + 1 exit states.
@@ -284,7 +281,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                     LlamaCpuDecoder.HostPass(_model, cache, exit, layers, drafts + 1, null, states, position, null, drafts + 1, logits);
                 }
                 else LlamaCpuDecoder.HostPass(_model, cache, 0, layers, 1, [fed[drafts]], null, position + drafts, null, 1, logits + (long)drafts * vocab);
-                for (int j = 0; j <= drafts; j++) chosen[j] = ArgMax(logits + (long)j * vocab, vocab);
+                for (int j = 0; j <= drafts; j++) chosen[j] = HostGreedy.ArgMax(logits + (long)j * vocab, vocab);
             }
             // 3. Accept the drafts up to the first disagreement, plus the verifier's token there (as Round does for one row).
             int agreed = 0;
@@ -297,16 +294,6 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             var events = session.AcceptColumns(tokens, chosen, drafts + 1, ends ? drafts + 1 : agreed + 1);
             cache.Truncate(session.CommittedCacheLength);
             return events;
-        }
-
-        /// <summary>Index of the first maximum, as torch.argmax.</summary>
-        private static unsafe long ArgMax(float* values, int count)
-        {
-            int best = 0;
-            float max = values[0];
-            for (int i = 1; i < count; i++)
-                if (values[i] > max) (max, best) = (values[i], i);
-            return best;
         }
     }
 }

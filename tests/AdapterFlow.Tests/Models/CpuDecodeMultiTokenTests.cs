@@ -221,6 +221,36 @@ public class CpuDecodeMultiTokenTests
     }
 
     [Fact]
+    public void Greedy_autoregressive_and_early_exit_steps_run_on_the_host_with_the_same_tokens()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        var generator = new TextGenerator(model);
+        foreach (var prompt in SelfSpeculativeTests.Prompts(3, seed: 19))
+            foreach (var options in new[]
+                     {
+                         new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [] },
+                         new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [], Strategy = DecodingStrategyKind.EarlyExit, ExitLayer = 2 },
+                     })
+            {
+                int host = LlamaCpuDecoder.HostPassesOnThisThread;
+                var fast = generator.Generate([prompt], options);
+                Assert.Equal(11, LlamaCpuDecoder.HostPassesOnThisThread - host); // every step after the prefill
+                llama.UseCpuDecodeKernels = false;
+                var slow = generator.Generate([prompt], options);
+                llama.UseCpuDecodeKernels = true;
+                Assert.Equal(slow.Sequences[0].Tokens, fast.Sequences[0].Tokens);
+                Assert.Equal(slow.Sequences[0].FinishReason, fast.Sequences[0].FinishReason);
+                // Sampling, processors and batches keep the tensor path.
+                host = LlamaCpuDecoder.HostPassesOnThisThread;
+                generator.Generate([prompt], options with { RepetitionPenalty = 1.2 });
+                generator.Generate([prompt, prompt], options);
+                generator.Generate([prompt], options with { DoSample = true, Seed = 3 });
+                Assert.Equal(host, LlamaCpuDecoder.HostPassesOnThisThread);
+            }
+    }
+
+    [Fact]
     public void Self_speculative_rounds_with_processors_or_batches_use_the_kernels_through_tensors()
     {
         // Repetition penalty (history-dependent) and a padded batch take the tensor rounds: the one-row drafts still run

@@ -18,6 +18,9 @@ internal static unsafe partial class LlamaCpuDecoder
     /// <summary>Passes over several new tokens this thread ran through the kernels (tests check that the path engages).</summary>
     [ThreadStatic] internal static int MultiTokenPassesOnThisThread;
 
+    /// <summary>Passes of either kind that came through <see cref="HostPass"/> (host-memory decoding loops) on this thread.</summary>
+    [ThreadStatic] internal static int HostPassesOnThisThread;
+
     /// <summary>New tokens of a one-row input (ids or embeddings), or 0 if it is not one row.</summary>
     private static int NewTokens(ForwardInput input)
     {
@@ -137,6 +140,7 @@ internal static unsafe partial class LlamaCpuDecoder
             headSubset, headSubsetCount);
         if (time == 1) StepsOnThisThread++;
         else MultiTokenPassesOnThisThread++;
+        HostPassesOnThisThread++;
     }
 
     /// <summary>
