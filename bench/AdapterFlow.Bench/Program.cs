@@ -9,7 +9,7 @@ using static TorchSharp.torch;
 // Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|lorastep|gemv|train|all] [--out docs/benchmarks.md]
 //        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick] [--no-fused-adamw]
 //        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64] [--no-cpu-kernels]
-//            [--draft-vocab FILE]  (a draft_vocab.json from `adapterflow draft-vocab`)
+//            [--draft-vocab FILE] [--draft-confidence P]  (a draft_vocab.json from `adapterflow draft-vocab`)
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
 int IntValue(string name, int fallback) => Value(name) is { } v ? int.Parse(v, CultureInfo.InvariantCulture) : fallback;
@@ -71,7 +71,8 @@ if (suite is "adapters" or "all") WriteSection("adapters", AdapterTable());
 if (suite is "train" or "all") WriteSection("train", TrainTable());
 if (suite == "speculative") WriteSection(Value("--section") ?? "speculative", SpeculativeBench.Table(Value("--model")!, machine, newTokens,
     Value("--exit-layers"), Value("--num-speculations"), int.Parse(Value("--repeats") ?? "2", CultureInfo.InvariantCulture),
-    cpuKernels: !argsList.Contains("--no-cpu-kernels"), draftVocabulary: Value("--draft-vocab")));
+    cpuKernels: !argsList.Contains("--no-cpu-kernels"), draftVocabulary: Value("--draft-vocab"),
+    draftConfidence: double.Parse(Value("--draft-confidence") ?? "0", CultureInfo.InvariantCulture)));
 return 0;
 
 string TrainTable()

@@ -46,6 +46,15 @@ internal static class CommonOptions
         HelpName = "FILE|none",
     };
 
+    public static Option<double> DraftConfidence() => new Option<double>("--draft-confidence")
+    {
+        Description = "Self-speculative decoding: end a round's drafting early after a draft whose probability under the draft itself is " +
+                      "below P, so that --num-speculations is the most drafts per round (transformers' assistant_confidence_threshold); " +
+                      "0 = always draft K. The output does not change.",
+        HelpName = "P",
+        DefaultValueFactory = _ => 0,
+    }.Check(p => p >= 0 && p < 1, "must be in [0, 1)");
+
     /// <summary>The draft vocabulary <c>--draft-vocab</c> selects: the named file, none, or the model folder's file if present.</summary>
     public static Generation.DraftVocabulary? ReadDraftVocab(string? value, string modelPath) => value switch
     {

@@ -86,6 +86,7 @@ internal static class GenerateCommand
             Description = "Self-speculative decoding: tokens drafted per round before they are verified (default 4).",
         }.Check(k => k >= 1, "must be at least 1");
         var draftVocab = CommonOptions.DraftVocab();
+        var draftConfidence = CommonOptions.DraftConfidence();
         var device = CommonOptions.Device();
         var dtype = CommonOptions.DType();
         var json = CommonOptions.Json("After the streamed text, print one JSON object as the last line: text, token_ids, prompt_tokens, new_tokens, " +
@@ -93,7 +94,7 @@ internal static class GenerateCommand
         var command = new Command("generate", "Generate a continuation of a prompt, streaming text as it is produced.")
         {
             model, adapter, prompt, promptIds, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, strategy, exitLayer, numSpeculations,
-            draftVocab, device, dtype, json,
+            draftVocab, draftConfidence, device, dtype, json,
         };
         command.SetAction(async (parse, cancellation) =>
         {
@@ -124,9 +125,13 @@ internal static class GenerateCommand
             bool asJson = parse.GetValue(json);
             var modelPath = parse.GetRequiredValue(model);
             if (strategyKind == DecodingStrategyKind.SelfSpeculative)
-                options = options with { DraftVocabulary = CommonOptions.ReadDraftVocab(parse.GetValue(draftVocab), modelPath) };
-            else if (parse.GetValue(draftVocab) is not null)
-                throw new CliUsageException("--draft-vocab is used by --strategy self-speculative");
+                options = options with
+                {
+                    DraftVocabulary = CommonOptions.ReadDraftVocab(parse.GetValue(draftVocab), modelPath),
+                    DraftConfidenceThreshold = parse.GetValue(draftConfidence),
+                };
+            else if (parse.GetValue(draftVocab) is not null || parse.GetValue(draftConfidence) != 0)
+                throw new CliUsageException("--draft-vocab and --draft-confidence are used by --strategy self-speculative");
             using var textModel = ids is null ? TextModel.Load(modelPath, load, parse.GetValue(adapter)) : null;
             var stopIds = textModel is null ? TextModel.ReadGenerationStopIds(modelPath) : textModel.GenerationStopTokenIds;
             if (stopIds is { Count: > 0 }) options = options with { StopTokenIds = stopIds };

@@ -87,6 +87,14 @@ public sealed record GenerationOptions
     /// </summary>
     public DraftVocabulary? DraftVocabulary { get; init; }
 
+    /// <summary>
+    /// Self-speculative decoding: stop a round's drafting early after a draft whose probability under the draft's own
+    /// distribution is below this (transformers' assistant_confidence_threshold), so that K is the most drafts a round
+    /// makes, not the number; 0 = off (always K). Doubtful drafts are the ones the verifier rejects, and each costs a
+    /// pass through E layers. The output does not change. Used by greedy one-row decoding on the CPU decode kernels.
+    /// </summary>
+    public double DraftConfidenceThreshold { get; init; }
+
     /// <summary>Leave special tokens (EOS, pad...) out of the decoded text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 
@@ -106,6 +114,8 @@ public sealed record GenerationOptions
         if (NumBeams > 1 && DoSample) throw new ArgumentException("beam search with sampling (NumBeams > 1 and DoSample) is not supported");
         if (ExitLayer is < 1) throw new ArgumentException($"ExitLayer must be at least 1, got {ExitLayer}");
         if (NumSpeculations < 1) throw new ArgumentException($"NumSpeculations must be at least 1, got {NumSpeculations}");
+        if (!(DraftConfidenceThreshold >= 0 && DraftConfidenceThreshold < 1))
+            throw new ArgumentException($"DraftConfidenceThreshold must be in [0, 1), got {DraftConfidenceThreshold}");
         switch (Strategy)
         {
             case DecodingStrategyKind.Autoregressive:

@@ -24,6 +24,16 @@ internal static class HostGreedy
         return LlamaCpuDecoder.CanRunHostPasses(model, session.Cache) ? model : null;
     }
 
+    /// <summary>The largest softmax probability of <paramref name="count"/> logits: 1 / Σ exp(l − max).</summary>
+    public static unsafe double MaxProbability(float* logits, int count)
+    {
+        float max = logits[0];
+        for (int i = 1; i < count; i++) max = Math.Max(max, logits[i]);
+        double sum = 0;
+        for (int i = 0; i < count; i++) sum += Math.Exp(logits[i] - max);
+        return 1 / sum;
+    }
+
     /// <summary>Index of the first maximum, as torch.argmax.</summary>
     public static unsafe long ArgMax(float* values, int count)
     {

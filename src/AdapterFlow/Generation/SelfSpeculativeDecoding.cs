@@ -224,9 +224,11 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         private readonly float[] _states;  // exit states [K + 1, hidden] of the round's columns
         private readonly float[] _logits;  // [K + 1, vocab]: the drafts', then the verifier's
         private readonly DraftTokenSet? _draftTokens;
+        private readonly double _confidence;
 
-        private HostGreedyRounds(LlamaForCausalLM model, int columns, DraftTokenSet? draftTokens)
+        private HostGreedyRounds(LlamaForCausalLM model, int columns, DraftTokenSet? draftTokens, double confidence)
         {
+            _confidence = confidence;
             _model = model;
             _states = new float[columns * model.LlamaConfig.HiddenSize];
             _logits = new float[columns * model.LlamaConfig.VocabSize];
@@ -243,7 +245,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                 draftTokens = new DraftTokenSet(vocabulary, model.LlamaConfig.VocabSize);
                 foreach (long id in session.InputIds.contiguous().data<long>().ToArray()) draftTokens.Add(id);
             }
-            return new HostGreedyRounds(model, columns, draftTokens);
+            return new HostGreedyRounds(model, columns, draftTokens, session.Options.DraftConfidenceThreshold);
         }
 
         public unsafe IReadOnlyList<GeneratedToken> Round(DecodingSession session, int exit, int drafts)
@@ -253,27 +255,38 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             int layers = _model.NumLayers, hidden = _model.LlamaConfig.HiddenSize, vocab = _model.LlamaConfig.VocabSize;
             var (last, position) = session.LastChosen(0);
             var fed = new long[drafts + 1];    // the round's columns: the last chosen token, then the drafts
-            var chosen = new long[drafts + 1]; // the verifier's argmax at each column
+            var chosen = new long[drafts + 1]; // the verifier's argmax at each column (the first d + 1 are used)
             fed[0] = last;
             fixed (float* states = _states, logits = _logits)
             {
-                // 1. Draft through layers 0..E−1, one token at a time, keeping each exit state.
+                // 1. Draft through layers 0..E−1, one token at a time, keeping each exit state; with a confidence threshold,
+                // stop early after a draft the draft model itself doubts (its probability below the threshold).
+                int made = drafts;
                 for (int j = 0; j < drafts; j++)
                 {
                     float* draftLogits = logits + (long)j * vocab;
+                    int count;
                     // With E = L the drafts' logits are the verifier's, so they stay whole.
                     if (_draftTokens is { } subset && exit < layers)
                     {
                         LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits,
                             subset.Pointer, subset.Count);
-                        fed[j + 1] = subset[(int)HostGreedy.ArgMax(draftLogits, subset.Count)];
+                        count = subset.Count;
+                        fed[j + 1] = subset[(int)HostGreedy.ArgMax(draftLogits, count)];
                     }
                     else
                     {
                         LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits);
-                        fed[j + 1] = HostGreedy.ArgMax(draftLogits, vocab);
+                        count = vocab;
+                        fed[j + 1] = HostGreedy.ArgMax(draftLogits, count);
+                    }
+                    if (_confidence > 0 && j + 1 < drafts && HostGreedy.MaxProbability(draftLogits, count) < _confidence)
+                    {
+                        made = j + 1;
+                        break;
                     }
                 }
+                drafts = made;
                 // 2. Verify: the last draft through the early layers (no head), the late layers over all d + 1 exit states.
                 if (exit < layers)
                 {
@@ -290,6 +303,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             for (int j = 0; j <= agreed && !ends; j++) ends = session.IsStopToken((int)chosen[j]);
             session.RecordDrafts(drafts, agreed);
             for (int j = 0; j <= agreed; j++) _draftTokens?.Add(chosen[j]);
+            if (chosen.Length > drafts + 1) Array.Resize(ref chosen, drafts + 1);
             using var tokens = torch.tensor(chosen, [1, drafts + 1], ScalarType.Int64, session.Device);
             var events = session.AcceptColumns(tokens, chosen, drafts + 1, ends ? drafts + 1 : agreed + 1);
             cache.Truncate(session.CommittedCacheLength);

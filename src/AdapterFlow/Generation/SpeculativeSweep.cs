@@ -22,6 +22,9 @@ public sealed record SpeculativeSweepOptions
 
     /// <summary>The draft's vocabulary (<see cref="GenerationOptions.DraftVocabulary"/>) in every setting; null = the whole vocabulary.</summary>
     public DraftVocabulary? DraftVocabulary { get; init; }
+
+    /// <summary><see cref="GenerationOptions.DraftConfidenceThreshold"/> in every setting (K is then the most drafts a round makes).</summary>
+    public double DraftConfidenceThreshold { get; init; }
 }
 
 /// <summary>One measured setting of the sweep (greedy, prompts one at a time).</summary>
@@ -116,6 +119,7 @@ public static class SpeculativeSweep
                 var speculative = greedy with
                 {
                     Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k, DraftVocabulary = options.DraftVocabulary,
+                    DraftConfidenceThreshold = options.DraftConfidenceThreshold,
                 };
                 var ratios = new List<double>(options.Repeats);
                 Timing best = default;

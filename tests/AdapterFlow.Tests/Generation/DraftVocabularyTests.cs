@@ -58,6 +58,33 @@ public class DraftVocabularyTests
     }
 
     [Fact]
+    public void A_confidence_threshold_drafts_less_and_keeps_the_output()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var generator = new TextGenerator(model);
+        foreach (var prompt in SelfSpeculativeTests.Prompts(3, seed: 23))
+        {
+            var expected = generator.Generate([prompt], new GenerationOptions { MaxNewTokens = 14, StopTokenIds = [] }).Sequences[0].Tokens;
+            foreach (var exit in new[] { 1, 2, 3 })
+            {
+                var always = generator.Generate([prompt], Speculative(exit, 5, null));
+                Assert.Equal(expected, always.Sequences[0].Tokens);
+                double alwaysPerRound = (double)always.Stats.DraftedTokens / always.Stats.DecodeSteps;
+                foreach (var threshold in new[] { 0.2, 0.6, 0.99 })
+                {
+                    var result = generator.Generate([prompt], Speculative(exit, 5, null) with { DraftConfidenceThreshold = threshold });
+                    Assert.Equal(expected, result.Sequences[0].Tokens);
+                    double perRound = (double)result.Stats.DraftedTokens / result.Stats.DecodeSteps;
+                    // The random model is rarely 99% sure: rounds then stop after one draft or a few.
+                    if (threshold == 0.99) Assert.True(perRound < alwaysPerRound, $"exit {exit}: {perRound:F2} drafts a round, {alwaysPerRound:F2} without a threshold");
+                }
+            }
+        }
+        Assert.Throws<ArgumentException>(() => (Speculative(2, 3, null) with { DraftConfidenceThreshold = 1 }).Validate());
+        Assert.Throws<ArgumentException>(() => (Speculative(2, 3, null) with { DraftConfidenceThreshold = -0.1 }).Validate());
+    }
+
+    [Fact]
     public unsafe void The_subset_head_gives_the_full_heads_logits_at_the_listed_tokens()
     {
         using var model = SelfSpeculativeTests.Model("llama");
