@@ -9,7 +9,8 @@ using static TorchSharp.torch;
 // Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|lorastep|gemv|train|all] [--out docs/benchmarks.md]
 //        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick] [--no-fused-adamw]
 //        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64] [--no-cpu-kernels]
-//            [--draft-vocab FILE] [--draft-confidence P]  (a draft_vocab.json from `adapterflow draft-vocab`)
+//            [--draft-vocab FILE] [--draft-confidence P]
+//        ... -- specpasses --model DIR [--draft-vocab FILE]  (the kernel passes of a self-speculative round, timed one by one)  (a draft_vocab.json from `adapterflow draft-vocab`)
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
 int IntValue(string name, int fallback) => Value(name) is { } v ? int.Parse(v, CultureInfo.InvariantCulture) : fallback;
@@ -18,12 +19,12 @@ string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ord
 if (suite == "train-one")
     return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3),
         fusedOptimizer: !args.Contains("--no-fused-adamw"));
-if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "train" or "speculative" or "all"))
+if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "train" or "speculative" or "specpasses" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, lorastep, gemv, train, speculative, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, lorastep, gemv, train, speculative, specpasses, all)");
     return 2;
 }
-if (suite == "speculative" && Value("--model") is null)
+if (suite is "speculative" or "specpasses" && Value("--model") is null)
 {
     Console.Error.WriteLine("error: the speculative suite needs --model DIR (a model folder with tokenizer.json)");
     return 2;
@@ -73,6 +74,7 @@ if (suite == "speculative") WriteSection(Value("--section") ?? "speculative", Sp
     Value("--exit-layers"), Value("--num-speculations"), int.Parse(Value("--repeats") ?? "2", CultureInfo.InvariantCulture),
     cpuKernels: !argsList.Contains("--no-cpu-kernels"), draftVocabulary: Value("--draft-vocab"),
     draftConfidence: double.Parse(Value("--draft-confidence") ?? "0", CultureInfo.InvariantCulture)));
+if (suite == "specpasses") WriteSection(Value("--section") ?? "specpasses", SpeculativePassesBench.Table(Value("--model")!, machine, Value("--draft-vocab")));
 return 0;
 
 string TrainTable()
