@@ -54,7 +54,7 @@ public static unsafe class SpeculativePassesBench
             table.AppendLine(machine);
             table.AppendLine();
             table.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({layers} layers, {model.ParameterCount() / 1e6:F1}M parameters, vocabulary {vocab}); kernel passes through `LlamaCpuDecoder.HostPass` after a {past}-token prompt, median of {repeats} (cache cut back after each). Full one-token step (all layers + head): {step:F2} ms.") +
+                $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({layers} layers, {model.ParameterCount() / 1e6:F1}M parameters, vocabulary {vocab}); kernel passes through `LlamaCpuDecoder.HostPass` after a {past}-token prompt, median of {repeats} (cache cut back after each). Full one-token step (all layers + head): {step:F2} ms. 512-bit kernels for several tokens: {(System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? "yes" : "no (256-bit)")}.") +
                 (draft is null ? "" : $" Draft head over {draft.Count} tokens (`{Path.GetFileName(draftVocabulary)}` + the prompt's)."));
             table.AppendLine();
             table.AppendLine("| pass | ms | of a full step |");
