@@ -72,6 +72,9 @@ public sealed class PeftModel : CausalLM
 
     /// <summary>The wrapped model's final norm and head (with any adapter on them, as they are wrapped in place).</summary>
     public override Tensor HeadLogits(Tensor hidden) => Model.HeadLogits(hidden);
+
+    /// <summary>The wrapped model's plain head (null when an adapter wraps the head: it is wrapped in place).</summary>
+    internal override (Func<Tensor, Tensor> FinalNorm, Tensor Weight)? PlainHead() => Model.PlainHead();
     private static NotSupportedException StagesNotUsed() => new("PeftModel runs the wrapped model's forward; its layer stages are not used");
 
     public IReadOnlyDictionary<string, PeftConfig> Configs => _configs;

@@ -3,6 +3,8 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using AdapterFlow.Data;
 using AdapterFlow.IO;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace AdapterFlow.Generation;
 
@@ -156,5 +158,83 @@ internal sealed class DraftTokenSet
         if (id < 0 || id >= _member.Length || _member[id]) return;
         _member[id] = true;
         _ids[Count++] = (int)id;
+    }
+}
+
+/// <summary>
+/// A generation's draft head over part of the vocabulary for the tensor rounds (sampling, batches, adapter wrappers):
+/// the head's rows of the draft tokens, gathered once (and again when the text brings new tokens), and scores over the
+/// whole vocabulary with −∞ outside them, so the logits processors and the draft distribution q work unchanged (q is
+/// zero outside the subset; speculative sampling stays exact for any q).
+/// </summary>
+internal sealed class TensorDraftHead : IDisposable
+{
+    private readonly Func<Tensor, Tensor> _finalNorm;
+    private readonly Tensor _weight;
+    private readonly int _vocab;
+    private readonly HashSet<long> _members = [];
+    private readonly List<long> _ids = [];
+    private Tensor? _idTensor, _rows;
+
+    private TensorDraftHead(Func<Tensor, Tensor> finalNorm, Tensor weight)
+    {
+        _finalNorm = finalNorm;
+        _weight = weight;
+        _vocab = (int)weight.shape[0];
+    }
+
+    /// <summary>The head for this session, or null when the model's head is not a plain matrix (then drafts use the whole head).</summary>
+    public static TensorDraftHead? For(DecodingSession session, DraftVocabulary vocabulary)
+    {
+        if (session.Model.PlainHead() is not var (norm, weight)) return null;
+        var head = new TensorDraftHead(norm, weight);
+        foreach (int id in vocabulary.TokenIds.Order())
+        {
+            if (id >= head._vocab) throw new ArgumentException($"draft vocabulary: token id {id} is outside the model's vocabulary 0..{head._vocab - 1}");
+            head.AddOne(id);
+        }
+        using (var scope = torch.NewDisposeScope())
+            foreach (long id in session.InputIds.contiguous().cpu().data<long>().ToArray()) head.AddOne(id);
+        head.Gather();
+        return head;
+    }
+
+    public int Count => _ids.Count;
+
+    /// <summary>Adds tokens of the text (prompt or accepted); regathers the rows when any is new.</summary>
+    public void Add(IEnumerable<long> tokens)
+    {
+        int before = _ids.Count;
+        foreach (long id in tokens) AddOne(id);
+        if (_ids.Count > before) Gather();
+    }
+
+    /// <summary>Draft scores float32 [N, vocab] from exit hidden states [N, 1, hidden]: the subset's logits, −∞ elsewhere.</summary>
+    public Tensor Scores(Tensor hidden)
+    {
+        var normed = _finalNorm(hidden).select(1, 0);
+        var subset = normed.matmul(_rows!.t()).to_type(ScalarType.Float32);
+        var scores = torch.full([normed.shape[0], _vocab], float.NegativeInfinity, ScalarType.Float32, normed.device);
+        return scores.index_copy_(1, _idTensor!, subset);
+    }
+
+    private void AddOne(long id)
+    {
+        if (id >= 0 && id < _vocab && _members.Add(id)) _ids.Add(id);
+    }
+
+    private void Gather()
+    {
+        _idTensor?.Dispose();
+        _rows?.Dispose();
+        using var noGrad = torch.no_grad();
+        _idTensor = torch.tensor(_ids.ToArray(), ScalarType.Int64, _weight.device).DetachFromDisposeScope();
+        _rows = _weight.index_select(0, _idTensor).DetachFromDisposeScope();
+    }
+
+    public void Dispose()
+    {
+        _idTensor?.Dispose();
+        _rows?.Dispose();
     }
 }

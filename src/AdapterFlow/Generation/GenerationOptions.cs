@@ -82,8 +82,9 @@ public sealed record GenerationOptions
     /// <summary>
     /// Self-speculative decoding: the tokens the draft may propose (its head computes only their logits, plus the
     /// prompt's and the generated tokens'); null = the whole vocabulary. The output does not change (the verifier
-    /// runs the full head); a smaller draft head makes drafts cheaper on bandwidth-bound models. Used by greedy
-    /// one-row decoding on the CPU decode kernels; other self-speculative paths draft over the whole vocabulary.
+    /// runs the full head; with sampling the draft distribution is zero outside the subset, which speculative sampling
+    /// allows); a smaller draft head makes drafts cheaper on bandwidth-bound models. LLaMA-family models with a plain
+    /// head; others draft over the whole vocabulary.
     /// </summary>
     public DraftVocabulary? DraftVocabulary { get; init; }
 

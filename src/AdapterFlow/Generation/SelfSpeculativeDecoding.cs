@@ -64,27 +64,40 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
 
         HostGreedyRounds? host = null;
         bool hostChecked = false;
-        while (!session.AllFinished)
+        TensorDraftHead? draftHead = null;
+        try
         {
-            int drafts = Math.Min(options.NumSpeculations, session.RemainingTokens - 1);
-            IReadOnlyList<GeneratedToken> accepted;
-            using (var scope = torch.NewDisposeScope())
-            using (var noGrad = torch.no_grad())
+            while (!session.AllFinished)
             {
-                // The prompt goes through the whole model; a round with no room for a draft is a plain step.
-                if (session.GeneratedLength == 0 || drafts == 0) accepted = AutoregressiveDecoding.Step(session, exitLayer: null);
-                else
+                int drafts = Math.Min(options.NumSpeculations, session.RemainingTokens - 1);
+                IReadOnlyList<GeneratedToken> accepted;
+                using (var scope = torch.NewDisposeScope())
+                using (var noGrad = torch.no_grad())
                 {
-                    // Decided once the prompt has filled the cache (the host rounds check its storage).
-                    if (!hostChecked) (host, hostChecked) = (HostGreedyRounds.For(session), true);
-                    accepted = host is not null ? host.Round(session, exit, drafts) : Round(session, exit, drafts, options.DoSample, generator);
+                    // The prompt goes through the whole model; a round with no room for a draft is a plain step.
+                    if (session.GeneratedLength == 0 || drafts == 0) accepted = AutoregressiveDecoding.Step(session, exitLayer: null);
+                    else
+                    {
+                        // Decided once the prompt has filled the cache (the host rounds check its storage).
+                        if (!hostChecked)
+                        {
+                            (host, hostChecked) = (HostGreedyRounds.For(session), true);
+                            if (host is null && options.DraftVocabulary is { } vocabulary && exit < layers) draftHead = TensorDraftHead.For(session, vocabulary);
+                        }
+                        accepted = host is not null ? host.Round(session, exit, drafts) : Round(session, exit, drafts, options.DoSample, generator, draftHead);
+                    }
                 }
+                yield return accepted;
             }
-            yield return accepted;
+        }
+        finally
+        {
+            draftHead?.Dispose();
         }
     }
 
-    private static IReadOnlyList<GeneratedToken> Round(DecodingSession session, int exit, int drafts, bool sampling, torch.Generator? generator)
+    private static IReadOnlyList<GeneratedToken> Round(DecodingSession session, int exit, int drafts, bool sampling, torch.Generator? generator,
+        TensorDraftHead? draftHead)
     {
         session.BeginStep();
         int rows = session.BatchSize, layers = session.Model.NumLayers;
@@ -98,8 +111,10 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         for (int j = 0; j < drafts; j++)
         {
             using var step = torch.NewDisposeScope();
-            var output = session.ForwardColumns(j, 1, exitLayer: exit, outputHiddenStates: true, lastPositionOnly: true);
-            var scores = ProcessOne(session, output.Logits.select(1, 0).to_type(ScalarType.Float32), j);
+            // With a draft vocabulary the head runs over its rows only (scores −∞ elsewhere).
+            var output = session.ForwardColumns(j, 1, exitLayer: exit, outputHiddenStates: true, lastPositionOnly: true, skipHead: draftHead is not null);
+            var raw = draftHead is not null ? draftHead.Scores(output.HiddenStates![^1]) : output.Logits.select(1, 0).to_type(ScalarType.Float32);
+            var scores = ProcessOne(session, raw, j);
             Tensor token;
             if (sampling)
             {
@@ -158,6 +173,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         }
         session.RecordDrafts(drafted, agreedTotal);
         var events = session.AcceptColumns(chosen, host, stride, common + 1);
+        draftHead?.Add(events.Select(e => (long)e.TokenId));
         // Keys of rejected drafts (and of the last accepted token, fed next round) leave every layer's cache.
         session.Cache.Truncate(session.CommittedCacheLength);
         return events;

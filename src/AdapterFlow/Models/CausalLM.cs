@@ -156,6 +156,12 @@ public abstract class CausalLM : nn.Module<ForwardInput, ForwardOutput>
     /// </summary>
     public virtual Tensor HeadLogits(Tensor hidden) => Head(hidden);
 
+    /// <summary>
+    /// The final norm and the head's weight [vocab, hidden] when the head is a plain bias-free matrix product
+    /// (a draft head over part of the vocabulary can then take rows of it), else null.
+    /// </summary>
+    internal virtual (Func<Tensor, Tensor> FinalNorm, Tensor Weight)? PlainHead() => null;
+
     public override ForwardOutput forward(ForwardInput input)
     {
         int start = input.StartLayer;

@@ -292,6 +292,13 @@ public class LlamaForCausalLM : CausalLM
         model.layers[index].Forward(hidden, (LlamaLayerContext)context);
 
     protected override Tensor Head(Tensor hidden) => lm_head.forward(model.norm.forward(hidden));
+
+    internal override (Func<Tensor, Tensor> FinalNorm, Tensor Weight)? PlainHead() => lm_head switch
+    {
+        TiedLMHead tied => (h => model.norm.forward(h), tied.weight),
+        Linear { bias: null, weight: { } weight } => (h => model.norm.forward(h), weight),
+        _ => null,
+    };
 }
 
 /// <summary>Mistral: the Llama decoder with sliding-window attention.</summary>

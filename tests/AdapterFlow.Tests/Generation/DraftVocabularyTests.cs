@@ -58,6 +58,53 @@ public class DraftVocabularyTests
     }
 
     [Fact]
+    public void Tensor_rounds_draft_over_the_vocabulary_too_and_keep_the_output()
+    {
+        // Padded batches, logits processors and adapter wrappers take the tensor rounds: the draft head gathers the
+        // vocabulary's rows there, and the output stays the autoregressive one.
+        using var model = SelfSpeculativeTests.Model("llama");
+        var prompts = SelfSpeculativeTests.Prompts(3, seed: 29);
+        var few = new DraftVocabulary([5, 17, 40, 41, 90]);
+        var whole = new DraftVocabulary(Enumerable.Range(0, 96));
+        var generator = new TextGenerator(model);
+        double fewAcceptance = 0, wholeAcceptance = 0;
+        foreach (var options in new[]
+                 {
+                     new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [] },
+                     new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [], RepetitionPenalty = 1.3 },
+                 })
+        {
+            var expected = generator.Generate(prompts, options);
+            foreach (var (exit, k) in new[] { (1, 3), (2, 2), (3, 4) })
+            {
+                var speculative = options with { Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k };
+                var full = generator.Generate(prompts, speculative);
+                var withWhole = generator.Generate(prompts, speculative with { DraftVocabulary = whole });
+                var withFew = generator.Generate(prompts, speculative with { DraftVocabulary = few });
+                for (int r = 0; r < prompts.Count; r++)
+                {
+                    Assert.Equal(expected.Sequences[r].Tokens, withFew.Sequences[r].Tokens);
+                    Assert.Equal(expected.Sequences[r].Tokens, withWhole.Sequences[r].Tokens);
+                }
+                Assert.Equal(full.Stats.AcceptanceRate, withWhole.Stats.AcceptanceRate);
+                fewAcceptance += withFew.Stats.AcceptanceRate ?? 0;
+                wholeAcceptance += withWhole.Stats.AcceptanceRate ?? 0;
+            }
+        }
+        Assert.True(fewAcceptance < wholeAcceptance, $"the 5-token vocabulary should restrict the drafts ({fewAcceptance:F2} vs {wholeAcceptance:F2})");
+
+        using var peft = AdapterFlow.Adapters.PeftModel.Create(model, new AdapterFlow.Adapters.Lora.LoraConfig
+        {
+            R = 4, LoraAlpha = 8, InitLoraWeights = AdapterFlow.Adapters.Lora.LoraInit.Random,
+            TargetModules = AdapterFlow.Adapters.ModuleSelector.Pattern(AdapterFlow.Adapters.ModuleSelector.AllLinear),
+        });
+        var peftGenerator = new TextGenerator(peft);
+        var plain = peftGenerator.Generate([prompts[0]], new GenerationOptions { MaxNewTokens = 12, StopTokenIds = [] });
+        var drafted = peftGenerator.Generate([prompts[0]], Speculative(2, 3, few) with { MaxNewTokens = 12 });
+        Assert.Equal(plain.Sequences[0].Tokens, drafted.Sequences[0].Tokens);
+    }
+
+    [Fact]
     public void A_confidence_threshold_drafts_less_and_keeps_the_output()
     {
         using var model = SelfSpeculativeTests.Model("llama");

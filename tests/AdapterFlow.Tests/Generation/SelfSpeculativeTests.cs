@@ -340,6 +340,12 @@ public class SelfSpeculativeTests
         var (statBatch, limitBatch) = ChiSquare(Histogram(oneBatch, vocab), exact);
         Assert.True(statBatch < limitBatch, $"one batch of 6000 rows: chi-square {statBatch:F1} above {limitBatch:F1}");
 
+        // A draft head over part of the vocabulary (0 and 3, plus the prompt's 1, 4, 2; 5 only once some row writes it):
+        // q is zero outside it, and the output distribution must not change.
+        var restricted = generator.Generate([prompt], speculative with { NumReturnSequences = 6000, Seed = 2, DraftVocabulary = new DraftVocabulary([0, 3]) });
+        var (statRestricted, limitRestricted) = ChiSquare(Histogram(restricted, vocab), exact);
+        Assert.True(statRestricted < limitRestricted, $"draft vocabulary, 6000 rows: chi-square {statRestricted:F1} above {limitRestricted:F1}");
+
         var small = new List<GeneratedSequence>();
         double rate = 0;
         for (int seed = 0; seed < 500; seed++)
