@@ -33,20 +33,29 @@ internal static unsafe partial class CpuKernels
     /// <summary>y[r] = Σ_c w[r, c] · x[c] (+ bias[r]) for a row-major [rows, cols] matrix; y += … when <paramref name="accumulate"/>.</summary>
     public static void Gemv(float* w, float* x, float* y, float* bias, int rows, int cols, bool accumulate = false)
     {
+        nint wp = (nint)w, xp = (nint)x, yp = (nint)y, bp = (nint)bias;
+        RowBlocks(rows, cols, (r0, r1) => GemvRows((float*)wp, (float*)xp, (float*)yp, (float*)bp, cols, r0, r1, accumulate));
+    }
+
+    /// <summary>
+    /// Runs <paramref name="body"/>(r0, r1) over rows [0, rows) of a product with <paramref name="cols"/> columns: on the
+    /// calling thread below <see cref="ParallelThreshold"/>, else as a few blocks per worker on the kernel pool (enough
+    /// to rebalance when a core is busy elsewhere, few enough to keep scheduling cheap).
+    /// </summary>
+    private static void RowBlocks(int rows, int cols, Action<int, int> body)
+    {
         int workers = WorkerCount;
         if (workers <= 1 || (long)rows * cols < ParallelThreshold)
         {
-            GemvRows(w, x, y, bias, cols, 0, rows, accumulate);
+            body(0, rows);
             return;
         }
-        // A few blocks per worker: enough to rebalance when a core is busy elsewhere, few enough to keep scheduling cheap.
         int rowBlock = Math.Max(RowBlock, (rows / (workers * 4) + 3) & ~3);
         int blocks = (rows + rowBlock - 1) / rowBlock;
-        nint wp = (nint)w, xp = (nint)x, yp = (nint)y, bp = (nint)bias;
         KernelPool.For(blocks, workers, block =>
         {
             int r0 = block * rowBlock;
-            GemvRows((float*)wp, (float*)xp, (float*)yp, (float*)bp, cols, r0, Math.Min(rows, r0 + rowBlock), accumulate);
+            body(r0, Math.Min(rows, r0 + rowBlock));
         });
     }
 
@@ -85,20 +94,8 @@ internal static unsafe partial class CpuKernels
     /// </summary>
     public static void GemvGather(float* w, int* rows, int count, float* x, float* y, int cols)
     {
-        int workers = WorkerCount;
-        if (workers <= 1 || (long)count * cols < ParallelThreshold)
-        {
-            GatherRows(w, rows, x, y, cols, 0, count);
-            return;
-        }
-        int block = Math.Max(RowBlock, (count / (workers * 4) + 3) & ~3);
-        int blocks = (count + block - 1) / block;
         nint wp = (nint)w, rp = (nint)rows, xp = (nint)x, yp = (nint)y;
-        KernelPool.For(blocks, workers, b =>
-        {
-            int i0 = b * block;
-            GatherRows((float*)wp, (int*)rp, (float*)xp, (float*)yp, cols, i0, Math.Min(count, i0 + block));
-        });
+        RowBlocks(count, cols, (i0, i1) => GatherRows((float*)wp, (int*)rp, (float*)xp, (float*)yp, cols, i0, i1));
     }
 
     private static void GatherRows(float* w, int* rows, float* x, float* y, int cols, int i0, int i1)
