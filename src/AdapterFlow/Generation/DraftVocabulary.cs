@@ -146,6 +146,15 @@ internal sealed class DraftTokenSet
         }
     }
 
+    /// <summary>The set for a session: the vocabulary's ids (checked against the model's <paramref name="vocab"/>), then the prompt's tokens.</summary>
+    public static DraftTokenSet For(DraftVocabulary vocabulary, int vocab, DecodingSession session)
+    {
+        var set = new DraftTokenSet(vocabulary, vocab);
+        using var scope = torch.NewDisposeScope();
+        foreach (long id in session.InputIds.contiguous().cpu().data<long>().ToArray()) set.Add(id);
+        return set;
+    }
+
     public int Count { get; private set; }
 
     /// <summary>The ids as a pinned array (valid for the set's lifetime); the first <see cref="Count"/> are in use.</summary>
@@ -153,11 +162,13 @@ internal sealed class DraftTokenSet
 
     public int this[int index] => _ids[index];
 
-    public void Add(long id)
+    /// <summary>Adds a token not yet in the set; returns whether it was new.</summary>
+    public bool Add(long id)
     {
-        if (id < 0 || id >= _member.Length || _member[id]) return;
+        if (id < 0 || id >= _member.Length || _member[id]) return false;
         _member[id] = true;
         _ids[Count++] = (int)id;
+        return true;
     }
 }
 
@@ -171,42 +182,27 @@ internal sealed class TensorDraftHead : IDisposable
 {
     private readonly Func<Tensor, Tensor> _finalNorm;
     private readonly Tensor _weight;
-    private readonly int _vocab;
-    private readonly HashSet<long> _members = [];
-    private readonly List<long> _ids = [];
+    private readonly DraftTokenSet _tokens;
     private Tensor? _idTensor, _rows;
 
-    private TensorDraftHead(Func<Tensor, Tensor> finalNorm, Tensor weight)
+    private TensorDraftHead(Func<Tensor, Tensor> finalNorm, Tensor weight, DraftTokenSet tokens)
     {
         _finalNorm = finalNorm;
         _weight = weight;
-        _vocab = (int)weight.shape[0];
+        _tokens = tokens;
+        Gather();
     }
 
     /// <summary>The head for this session, or null when the model's head is not a plain matrix (then drafts use the whole head).</summary>
-    public static TensorDraftHead? For(DecodingSession session, DraftVocabulary vocabulary)
-    {
-        if (session.Model.PlainHead() is not var (norm, weight)) return null;
-        var head = new TensorDraftHead(norm, weight);
-        foreach (int id in vocabulary.TokenIds.Order())
-        {
-            if (id >= head._vocab) throw new ArgumentException($"draft vocabulary: token id {id} is outside the model's vocabulary 0..{head._vocab - 1}");
-            head.AddOne(id);
-        }
-        using (var scope = torch.NewDisposeScope())
-            foreach (long id in session.InputIds.contiguous().cpu().data<long>().ToArray()) head.AddOne(id);
-        head.Gather();
-        return head;
-    }
-
-    public int Count => _ids.Count;
+    public static TensorDraftHead? For(DecodingSession session, DraftVocabulary vocabulary) =>
+        session.Model.PlainHead() is var (norm, weight) ? new TensorDraftHead(norm, weight, DraftTokenSet.For(vocabulary, (int)weight.shape[0], session)) : null;
 
     /// <summary>Adds tokens of the text (prompt or accepted); regathers the rows when any is new.</summary>
     public void Add(IEnumerable<long> tokens)
     {
-        int before = _ids.Count;
-        foreach (long id in tokens) AddOne(id);
-        if (_ids.Count > before) Gather();
+        bool added = false;
+        foreach (long id in tokens) added |= _tokens.Add(id);
+        if (added) Gather();
     }
 
     /// <summary>Draft scores float32 [N, vocab] from exit hidden states [N, 1, hidden]: the subset's logits, −∞ elsewhere.</summary>
@@ -214,13 +210,8 @@ internal sealed class TensorDraftHead : IDisposable
     {
         var normed = _finalNorm(hidden).select(1, 0);
         var subset = normed.matmul(_rows!.t()).to_type(ScalarType.Float32);
-        var scores = torch.full([normed.shape[0], _vocab], float.NegativeInfinity, ScalarType.Float32, normed.device);
+        var scores = torch.full([normed.shape[0], _weight.shape[0]], float.NegativeInfinity, ScalarType.Float32, normed.device);
         return scores.index_copy_(1, _idTensor!, subset);
-    }
-
-    private void AddOne(long id)
-    {
-        if (id >= 0 && id < _vocab && _members.Add(id)) _ids.Add(id);
     }
 
     private void Gather()
@@ -228,7 +219,9 @@ internal sealed class TensorDraftHead : IDisposable
         _idTensor?.Dispose();
         _rows?.Dispose();
         using var noGrad = torch.no_grad();
-        _idTensor = torch.tensor(_ids.ToArray(), ScalarType.Int64, _weight.device).DetachFromDisposeScope();
+        var ids = new long[_tokens.Count];
+        for (int i = 0; i < ids.Length; i++) ids[i] = _tokens[i];
+        _idTensor = torch.tensor(ids, ScalarType.Int64, _weight.device).DetachFromDisposeScope();
         _rows = _weight.index_select(0, _idTensor).DetachFromDisposeScope();
     }
 

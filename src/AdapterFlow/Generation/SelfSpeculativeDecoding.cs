@@ -255,12 +255,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         {
             int columns = session.Options.NumSpeculations + 1;
             if (HostGreedy.Model(session, columns) is not { } model) return null;
-            DraftTokenSet? draftTokens = null;
-            if (session.Options.DraftVocabulary is { } vocabulary)
-            {
-                draftTokens = new DraftTokenSet(vocabulary, model.LlamaConfig.VocabSize);
-                foreach (long id in session.InputIds.contiguous().data<long>().ToArray()) draftTokens.Add(id);
-            }
+            var draftTokens = session.Options.DraftVocabulary is { } vocabulary ? DraftTokenSet.For(vocabulary, model.LlamaConfig.VocabSize, session) : null;
             return new HostGreedyRounds(model, columns, draftTokens, session.Options.DraftConfidenceThreshold);
         }
 
