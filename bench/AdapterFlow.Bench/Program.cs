@@ -10,6 +10,7 @@ using static TorchSharp.torch;
 //        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick] [--no-fused-adamw]
 //        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64] [--no-cpu-kernels]
 //            [--draft-vocab FILE] [--draft-confidence P]
+//        ... -- gemmtokens [--tokens 1,2,3,4,5,7] [--repeats 15]  (the multi-token kernel over the 109.5M model's weights)
 //        ... -- specpasses --model DIR [--draft-vocab FILE]  (the kernel passes of a self-speculative round, timed one by one)  (a draft_vocab.json from `adapterflow draft-vocab`)
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
@@ -19,7 +20,7 @@ string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ord
 if (suite == "train-one")
     return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3),
         fusedOptimizer: !args.Contains("--no-fused-adamw"));
-if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "train" or "speculative" or "specpasses" or "all"))
+if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "gemmtokens" or "train" or "speculative" or "specpasses" or "all"))
 {
     Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, lorastep, gemv, train, speculative, specpasses, all)");
     return 2;
@@ -74,6 +75,8 @@ if (suite == "speculative") WriteSection(Value("--section") ?? "speculative", Sp
     Value("--exit-layers"), Value("--num-speculations"), int.Parse(Value("--repeats") ?? "2", CultureInfo.InvariantCulture),
     cpuKernels: !argsList.Contains("--no-cpu-kernels"), draftVocabulary: Value("--draft-vocab"),
     draftConfidence: double.Parse(Value("--draft-confidence") ?? "0", CultureInfo.InvariantCulture)));
+if (suite == "gemmtokens") WriteSection("gemmtokens", GemmTokensBench.Run((Value("--tokens") ?? "1,2,3,4,5,7").Split(',').Select(int.Parse).ToArray(),
+    IntValue("--repeats", 15), machine));
 if (suite == "specpasses") WriteSection(Value("--section") ?? "specpasses", SpeculativePassesBench.Table(Value("--model")!, machine, Value("--draft-vocab")));
 return 0;
 

@@ -23,7 +23,7 @@ public static unsafe class SpeculativePassesBench
         int layers = model.NumLayers, hidden = model.LlamaConfig.HiddenSize, vocab = model.LlamaConfig.VocabSize;
         var cache = model.CreateCache();
         if (!LlamaCpuDecoder.CanRunHostPasses(model, cache)) throw new ArgumentException("the CPU decode kernels cannot run this model");
-        var draft = draftVocabulary is null ? null : new DraftTokenSet(DraftVocabulary.Load(draftVocabulary), vocab);
+        using var draft = draftVocabulary is null ? null : new PackedDraftHead(new DraftTokenSet(DraftVocabulary.Load(draftVocabulary), vocab), model.PlainHead()!.Value.Weight);
         var prompt = textModel.Tokenizer.Encode(SpeculativeSweep.DefaultPrompts[0], addSpecialTokens: true).Select(i => (long)i).Take(LlamaCpuDecoder.MaxTokensPerPass).ToArray();
         foreach (long id in prompt) draft?.Add(id);
         var states = new float[8 * hidden];
@@ -41,7 +41,7 @@ public static unsafe class SpeculativePassesBench
                     var clock = Stopwatch.StartNew();
                     if (start == 0)
                         LlamaCpuDecoder.HostPass(model, cache, 0, end, time, Enumerable.Repeat(prompt[^1], time).ToArray(), null, past, sp, headRows, lp,
-                            subset ? draft!.Pointer : null, subset ? draft!.Count : 0);
+                            subset ? draft!.Rows : null, subset ? draft!.Count : 0);
                     else LlamaCpuDecoder.HostPass(model, cache, start, end, time, null, sp, past, null, headRows, lp);
                     if (r >= 0) samples[r] = clock.Elapsed.TotalMilliseconds;
                     cache.Truncate(past);

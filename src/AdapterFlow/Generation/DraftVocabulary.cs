@@ -173,6 +173,66 @@ internal sealed class DraftTokenSet
 }
 
 /// <summary>
+/// A generation's draft head for the host rounds: the head matrix's rows of a <see cref="DraftTokenSet"/>, copied into one
+/// contiguous [count, hidden] float32 block (rows appended as the text brings new tokens). Reading the rows in place
+/// (a gather) streamed at about a quarter of the memory bandwidth (3 KB at a time from scattered addresses); the packed
+/// block is one stream, read like any other matrix (bench suite <c>specpasses</c>). Copied per generation (~12 MB for
+/// 4096 rows of 768, about a millisecond), so weights changed between generations (merges) are always seen.
+/// </summary>
+internal sealed unsafe class PackedDraftHead : IDisposable
+{
+    private readonly float* _weight;
+    private readonly int _hidden;
+    private float* _rows;
+    private int _capacity;
+
+    /// <summary>
+    /// Packs the rows of <paramref name="tokens"/> from <paramref name="weight"/>, a float32 CPU [vocab, hidden] matrix that
+    /// must outlive this head, with room for <paramref name="spareRows"/> more before the block grows.
+    /// </summary>
+    public PackedDraftHead(DraftTokenSet tokens, Tensor weight, int spareRows = 1024)
+    {
+        if (weight.dtype != ScalarType.Float32 || weight.device_type != DeviceType.CPU || !weight.is_contiguous() || weight.dim() != 2)
+            throw new InvalidOperationException("a draft head over part of the vocabulary needs a plain float32 CPU LM head matrix");
+        Tokens = tokens;
+        _weight = Models.Cpu.CpuKernels.Pointer(weight);
+        _hidden = (int)weight.shape[1];
+        _capacity = Math.Max(1, tokens.Count + spareRows);
+        _rows = (float*)NativeMemory.AlignedAlloc((nuint)((long)_capacity * _hidden * sizeof(float)), 64);
+        for (int i = 0; i < tokens.Count; i++) CopyRow(i);
+    }
+
+    public DraftTokenSet Tokens { get; }
+
+    /// <summary>The packed rows [<see cref="Count"/>, hidden]; row i is token <c>Tokens[i]</c>.</summary>
+    public float* Rows => _rows;
+
+    public int Count => Tokens.Count;
+
+    /// <summary>Adds a token of the text (with its row) if it is new.</summary>
+    public void Add(long id)
+    {
+        if (!Tokens.Add(id)) return;
+        if (Tokens.Count > _capacity)
+        {
+            _capacity = Math.Max(_capacity * 2, Tokens.Count);
+            _rows = (float*)NativeMemory.AlignedRealloc(_rows, (nuint)((long)_capacity * _hidden * sizeof(float)), 64);
+        }
+        CopyRow(Tokens.Count - 1);
+    }
+
+    private void CopyRow(int index) =>
+        Buffer.MemoryCopy(_weight + (long)Tokens[index] * _hidden, _rows + (long)index * _hidden, (long)_hidden * sizeof(float), (long)_hidden * sizeof(float));
+
+    public void Dispose()
+    {
+        if (_rows == null) return;
+        NativeMemory.AlignedFree(_rows);
+        _rows = null;
+    }
+}
+
+/// <summary>
 /// A generation's draft head over part of the vocabulary for the tensor rounds (sampling, batches, adapter wrappers):
 /// the head's rows of the draft tokens, gathered once (and again when the text brings new tokens), and scores over the
 /// whole vocabulary with −∞ outside them, so the logits processors and the draft distribution q work unchanged (q is

@@ -93,6 +93,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         finally
         {
             draftHead?.Dispose();
+            host?.Dispose();
         }
     }
 
@@ -234,30 +235,34 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
     /// <see cref="GenerationOptions.DraftVocabulary"/>, a draft's head computes only the logits of that vocabulary's
     /// tokens and of every token in the text so far (added as they appear); the verifier's head stays whole.
     /// </summary>
-    private sealed class HostGreedyRounds
+    private sealed class HostGreedyRounds : IDisposable
     {
         private readonly LlamaForCausalLM _model;
         private readonly float[] _states;  // exit states [K + 1, hidden] of the round's columns
         private readonly float[] _logits;  // [K + 1, vocab]: the drafts', then the verifier's
-        private readonly DraftTokenSet? _draftTokens;
+        private readonly PackedDraftHead? _draftHead;
         private readonly double _confidence;
 
-        private HostGreedyRounds(LlamaForCausalLM model, int columns, DraftTokenSet? draftTokens, double confidence)
+        private HostGreedyRounds(LlamaForCausalLM model, int columns, PackedDraftHead? draftHead, double confidence)
         {
             _confidence = confidence;
             _model = model;
             _states = new float[columns * model.LlamaConfig.HiddenSize];
             _logits = new float[columns * model.LlamaConfig.VocabSize];
-            _draftTokens = draftTokens;
+            _draftHead = draftHead;
         }
 
         public static HostGreedyRounds? For(DecodingSession session)
         {
             int columns = session.Options.NumSpeculations + 1;
             if (HostGreedy.Model(session, columns) is not { } model) return null;
-            var draftTokens = session.Options.DraftVocabulary is { } vocabulary ? DraftTokenSet.For(vocabulary, model.LlamaConfig.VocabSize, session) : null;
-            return new HostGreedyRounds(model, columns, draftTokens, session.Options.DraftConfidenceThreshold);
+            var draftHead = session.Options.DraftVocabulary is { } vocabulary && model.PlainHead() is (_, var weight)
+                ? new PackedDraftHead(DraftTokenSet.For(vocabulary, model.LlamaConfig.VocabSize, session), weight)
+                : null;
+            return new HostGreedyRounds(model, columns, draftHead, session.Options.DraftConfidenceThreshold);
         }
+
+        public void Dispose() => _draftHead?.Dispose();
 
         public unsafe IReadOnlyList<GeneratedToken> Round(DecodingSession session, int exit, int drafts)
         {
@@ -278,12 +283,12 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                     float* draftLogits = logits + (long)j * vocab;
                     int count;
                     // With E = L the drafts' logits are the verifier's, so they stay whole.
-                    if (_draftTokens is { } subset && exit < layers)
+                    if (_draftHead is { } draftHead && exit < layers)
                     {
                         LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits,
-                            subset.Pointer, subset.Count);
-                        count = subset.Count;
-                        fed[j + 1] = subset[(int)HostGreedy.ArgMax(draftLogits, count)];
+                            draftHead.Rows, draftHead.Count);
+                        count = draftHead.Count;
+                        fed[j + 1] = draftHead.Tokens[(int)HostGreedy.ArgMax(draftLogits, count)];
                     }
                     else
                     {
@@ -313,7 +318,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             bool ends = false;
             for (int j = 0; j <= agreed && !ends; j++) ends = session.IsStopToken((int)chosen[j]);
             session.RecordDrafts(drafts, agreed);
-            for (int j = 0; j <= agreed; j++) _draftTokens?.Add(chosen[j]);
+            for (int j = 0; j <= agreed; j++) _draftHead?.Add(chosen[j]);
             if (chosen.Length > drafts + 1) Array.Resize(ref chosen, drafts + 1);
             using var tokens = torch.tensor(chosen, [1, drafts + 1], ScalarType.Int64, session.Device);
             var events = session.AcceptColumns(tokens, chosen, drafts + 1, ends ? drafts + 1 : agreed + 1);

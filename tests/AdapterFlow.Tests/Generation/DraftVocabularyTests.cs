@@ -147,18 +147,39 @@ public class DraftVocabularyTests
         var cacheA = model.CreateCache();
         var cacheB = model.CreateCache();
         Assert.True(LlamaCpuDecoder.CanRunHostPasses(llama, cacheA));
+        var tokens = new DraftTokenSet(new DraftVocabulary(listed[..1]), vocab);
+        foreach (int id in listed[1..]) tokens.Add(id);
+        using var packed = new PackedDraftHead(tokens, llama.PlainHead()!.Value.Weight);
         fixed (float* f = full, s = subset, a = stateA, b = stateB)
-        fixed (int* rows = listed)
         {
             long[] prompt = [4, 9, 33, 12];
             LlamaCpuDecoder.HostPass(llama, cacheA, 0, 4, prompt.Length, prompt, null, 0, null, 0, null);
             LlamaCpuDecoder.HostPass(llama, cacheB, 0, 4, prompt.Length, prompt, null, 0, null, 0, null);
             LlamaCpuDecoder.HostPass(llama, cacheA, 0, 2, 1, [50], null, prompt.Length, a, 1, f);
-            LlamaCpuDecoder.HostPass(llama, cacheB, 0, 2, 1, [50], null, prompt.Length, b, 1, s, rows, listed.Length);
+            LlamaCpuDecoder.HostPass(llama, cacheB, 0, 2, 1, [50], null, prompt.Length, b, 1, s, packed.Rows, packed.Count);
         }
         Assert.Equal(stateA, stateB);
         for (int i = 0; i < listed.Length; i++) Assert.Equal(full[listed[i]], subset[i]); // the same row kernel: bit for bit
         Assert.Contains(full, v => v != 0);
+    }
+
+    [Fact]
+    public unsafe void The_packed_draft_head_holds_the_head_rows_of_its_tokens_as_they_are_added()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        int vocab = llama.LlamaConfig.VocabSize, hidden = llama.LlamaConfig.HiddenSize;
+        var weight = llama.PlainHead()!.Value.Weight;
+        var tokens = new DraftTokenSet(new DraftVocabulary([7, 2]), vocab);
+        using var packed = new PackedDraftHead(tokens, weight, spareRows: 1);
+        foreach (long id in new long[] { 2, 11, 5, 11, vocab - 1, 0, 3 }) packed.Add(id); // repeats add nothing; the block grows twice
+        Assert.Equal(new[] { 2, 7, 11, 5, vocab - 1, 0, 3 }, Enumerable.Range(0, packed.Count).Select(i => packed.Tokens[i]));
+        var rows = weight.contiguous().data<float>().ToArray();
+        for (int i = 0; i < packed.Count; i++)
+            for (int c = 0; c < hidden; c++)
+                Assert.Equal(rows[(long)packed.Tokens[i] * hidden + c], packed.Rows[(long)i * hidden + c]);
+        using var bf16 = weight.to_type(torch.ScalarType.BFloat16);
+        Assert.Throws<InvalidOperationException>(() => new PackedDraftHead(tokens, bf16));
     }
 
     [Fact]

@@ -280,9 +280,15 @@ public class CpuDecodeMultiTokenTests
     [InlineData(6, 41, 130)]
     [InlineData(7, 250, 9)]
     [InlineData(9, 300, 700)] // large enough to run in parallel blocks
+    // Multiples of 32 wide take the 512-bit row kernels where AVX-512 is accelerated: 4-, 3- and 2-token groups and one.
+    [InlineData(2, 64, 20)]
+    [InlineData(3, 96, 33)]
+    [InlineData(7, 128, 300)]
+    [InlineData(6, 64, 1100)]
     public unsafe void Gemm_matches_a_float64_reference_for_every_token_count_and_ragged_width(int tokens, int cols, int rows)
     {
-        // Widths that are not multiples of 8 or 16 take every remainder path (4-, 2-, 1-token blocks; 16-, 8-, 1-wide).
+        // Widths that are not multiples of 8 or 16 take every remainder path of the 256-bit kernels (4-, 2-, 1-token
+        // blocks; 16-, 8-, 1-wide).
         var random = new Random(tokens * 1000 + cols);
         float[] w = Enumerable.Range(0, rows * cols).Select(_ => (float)(random.NextDouble() - 0.5)).ToArray();
         float[] x = Enumerable.Range(0, tokens * cols).Select(_ => (float)(random.NextDouble() - 0.5)).ToArray();

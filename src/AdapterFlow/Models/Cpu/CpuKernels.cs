@@ -87,23 +87,6 @@ internal static unsafe partial class CpuKernels
         for (; r < r1; r++) Store(y, bias, r, Dot(w + (long)r * cols, x, cols), accumulate);
     }
 
-    /// <summary>
-    /// y[i] = Σ_c w[rows[i], c] · x[c] for <paramref name="count"/> listed rows of a row-major matrix: a draft head over
-    /// part of the vocabulary. Each row is summed as <see cref="GemvRows"/> sums it; rows listed in ascending order keep
-    /// the reads close to one forward stream.
-    /// </summary>
-    public static void GemvGather(float* w, int* rows, int count, float* x, float* y, int cols)
-    {
-        nint wp = (nint)w, rp = (nint)rows, xp = (nint)x, yp = (nint)y;
-        RowBlocks(count, cols, (i0, i1) => GatherRows((float*)wp, (int*)rp, (float*)xp, (float*)yp, cols, i0, i1));
-    }
-
-    private static void GatherRows(float* w, int* rows, float* x, float* y, int cols, int i0, int i1)
-    {
-        // Row rows[i] of w, as a one-row matrix at its own address, into y[i].
-        for (int i = i0; i < i1; i++) GemvRows(w + (long)rows[i] * cols, x, y + i, null, cols, 0, 1, accumulate: false);
-    }
-
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Store(float* y, float* bias, int r, float sum, bool accumulate)
     {

@@ -124,20 +124,21 @@ internal static unsafe partial class LlamaCpuDecoder
     /// over <paramref name="time"/> new tokens at positions <paramref name="firstPosition"/>.. (no padding), entering
     /// with the embeddings of <paramref name="ids"/> or with <paramref name="input"/> [time, hidden]; writes the last
     /// layer's output [time, hidden] to <paramref name="exitState"/> (if not null) and the logits of the last
-    /// <paramref name="headRows"/> tokens [headRows, vocab] to <paramref name="logits"/>. With <paramref name="headSubset"/>
-    /// (one head row), the logits are only those of the <paramref name="headSubsetCount"/> listed token ids, in list
-    /// order (a draft head over part of the vocabulary). Check <see cref="CanRunHostPasses"/> first.
+    /// <paramref name="headRows"/> tokens [headRows, vocab] to <paramref name="logits"/>. With <paramref name="headMatrix"/>
+    /// (one head row), the final norm's output goes through that float32 [<paramref name="headMatrixRows"/>, hidden]
+    /// matrix instead of the LM head (a draft head over part of the vocabulary, its rows packed), giving that many
+    /// logits. Check <see cref="CanRunHostPasses"/> first.
     /// </summary>
     internal static void HostPass(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? ids, float* input,
-        long firstPosition, float* exitState, int headRows, float* logits, int* headSubset = null, int headSubsetCount = 0)
+        long firstPosition, float* exitState, int headRows, float* logits, float* headMatrix = null, int headMatrixRows = 0)
     {
         if (time < 1 || time > MaxTokensPerPass) throw new ArgumentOutOfRangeException(nameof(time), $"{time} tokens; a kernel pass takes 1..{MaxTokensPerPass}");
-        if (headSubset != null && headRows != 1) throw new ArgumentException("a head over a subset of the vocabulary takes one row", nameof(headRows));
+        if (headMatrix != null && headRows != 1) throw new ArgumentException("a head over a subset of the vocabulary takes one row", nameof(headRows));
         var positions = new long[time];
         for (int t = 0; t < time; t++) positions[t] = firstPosition + t;
         using var scope = torch.NewDisposeScope(); // modules the kernels do not know (IA3, …) run through libtorch
         RunTokens(model, cache, start, layers, time, input == null ? ids : null, input, positions, firstPosition + time, null, null, exitState, headRows, logits,
-            headSubset, headSubsetCount);
+            headMatrix, headMatrixRows);
         if (time == 1) StepsOnThisThread++;
         else MultiTokenPassesOnThisThread++;
         HostPassesOnThisThread++;
@@ -151,7 +152,7 @@ internal static unsafe partial class LlamaCpuDecoder
     /// </summary>
     private static void RunTokens(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? tokenIds, float* input,
         long[] positions, long sequenceLength, byte* keyReal, float* states, float* exitState, int headRows, float* logits,
-        int* headSubset = null, int headSubsetCount = 0)
+        float* headMatrix = null, int headMatrixRows = 0)
     {
         var config = model.LlamaConfig;
         int hidden = config.HiddenSize, vocab = config.VocabSize;
@@ -258,14 +259,14 @@ internal static unsafe partial class LlamaCpuDecoder
         if (exitState != null) Copy(x, exitState, stateSize);
         if (headRows == 0) return;
         RmsNorm(model.model.norm, x + (long)(time - headRows) * hidden, buffers.Normed, hidden, headRows);
+        if (headMatrix != null)
+        {
+            CpuKernels.Gemv(headMatrix, buffers.Normed, logits, null, headMatrixRows, hidden);
+            return;
+        }
         var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
         bool plainHead = head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, vocab, hidden);
-        if (headSubset != null)
-        {
-            if (!plainHead) throw new InvalidOperationException("a draft head over part of the vocabulary needs a plain float32 LM head matrix");
-            CpuKernels.GemvGather(CpuKernels.Pointer(head!), headSubset, headSubsetCount, buffers.Normed, logits, hidden);
-        }
-        else if (plainHead)
+        if (plainHead)
             CpuKernels.Gemm(CpuKernels.Pointer(head!), buffers.Normed, logits, null, vocab, hidden, headRows);
         else ThroughTorch(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);
     }
