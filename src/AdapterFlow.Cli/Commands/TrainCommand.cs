@@ -64,6 +64,11 @@ internal static class TrainCommand
         var seed = new Option<long?>("--seed") { Description = "Seed for data order, dropout and initialisation (default 42).", HelpName = "S" };
         var saveSteps = new Option<int?>("--save-steps") { Description = "Write a resumable checkpoint-{step} folder every N steps and at the end.", HelpName = "N" }
             .Check(v => v is null or >= 1, "must be at least 1");
+        var saveTotalLimit = new Option<int?>("--save-total-limit")
+        {
+            Description = "Keep only the newest N checkpoint folders (and the best evaluated one); older ones are deleted after each save. Default: keep all.",
+            HelpName = "N",
+        }.Check(v => v is null or >= 1, "must be at least 1");
         var resume = new Option<bool>("--resume") { Description = "Continue from the latest checkpoint-{step} folder in --out." };
         var maxSteps = new Option<int?>("--max-steps") { Description = "Stop after N optimizer steps (overrides --epochs).", HelpName = "N" }
             .Check(v => v is null or >= 1, "must be at least 1");
@@ -148,7 +153,7 @@ internal static class TrainCommand
         var command = new Command("train", "Fine-tune a model or train an adapter (LoRA, IA3, prefix, prompt, bottleneck) on instruction data.")
         {
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
-            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, resume, maxSteps, objective, chatTemplate, beta, labelSmoothing,
+            loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, saveTotalLimit, resume, maxSteps, objective, chatTemplate, beta, labelSmoothing,
             evalData, evalSplit, evalEvery, rewarm, minLearningRate, badRecords,
             layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale,
             precision, device, json,
@@ -172,6 +177,7 @@ internal static class TrainCommand
                 TrainOnInputs = parse.GetValue(trainOnInputs) ? true : null,
                 Seed = parse.GetValue(seed),
                 SaveSteps = parse.GetValue(saveSteps),
+                SaveTotalLimit = parse.GetValue(saveTotalLimit),
                 MaxSteps = parse.GetValue(maxSteps),
                 Objective = parse.GetValue(objective),
                 ChatTemplate = parse.GetValue(chatTemplate),

@@ -58,6 +58,8 @@ public sealed record TrainRecipe
     public bool? TrainOnInputs { get; init; }
     public long? Seed { get; init; }
     public int? SaveSteps { get; init; }
+    /// <summary>Keep only the newest N checkpoints (and the best evaluated one), as transformers' save_total_limit.</summary>
+    public int? SaveTotalLimit { get; init; }
     public int? MaxSteps { get; init; }
     /// <summary>Bottleneck adapters: hidden size of the down/up projection (LLM-Adapters' bottleneck_size).</summary>
     public int? BottleneckSize { get; init; }
@@ -102,6 +104,7 @@ public sealed record TrainRecipe
         TrainOnInputs = overrides.TrainOnInputs ?? TrainOnInputs,
         Seed = overrides.Seed ?? Seed,
         SaveSteps = overrides.SaveSteps ?? SaveSteps,
+        SaveTotalLimit = overrides.SaveTotalLimit ?? SaveTotalLimit,
         MaxSteps = overrides.MaxSteps ?? MaxSteps,
         BottleneckSize = overrides.BottleneckSize ?? BottleneckSize,
         UseParallelAdapter = overrides.UseParallelAdapter ?? UseParallelAdapter,
@@ -164,6 +167,7 @@ public sealed record TrainRecipe
                 "train_on_inputs" => recipe with { TrainOnInputs = Bool(value, where) },
                 "seed" => recipe with { Seed = Int(value, where) },
                 "save_steps" => recipe with { SaveSteps = Int(value, where) },
+                "save_total_limit" => recipe with { SaveTotalLimit = Int(value, where) },
                 "max_steps" => recipe with { MaxSteps = Int(value, where) },
                 "bottleneck_size" => recipe with { BottleneckSize = Int(value, where) },
                 "use_parallel_adapter" => recipe with { UseParallelAdapter = Bool(value, where) },
@@ -206,7 +210,7 @@ public sealed record TrainRecipe
         if (Precision is not null) ParsePrecision(Precision, source);
         Positive("epochs", Epochs); Positive("learning_rate", LearningRate); Positive("batch_size", BatchSize);
         Positive("micro_batch_size", MicroBatchSize); Positive("cutoff_len", CutoffLen); Positive("lora_r", LoraR);
-        Positive("lora_alpha", LoraAlpha); Positive("save_steps", SaveSteps); Positive("max_steps", MaxSteps);
+        Positive("lora_alpha", LoraAlpha); Positive("save_steps", SaveSteps); Positive("save_total_limit", SaveTotalLimit); Positive("max_steps", MaxSteps);
         Positive("bottleneck_size", BottleneckSize); Positive("num_virtual_tokens", NumVirtualTokens);
         if (Objective is not null && !Objectives.Contains(Objective))
             throw new ArgumentException($"{source}: unknown objective '{Objective}' (expected {string.Join(", ", Objectives)})");
@@ -287,6 +291,7 @@ public sealed record TrainRecipe
             MetricsPath = outputDirectory is null ? null : Path.Combine(outputDirectory, "metrics.jsonl"),
             CheckpointDirectory = outputDirectory is null || SaveSteps is null ? null : outputDirectory,
             CheckpointEvery = SaveSteps ?? defaults.CheckpointEvery,
+            SaveTotalLimit = SaveTotalLimit,
             LayerDropout = ToLayerDropoutOptions(),
             EarlyExit = ToEarlyExitOptions(),
             Precision = Precision is null ? defaults.Precision : TrainingPrecisionNames.Parse(Precision),

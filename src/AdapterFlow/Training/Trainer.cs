@@ -230,7 +230,10 @@ public sealed class Trainer : IDisposable
                 metricsLog.Flush();
             }
             if (Options.CheckpointDirectory is not null && Options.CheckpointEvery > 0 && (Step % Options.CheckpointEvery == 0 || Step == totalSteps))
+            {
                 SaveCheckpoint(Path.Combine(Options.CheckpointDirectory, $"checkpoint-{Step}"));
+                if (Options.SaveTotalLimit is int limit) PruneCheckpoints(Options.CheckpointDirectory, limit, BestStep);
+            }
         }
         return new TrainingResult(steps) { BestStep = BestStep, BestEvalLoss = BestEvalLoss };
     }
@@ -455,6 +458,28 @@ public sealed class Trainer : IDisposable
         var state = new CheckpointState(Step, Options.Seed, Convert.ToBase64String(rng.data<byte>().ToArray()), BestStep, BestEvalLoss);
         File.WriteAllText(Path.Combine(temp, StateFile), JsonSerializer.Serialize(state, MetricsJson));
     });
+
+    /// <summary>
+    /// Deletes the oldest checkpoint-{step} folders of <paramref name="directory"/> beyond the newest
+    /// <paramref name="keep"/>, sparing <paramref name="bestStep"/>'s. Only folders named checkpoint-{integer} are touched.
+    /// </summary>
+    public static IReadOnlyList<string> PruneCheckpoints(string directory, int keep, int? bestStep = null)
+    {
+        var checkpoints = Directory.GetDirectories(directory, "checkpoint-*")
+            .Select(dir => (dir, ok: int.TryParse(Path.GetFileName(dir)["checkpoint-".Length..], System.Globalization.NumberStyles.None,
+                System.Globalization.CultureInfo.InvariantCulture, out int step), step))
+            .Where(c => c.ok)
+            .OrderByDescending(c => c.step)
+            .ToList();
+        var deleted = new List<string>();
+        foreach (var (dir, _, step) in checkpoints.Skip(keep))
+        {
+            if (step == bestStep) continue;
+            Directory.Delete(dir, recursive: true);
+            deleted.Add(dir);
+        }
+        return deleted;
+    }
 
     /// <summary>Restores a checkpoint written by <see cref="SaveCheckpoint"/> into this trainer (same model shape and options).</summary>
     public void LoadCheckpoint(string directory)

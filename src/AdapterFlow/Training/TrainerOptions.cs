@@ -67,6 +67,12 @@ public sealed record TrainerOptions
 
     public int CheckpointEvery { get; init; } = 500;
 
+    /// <summary>
+    /// Keep at most this many checkpoint-{step} folders in <see cref="CheckpointDirectory"/>: after each save the oldest
+    /// are deleted, except the best evaluated step's (transformers' save_total_limit). Null keeps them all.
+    /// </summary>
+    public int? SaveTotalLimit { get; init; }
+
     /// <summary>Log every this many optimizer steps.</summary>
     public int LogEvery { get; init; } = 1;
 
@@ -115,6 +121,7 @@ public sealed record TrainerOptions
         if (MinLearningRate < 0 || MinLearningRate > LearningRate)
             throw new ArgumentException($"MinLearningRate must be in [0, LearningRate], got {MinLearningRate}");
         if (MaxGradNorm is double norm) Positive(nameof(MaxGradNorm), norm);
+        if (SaveTotalLimit is int limit) Positive(nameof(SaveTotalLimit), limit);
         if (Beta1 is < 0 or >= 1 || Beta2 is < 0 or >= 1) throw new ArgumentException($"betas must be in [0, 1), got ({Beta1}, {Beta2})");
         LayerDropout?.Validate();
         EarlyExit?.Validate();

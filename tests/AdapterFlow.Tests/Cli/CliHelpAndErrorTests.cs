@@ -14,7 +14,7 @@ public class CliHelpAndErrorTests
         { "merge", ["--model", "--adapter", "--out", "--json"] },
         { "train", ["--model", "--data", "--method", "--out", "--config", "--epochs", "--learning-rate", "--batch-size", "--micro-batch-size",
                     "--cutoff-len", "--warmup-steps", "--lr-scheduler", "--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules",
-                    "--train-on-inputs", "--seed", "--save-steps", "--resume", "--max-steps", "--precision", "--device", "--json"] },
+                    "--train-on-inputs", "--seed", "--save-steps", "--save-total-limit", "--resume", "--max-steps", "--precision", "--device", "--json"] },
     };
 
     [Theory]

@@ -154,7 +154,7 @@ public class CliTrainTests(TinyModelFixture tiny)
         var help = CliRunner.Run("train", "--help").AssertSuccess().Stdout;
         foreach (var option in new[] { "--model", "--data", "--method", "--out", "--config", "--epochs", "--learning-rate", "--batch-size",
                      "--micro-batch-size", "--cutoff-len", "--warmup-steps", "--lr-scheduler", "--lora-r", "--lora-alpha", "--lora-dropout",
-                     "--target-modules", "--train-on-inputs", "--seed", "--save-steps", "--resume", "--max-steps", "--device", "--json" })
+                     "--target-modules", "--train-on-inputs", "--seed", "--save-steps", "--save-total-limit", "--resume", "--max-steps", "--device", "--json" })
             Assert.Contains(option, help);
     }
 }

@@ -92,4 +92,26 @@ public sealed class CheckpointTests : IDisposable
         using var other = Trainer.ForModel(model, Options with { Seed = 1 });
         Assert.Contains("seed 11", Assert.Throws<ArgumentException>(() => other.LoadCheckpoint(checkpoint)).Message);
     }
+
+    [Fact]
+    public void Save_total_limit_keeps_the_newest_checkpoints_and_the_best_one()
+    {
+        // 6 steps, a checkpoint every step, keep 2: only checkpoint-5 and checkpoint-6 remain, and the last resumes.
+        var options = Options with { CheckpointDirectory = _dir, CheckpointEvery = 1, SaveTotalLimit = 2 };
+        var stray = Directory.CreateDirectory(Path.Combine(_dir, "checkpoint-final")).FullName; // not checkpoint-{step}: never touched
+        using (var model = TrainerTests.TinyLlama())
+        using (var trainer = Trainer.ForModel(model, options))
+            Assert.Equal(6, trainer.Train(TrainerTests.Examples(4), Collate).Steps.Count);
+        Assert.Equal(["checkpoint-5", "checkpoint-6", "checkpoint-final"], Directory.GetDirectories(_dir).Select(Path.GetFileName).Order());
+        Assert.Contains("\"step\":6", File.ReadAllText(Path.Combine(_dir, "checkpoint-6", "trainer_state.json")));
+
+        // The best evaluated step's checkpoint survives pruning even when it is old.
+        foreach (int step in new[] { 2, 9, 10, 11 }) Directory.CreateDirectory(Path.Combine(_dir, $"checkpoint-{step}"));
+        var deleted = Trainer.PruneCheckpoints(_dir, keep: 2, bestStep: 2).Select(Path.GetFileName).Order();
+        Assert.Equal(["checkpoint-5", "checkpoint-6", "checkpoint-9"], deleted);
+        Assert.Equal(["checkpoint-10", "checkpoint-11", "checkpoint-2", "checkpoint-final"], Directory.GetDirectories(_dir).Select(Path.GetFileName).Order());
+        Assert.True(Directory.Exists(stray));
+        using var tiny = TrainerTests.TinyLlama();
+        Assert.Contains("SaveTotalLimit", Assert.Throws<ArgumentException>(() => Trainer.ForModel(tiny, Options with { SaveTotalLimit = 0 })).Message);
+    }
 }

@@ -64,6 +64,7 @@ public class TrainRecipeTests
     [InlineData("eval_every: 5\n", "eval_every needs eval_data or eval_split")]
     [InlineData("bad_records: ignore\n", "bad_records must be fail or skip")]
     [InlineData("rewarm_steps: 10\nwarmup_steps: 5\n", "warmup_steps or rewarm_steps")]
+    [InlineData("save_total_limit: 0\n", "save_total_limit")]
     public void Bad_objective_settings_name_the_key(string yaml, string expected)
     {
         var path = Path.Combine(Path.GetTempPath(), $"af-recipe-{Guid.NewGuid():N}.yaml");
@@ -115,8 +116,9 @@ public class TrainRecipeTests
     public void Overlay_keeps_unset_values()
     {
         var file = new TrainRecipe { Method = "lora", LoraR = 32, Epochs = 3 };
-        var merged = file.OverlaidBy(new TrainRecipe { LoraR = 4 });
+        var merged = file.OverlaidBy(new TrainRecipe { LoraR = 4, SaveTotalLimit = 3 });
         Assert.Equal(4, merged.LoraR);
+        Assert.Equal(3, merged.ToTrainerOptions("out").SaveTotalLimit);
         Assert.Equal(3, merged.Epochs);
         Assert.Equal("lora", merged.Method);
     }
