@@ -6,12 +6,32 @@ using AdapterFlow.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- [decode|adapters|lorastep|gemv|train|all] [--out docs/benchmarks.md]
-//        [--new-tokens 64] [--prompt 128] [--steps 3] [--quick] [--no-fused-adamw]
-//        ... -- speculative --model DIR [--section NAME] [--exit-layers 2,4] [--num-speculations 2,4,6] [--new-tokens 64] [--no-cpu-kernels]
-//            [--draft-vocab FILE] [--draft-confidence P]
-//        ... -- gemmtokens [--tokens 1,2,3,4,5,7] [--repeats 15]  (the multi-token kernel over the 109.5M model's weights)
-//        ... -- specpasses --model DIR [--draft-vocab FILE]  (the kernel passes of a self-speculative round, timed one by one)  (a draft_vocab.json from `adapterflow draft-vocab`)
+const string Usage = """
+    Usage: dotnet run --project bench/AdapterFlow.Bench -c Release -- SUITE [options]
+
+    Suites (each measures the machine's GEMM FLOP/s and memory bandwidth first and reports against them):
+      decode      batch-1 and batch-8 decode of the 109.5M benchmark LLaMA, F32 and BF16 (default)
+      adapters    a training step and decode with each adapter method on the benchmark model   [--decode-only]
+      lorastep    unmerged vs merged LoRA r=32 decode steps, alternating   [--rounds 8]
+      gemv        the output head's matrix-vector product, kernels vs libtorch
+      gemmtokens  the multi-token kernel over all of the model's weights   [--tokens 1,2,3,4,5,7] [--repeats 15]
+      train       training throughput per method and precision, one child process each   [--steps 3] [--no-fused-adamw]
+      all         decode, adapters and train
+      speculative self-speculative sweep on a model folder: --model DIR [--section NAME] [--exit-layers 2,4]
+                  [--num-speculations 2,4,6] [--repeats 2] [--draft-vocab FILE] [--draft-confidence P] [--no-cpu-kernels]
+      specpasses  the kernel passes of a self-speculative round, timed one by one: --model DIR [--draft-vocab FILE]
+
+    Common options:
+      --out FILE        write the suite's table into FILE between <!-- bench:NAME:begin/end --> markers
+      --new-tokens N    tokens to generate (default 64; 16 with --quick)
+      --prompt N        prompt length of the decode suite (default 128; 32 with --quick)
+      --quick           shorter runs (smoke test, not for numbers)
+    """;
+if (args.Contains("--help") || args.Contains("-h"))
+{
+    Console.WriteLine(Usage);
+    return 0;
+}
 var argsList = args.ToList();
 string? Value(string name) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : null; }
 int IntValue(string name, int fallback) => Value(name) is { } v ? int.Parse(v, CultureInfo.InvariantCulture) : fallback;
