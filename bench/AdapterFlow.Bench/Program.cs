@@ -19,6 +19,7 @@ const string Usage = """
       all         decode, adapters and train
       speculative self-speculative sweep on a model folder: --model DIR [--section NAME] [--exit-layers 2,4]
                   [--num-speculations 2,4,6] [--repeats 2] [--draft-vocab FILE] [--draft-confidence P] [--no-cpu-kernels]
+                  [--prompts FILE (.json math set, .jsonl {text}, or lines)] [--max-prompts N]
       specpasses  the kernel passes of a self-speculative round, timed one by one: --model DIR [--draft-vocab FILE]
 
     Common options:
@@ -94,7 +95,8 @@ if (suite is "train" or "all") WriteSection("train", TrainTable());
 if (suite == "speculative") WriteSection(Value("--section") ?? "speculative", SpeculativeBench.Table(Value("--model")!, machine, newTokens,
     Value("--exit-layers"), Value("--num-speculations"), int.Parse(Value("--repeats") ?? "2", CultureInfo.InvariantCulture),
     cpuKernels: !argsList.Contains("--no-cpu-kernels"), draftVocabulary: Value("--draft-vocab"),
-    draftConfidence: double.Parse(Value("--draft-confidence") ?? "0", CultureInfo.InvariantCulture)));
+    draftConfidence: double.Parse(Value("--draft-confidence") ?? "0", CultureInfo.InvariantCulture),
+    promptsFile: Value("--prompts"), maxPrompts: Value("--max-prompts") is null ? null : IntValue("--max-prompts", 0)));
 if (suite == "gemmtokens") WriteSection("gemmtokens", GemmTokensBench.Run((Value("--tokens") ?? "1,2,3,4,5,7").Split(',').Select(int.Parse).ToArray(),
     IntValue("--repeats", 15), machine));
 if (suite == "specpasses") WriteSection(Value("--section") ?? "specpasses", SpeculativePassesBench.Table(Value("--model")!, machine, Value("--draft-vocab")));

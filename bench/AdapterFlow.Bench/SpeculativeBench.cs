@@ -11,13 +11,14 @@ namespace AdapterFlow.Bench;
 public static class SpeculativeBench
 {
     public static string Table(string modelDir, string machine, int newTokens, string? exitLayers, string? numSpeculations, int repeats,
-        bool cpuKernels = true, string? draftVocabulary = null, double draftConfidence = 0)
+        bool cpuKernels = true, string? draftVocabulary = null, double draftConfidence = 0, string? promptsFile = null, int? maxPrompts = null)
     {
         using var textModel = TextModel.Load(modelDir);
         var model = textModel.Model;
         // Both sides of the comparison take the same path: libtorch only, or the managed CPU decode kernels where they apply.
         if (model is AdapterFlow.Models.LlamaForCausalLM llama) llama.UseCpuDecodeKernels = cpuKernels;
-        var prompts = SpeculativeSweep.DefaultPrompts.Select(t => textModel.Tokenizer.Encode(t, addSpecialTokens: true)).ToArray();
+        var texts = promptsFile is null ? SpeculativeSweep.DefaultPrompts : SpeculativeSweep.ReadPrompts(promptsFile, maxPrompts);
+        var prompts = texts.Select(t => textModel.Tokenizer.Encode(t, addSpecialTokens: true)).ToArray();
         var options = new SpeculativeSweepOptions
         {
             ExitLayers = exitLayers is null ? null : Parse(exitLayers),
@@ -37,7 +38,7 @@ public static class SpeculativeBench
         table.AppendLine(string.Create(CultureInfo.InvariantCulture,
             $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({model.Config.ModelType}, {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters, {model.DType}); ") +
             string.Create(CultureInfo.InvariantCulture,
-            $"{prompts.Length} built-in prompts one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
+            $"{prompts.Length} {(promptsFile is null ? "built-in prompts" : $"prompts from `{Path.GetFileName(promptsFile)}`")} one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
             string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass). CPU decode kernels: {(cpuKernels ? "on (one-token steps of the baseline and of the drafts, and the verification passes over d + 1 positions)" : "off (everything through libtorch)")}.") +
             (options.DraftVocabulary is { } draft ? string.Create(CultureInfo.InvariantCulture, $" Draft head over {draft.Count} tokens (`{Path.GetFileName(draftVocabulary)}`) plus those of the text so far; the verifier's head is whole.") : " Draft head: the whole vocabulary.") +
             (draftConfidence > 0 ? string.Create(CultureInfo.InvariantCulture, $" Drafting stops early after a draft with probability below {draftConfidence} (K = most drafts per round).") : ""));

@@ -17,7 +17,8 @@ internal static class BenchSpeculativeCommand
         var adapter = CommonOptions.Adapter();
         var promptsFile = new Option<string?>("--prompts")
         {
-            Description = "Prompts to generate from: a .jsonl file with a \"text\" field per line, or any other file with one prompt per line. " +
+            Description = "Prompts to generate from: a .json math set ({instruction, input} items, e.g. the quickstart's data/pretrain-test.json; each becomes " +
+                          "the evaluation prompt), a .jsonl file with a \"text\" field per line, or any other file with one prompt per line. " +
                           "Default: a few built-in arithmetic word problems.",
             HelpName = "FILE",
         };
@@ -63,8 +64,7 @@ internal static class BenchSpeculativeCommand
         {
             var exits = parse.GetValue(exitLayers) is { } e ? ParseList(e, "--exit-layers") : null;
             var ks = ParseList(parse.GetRequiredValue(numSpeculations), "--num-speculations");
-            var texts = parse.GetValue(promptsFile) is { } file ? TextInputs.Read(file) : SpeculativeSweep.DefaultPrompts;
-            if (texts.Count == 0) throw new CliUsageException("--prompts: the file holds no prompts");
+            var texts = parse.GetValue(promptsFile) is { } file ? SpeculativeSweep.ReadPrompts(file) : SpeculativeSweep.DefaultPrompts;
             var load = new LoadOptions
             {
                 Device = Devices.Parse(parse.GetRequiredValue(device)),

@@ -58,6 +58,21 @@ public sealed record SpeculativeSweepResult(int Layers, int Prompts, long Genera
 /// </summary>
 public static class SpeculativeSweep
 {
+    /// <summary>
+    /// Prompts from a file: a <c>.json</c> math set ({instruction, input} items, as LLM-Adapters' and the quickstart's
+    /// data) becomes the evaluation prompts a model fine-tuned on it is asked (<see cref="Evaluation.MathPrompt"/>), so
+    /// the sweep decodes what the model was trained to answer; a <c>.jsonl</c> file gives its "text" fields, any
+    /// other file one prompt per line (<see cref="IO.TextInputs"/>).
+    /// </summary>
+    public static IReadOnlyList<string> ReadPrompts(string path, int? limit = null)
+    {
+        IReadOnlyList<string> texts = path.EndsWith(".json", StringComparison.OrdinalIgnoreCase)
+            ? Data.MathDataset.Load(path).Items.Select(i => Evaluation.MathPrompt.Format(i.Instruction, i.Input)).ToArray()
+            : IO.TextInputs.Read(path);
+        if (texts.Count == 0) throw new InvalidDataException($"{path}: the file holds no prompts");
+        return limit is int n ? texts.Take(n).ToArray() : texts;
+    }
+
     /// <summary>Built-in prompts: short arithmetic word problems, in the style of the built-in training corpus.</summary>
     public static IReadOnlyList<string> DefaultPrompts { get; } =
     [

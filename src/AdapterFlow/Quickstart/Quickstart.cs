@@ -250,13 +250,13 @@ public static class Quickstart
     /// <summary>
     /// Pretraining from scratch: AdamW with a short warmup and cosine decay; with <see cref="QuickstartOptions.LayerSkip"/>,
     /// LayerSkip's pretraining recipe (recipes/layerskip-pretrain.yaml): layer dropout up to 0.1 at the last layer,
-    /// exponential in depth and over training, and the early-exit loss (sum-of-l weights, exits switched on from the
-    /// last layer down by mid-training).
+    /// exponential in depth and over training, and the early-exit loss (equal weights on every exit, exits switched on
+    /// from the last layer down by mid-training).
     /// </summary>
     public static TrainerOptions PretrainOptions(QuickstartOptions options) => new()
     {
         LayerDropout = options.LayerSkip ? new LayerDropoutOptions(0.1, LayerDropoutScale.Exponential, LayerDropoutCurriculum.Exponential) : null,
-        EarlyExit = options.LayerSkip ? new EarlyExitOptions(EarlyExitScale.Sum, EarlyExitCurriculum.Gradual) : null,
+        EarlyExit = options.LayerSkip ? new EarlyExitOptions(EarlyExitScale.Uniform, EarlyExitCurriculum.Gradual) : null,
         LearningRate = options.PretrainLearningRate,
         Schedule = LrScheduleKind.Cosine,
         WarmupRatio = 0.05,

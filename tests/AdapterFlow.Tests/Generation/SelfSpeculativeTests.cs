@@ -314,6 +314,31 @@ public class SelfSpeculativeTests
         }
     }
 
+    [Fact]
+    public void Sweep_prompts_come_from_math_sets_as_evaluation_prompts_from_jsonl_texts_or_from_lines()
+    {
+        var dir = Path.Combine(Path.GetTempPath(), "adapterflow-spec-" + Guid.NewGuid().ToString("N")[..8]);
+        Directory.CreateDirectory(dir);
+        try
+        {
+            string math = Path.Combine(dir, "set.json"), texts = Path.Combine(dir, "p.jsonl"), lines = Path.Combine(dir, "p.txt"), empty = Path.Combine(dir, "e.txt");
+            File.WriteAllText(math, """[{"instruction": "What is 2 + 3?", "input": "", "output": "5", "answer": "5"}, {"instruction": "What is 4 + 4?", "input": "", "output": "8", "answer": "8"}]""");
+            File.WriteAllText(texts, "{\"text\": \"one\\ntwo\"}\n\n{\"text\": \"three\"}\n");
+            File.WriteAllLines(lines, ["a", "b", "c"]);
+            File.WriteAllText(empty, "");
+            var prompts = SpeculativeSweep.ReadPrompts(math);
+            Assert.Equal([AdapterFlow.Evaluation.MathPrompt.Format("What is 2 + 3?"), AdapterFlow.Evaluation.MathPrompt.Format("What is 4 + 4?")], prompts);
+            Assert.Single(SpeculativeSweep.ReadPrompts(math, limit: 1));
+            Assert.Equal(["one\ntwo", "three"], SpeculativeSweep.ReadPrompts(texts));
+            Assert.Equal(["a", "b"], SpeculativeSweep.ReadPrompts(lines, limit: 2));
+            Assert.Contains("e.txt", Assert.Throws<InvalidDataException>(() => SpeculativeSweep.ReadPrompts(empty)).Message);
+        }
+        finally
+        {
+            Directory.Delete(dir, true);
+        }
+    }
+
     /// <summary>
     /// Sampling keeps the target distribution: the joint distribution of the first three new tokens (the second and third
     /// come from a speculative round: drafted, accepted or resampled) matches the exact autoregressive one, computed by

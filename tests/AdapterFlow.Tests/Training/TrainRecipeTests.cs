@@ -131,7 +131,7 @@ public class TrainRecipeTests
         var options = pretrain.ToTrainerOptions("out");
         options.Validate();
         Assert.Equal(new LayerDropoutOptions(0.1, LayerDropoutScale.Exponential, LayerDropoutCurriculum.Exponential), options.LayerDropout);
-        Assert.Equal(new EarlyExitOptions(EarlyExitScale.Sum, EarlyExitCurriculum.Gradual), options.EarlyExit);
+        Assert.Equal(new EarlyExitOptions(EarlyExitScale.Uniform, EarlyExitCurriculum.Gradual), options.EarlyExit);
 
         var finetune = TrainRecipe.Load(Path.Combine(RecipesDir(), "layerskip-finetune.yaml")).ToTrainerOptions(null);
         Assert.Equal(new LayerDropoutOptions(0.1), finetune.LayerDropout);
