@@ -139,6 +139,13 @@ internal static class TrainCommand
             Description = "Factor on every early layer's weight before normalising (LayerSkip's e_scale, default 1); below 1 the last layer keeps more weight.",
             HelpName = "E",
         }.Check(v => v is null or > 0, "must be positive");
+        var earlyExitDistillation = new Option<double?>("--early-exit-distillation")
+        {
+            Description = "α in [0, 1]: train each early exit on (1 − α)·cross-entropy + α·KL divergence from the last layer's (detached) " +
+                          "next-token distribution, so the exits learn to agree with the last layer, which is what self-speculative " +
+                          "decoding accepts (default 0, the paper's loss).",
+            HelpName = "A",
+        }.Check(v => v is null or (>= 0 and <= 1), "must be between 0 and 1");
         var precision = new Option<string?>("--precision")
         {
             Description = "Number formats of the run (default fp32). fp32: everything in float32. bf16-mixed: forward and backward in " +
@@ -155,7 +162,7 @@ internal static class TrainCommand
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
             loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, saveTotalLimit, resume, maxSteps, objective, chatTemplate, beta, labelSmoothing,
             evalData, evalSplit, evalEvery, rewarm, minLearningRate, badRecords,
-            layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale,
+            layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale, earlyExitDistillation,
             precision, device, json,
         };
         command.SetAction(parse =>
@@ -197,6 +204,7 @@ internal static class TrainCommand
                 EarlyExitCurriculum = parse.GetValue(earlyExitCurriculum),
                 EarlyExitRotation = parse.GetValue(earlyExitRotation),
                 EarlyExitLayerScale = parse.GetValue(earlyExitLayerScale),
+                EarlyExitDistillation = parse.GetValue(earlyExitDistillation),
                 Precision = parse.GetValue(precision),
             };
             var recipe = parse.GetValue(config) is { } recipePath ? TrainRecipe.Load(recipePath).OverlaidBy(flags) : flags;

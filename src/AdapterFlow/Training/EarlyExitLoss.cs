@@ -45,8 +45,14 @@ public enum EarlyExitCurriculum
 /// LayerSkip's e_scale: multiplies e(l) of every layer but the last before normalising, so below 1 the last layer
 /// keeps more of the weight (0 would leave only the last layer, i.e. plain training, and is refused).
 /// </param>
+/// <param name="Distillation">
+/// α in [0, 1]: an early exit's term becomes (1 − α)·CE_l + α·KL(p_L ‖ p_l), the KL divergence from the last layer's
+/// next-token distribution (detached: a teacher, not trained by this term) to the exit's. Not in the paper (α = 0):
+/// self-speculative drafts are accepted when the exit agrees with the last layer, not with the data, so this trains
+/// the exits toward what verification checks.
+/// </param>
 public sealed record EarlyExitOptions(EarlyExitScale Scale = EarlyExitScale.Sum, EarlyExitCurriculum Curriculum = EarlyExitCurriculum.None,
-    int Rotation = 4, double EarlyLayerScale = 1.0)
+    int Rotation = 4, double EarlyLayerScale = 1.0, double Distillation = 0)
 {
     /// <summary>Throws a one-line <see cref="ArgumentException"/> when a value is out of range.</summary>
     public void Validate()
@@ -56,6 +62,8 @@ public sealed record EarlyExitOptions(EarlyExitScale Scale = EarlyExitScale.Sum,
         if (Rotation < 1) throw new ArgumentException($"early-exit rotation must be at least 1, got {Rotation}");
         if (!(EarlyLayerScale > 0) || !double.IsFinite(EarlyLayerScale))
             throw new ArgumentException($"early-exit layer scale must be a positive number, got {EarlyLayerScale.ToString(CultureInfo.InvariantCulture)}");
+        if (!(Distillation >= 0 && Distillation <= 1))
+            throw new ArgumentException($"early-exit distillation must be between 0 and 1, got {Distillation.ToString(CultureInfo.InvariantCulture)}");
     }
 
     /// <summary>Parses uniform, linear, sum, sqrt, inv or inv-sqrt (LayerSkip's one, l, sum_l, sqrt_l, inv_l, inv_sqrt_l also work).</summary>
@@ -167,7 +175,7 @@ public sealed class EarlyExitSchedule
 public static class EarlyExitLoss
 {
     /// <summary>The losses of one micro-batch, detached, on the model's device (read them once per step).</summary>
-    /// <param name="Weighted">J = Σ_l ẽ_l·CE_l.</param>
+    /// <param name="Weighted">J = Σ_l ẽ_l·CE_l (with distillation, the early exits' terms mix in the KL divergence: the objective optimised).</param>
     /// <param name="LastLayer">CE of the last layer (the plain training loss).</param>
     /// <param name="PerLayer">[layers] CE of each exit, 0 where the weight was 0.</param>
     public sealed record Losses(Tensor Weighted, Tensor LastLayer, Tensor PerLayer);
@@ -177,19 +185,71 @@ public static class EarlyExitLoss
     /// exit divided by <paramref name="divisor"/> (the batch's labelled tokens). Simple, but keeps every exit's logits
     /// alive until backward; prefer <see cref="Backward"/> for training.
     /// </summary>
-    public static Tensor Compute(CausalLM model, ForwardOutput output, Tensor labels, IReadOnlyList<double> weights, double divisor = 1)
+    public static Tensor Compute(CausalLM model, ForwardOutput output, Tensor labels, IReadOnlyList<double> weights, double divisor = 1,
+        double distillation = 0)
     {
-        var states = CheckArguments(model, output, labels, weights, divisor);
+        var states = CheckArguments(model, output, labels, weights, divisor, distillation);
         int layers = model.NumLayers;
+        using var teacher = distillation > 0 ? Teacher.From(LabelledPositions(output.Logits, labels), labels) : null;
         Tensor? total = null;
         for (int l = 0; l < layers; l++)
         {
             if (weights[l] == 0) continue;
-            var logits = l == layers - 1 ? LabelledPositions(output.Logits, labels) : model.HeadLogits(LabelledPositions(states[l + 1], labels));
-            var term = CausalLMLoss.Sum(logits, labels) * (weights[l] / divisor);
+            Tensor term;
+            if (l == layers - 1) term = CausalLMLoss.Sum(LabelledPositions(output.Logits, labels), labels) / divisor;
+            else (term, _) = ExitObjective(model.HeadLogits(LabelledPositions(states[l + 1], labels)), labels, divisor, teacher, distillation);
+            term = term * weights[l];
             total = total is null ? term : total + term;
         }
         return total!;
+    }
+
+    /// <summary>
+    /// An early exit's term of J and its cross-entropy (per <paramref name="divisor"/>): the cross-entropy alone, or
+    /// with a teacher (1 − α)·CE + α·KL(teacher ‖ exit) over the same shifted, labelled positions.
+    /// </summary>
+    private static (Tensor Objective, Tensor CrossEntropy) ExitObjective(Tensor logits, Tensor labels, double divisor, Teacher? teacher, double alpha)
+    {
+        var ce = CausalLMLoss.Sum(logits, labels) / divisor;
+        if (teacher is null) return (ce, ce);
+        var student = teacher.Select(logits).log_softmax(-1);
+        var kl = (teacher.Entropy - (teacher.Probabilities * student).sum()) / divisor; // Σ p (log p − log q)
+        return (ce * (1 - alpha) + kl * alpha, ce);
+    }
+
+    /// <summary>The last layer's next-token distribution at the labelled positions, detached (the distillation target).</summary>
+    private sealed class Teacher : IDisposable
+    {
+        private readonly Tensor _rows;   // indices into the flattened shifted positions that carry a label
+        public Tensor Probabilities { get; }
+        public Tensor Entropy { get; }   // Σ p log p over those rows (negative entropy), a constant of the KL
+
+        private Teacher(Tensor rows, Tensor probabilities, Tensor entropy) => (_rows, Probabilities, Entropy) = (rows, probabilities, entropy);
+
+        public static Teacher From(Tensor lastLogits, Tensor labels)
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            var shiftedLabels = labels[.., 1..].reshape(-1);
+            var rows = (shiftedLabels != Example.IgnoreIndex).nonzero().reshape(-1);
+            var logProbabilities = Shifted(lastLogits.detach(), rows).log_softmax(-1);
+            var probabilities = logProbabilities.exp();
+            var negativeEntropy = (probabilities * logProbabilities).sum();
+            return new Teacher(rows.MoveToOuterDisposeScope(), probabilities.MoveToOuterDisposeScope(), negativeEntropy.MoveToOuterDisposeScope());
+        }
+
+        /// <summary>The same rows of another exit's logits, float32.</summary>
+        public Tensor Select(Tensor logits) => Shifted(logits, _rows);
+
+        private static Tensor Shifted(Tensor logits, Tensor rows) =>
+            logits[.., ..^1, ..].reshape(-1, logits.shape[2]).index_select(0, rows).to(ScalarType.Float32);
+
+        public void Dispose()
+        {
+            _rows.Dispose();
+            Probabilities.Dispose();
+            Entropy.Dispose();
+        }
     }
 
     /// <summary>
@@ -198,10 +258,12 @@ public static class EarlyExitLoss
     /// gradients that reach the hidden states are then sent through the layers in one backward pass together with
     /// the last layer's loss, so the layers are back-propagated once, not once per exit.
     /// </summary>
-    public static Losses Backward(CausalLM model, ForwardOutput output, Tensor labels, IReadOnlyList<double> weights, double divisor = 1)
+    public static Losses Backward(CausalLM model, ForwardOutput output, Tensor labels, IReadOnlyList<double> weights, double divisor = 1,
+        double distillation = 0)
     {
-        var states = CheckArguments(model, output, labels, weights, divisor);
+        var states = CheckArguments(model, output, labels, weights, divisor, distillation);
         int layers = model.NumLayers;
+        using var teacher = distillation > 0 ? Teacher.From(LabelledPositions(output.Logits, labels), labels) : null;
         var perLayer = new Tensor[layers];
         var device = output.Logits.device;
         Tensor? weighted = null;
@@ -215,15 +277,16 @@ public static class EarlyExitLoss
             }
             var state = LabelledPositions(states[l + 1], labels);
             using var exitInput = state.detach().requires_grad_(state.requires_grad);
-            Tensor loss;
+            Tensor loss, objective;
             using (var scope = NewDisposeScope())
             {
-                loss = CausalLMLoss.Sum(model.HeadLogits(exitInput), labels) / divisor;
-                if (loss.requires_grad) (loss * weights[l]).backward();
-                loss = loss.detach().MoveToOuterDisposeScope();
+                var (term, ce) = ExitObjective(model.HeadLogits(exitInput), labels, divisor, teacher, distillation);
+                if (term.requires_grad) (term * weights[l]).backward();
+                loss = ce.detach().MoveToOuterDisposeScope();
+                objective = ReferenceEquals(term, ce) ? loss : term.detach().MoveToOuterDisposeScope();
             }
             perLayer[l] = loss.reshape(1);
-            weighted = weighted is null ? loss * weights[l] : weighted + loss * weights[l];
+            weighted = weighted is null ? objective * weights[l] : weighted + objective * weights[l];
             if (exitInput.grad is { } grad)
             {
                 // d(Σ state·grad)/d(state) = grad: the head's gradient continues into the layers with the last exit's.
@@ -286,8 +349,10 @@ public static class EarlyExitLoss
     private static Tensor LabelledPositions(Tensor perPosition, Tensor labels) =>
         perPosition.shape[1] > labels.shape[1] ? perPosition[.., ^(int)labels.shape[1]..] : perPosition;
 
-    private static IReadOnlyList<Tensor> CheckArguments(CausalLM model, ForwardOutput output, Tensor labels, IReadOnlyList<double> weights, double divisor)
+    private static IReadOnlyList<Tensor> CheckArguments(CausalLM model, ForwardOutput output, Tensor labels, IReadOnlyList<double> weights, double divisor,
+        double distillation)
     {
+        if (!(distillation >= 0 && distillation <= 1)) throw new ArgumentException($"the distillation weight must be between 0 and 1, got {distillation}");
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(output);
         ArgumentNullException.ThrowIfNull(labels);

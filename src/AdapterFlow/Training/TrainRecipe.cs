@@ -83,6 +83,8 @@ public sealed record TrainRecipe
     public int? EarlyExitRotation { get; init; }
     /// <summary>LayerSkip's e_scale: factor on every early layer's weight before normalising.</summary>
     public double? EarlyExitLayerScale { get; init; }
+    /// <summary>α of the early exits' distillation toward the last layer (<see cref="EarlyExitOptions.Distillation"/>).</summary>
+    public double? EarlyExitDistillation { get; init; }
     /// <summary>Training precision: fp32, bf16-mixed or bf16 (<see cref="TrainingPrecisionNames"/>).</summary>
     public string? Precision { get; init; }
 
@@ -127,6 +129,7 @@ public sealed record TrainRecipe
         EarlyExitCurriculum = overrides.EarlyExitCurriculum ?? EarlyExitCurriculum,
         EarlyExitRotation = overrides.EarlyExitRotation ?? EarlyExitRotation,
         EarlyExitLayerScale = overrides.EarlyExitLayerScale ?? EarlyExitLayerScale,
+        EarlyExitDistillation = overrides.EarlyExitDistillation ?? EarlyExitDistillation,
         Precision = overrides.Precision ?? Precision,
     };
 
@@ -190,6 +193,7 @@ public sealed record TrainRecipe
                 "early_exit_curriculum" => recipe with { EarlyExitCurriculum = Named(value, where, EarlyExitOptions.ParseCurriculum) },
                 "early_exit_rotation" => recipe with { EarlyExitRotation = Int(value, where) },
                 "early_exit_layer_scale" => recipe with { EarlyExitLayerScale = Real(value, where) },
+                "early_exit_distillation" => recipe with { EarlyExitDistillation = Real(value, where) },
                 "precision" => recipe with { Precision = ParsePrecision(Text(value, where), where) },
                 _ => throw new InvalidDataException($"{path}: unknown key '{key}'"),
             };
@@ -238,8 +242,10 @@ public sealed record TrainRecipe
         if (EarlyExitCurriculum is not null) Checked(source, "early_exit_curriculum", () => EarlyExitOptions.ParseCurriculum(EarlyExitCurriculum));
         if (EarlyExitRotation is < 1) throw new ArgumentException($"{source}: early_exit_rotation must be at least 1 (got {EarlyExitRotation})");
         Positive("early_exit_layer_scale", EarlyExitLayerScale);
-        if (EarlyExitLoss != true && (EarlyExitScale ?? EarlyExitCurriculum ?? (object?)EarlyExitRotation ?? EarlyExitLayerScale) is not null)
-            throw new ArgumentException($"{source}: early_exit_scale, early_exit_curriculum, early_exit_rotation and early_exit_layer_scale need early_exit_loss: true");
+        if (EarlyExitDistillation is { } alpha && !(alpha >= 0 && alpha <= 1))
+            throw new ArgumentException($"{source}: early_exit_distillation must be between 0 and 1 (got {alpha.ToString(CultureInfo.InvariantCulture)})");
+        if (EarlyExitLoss != true && (EarlyExitScale ?? EarlyExitCurriculum ?? (object?)EarlyExitRotation ?? EarlyExitLayerScale ?? EarlyExitDistillation) is not null)
+            throw new ArgumentException($"{source}: early_exit_scale, early_exit_curriculum, early_exit_rotation, early_exit_layer_scale and early_exit_distillation need early_exit_loss: true");
     }
 
     /// <summary>The LayerSkip options the recipe sets (null when off), with the library's defaults for unset values.</summary>
@@ -258,7 +264,8 @@ public sealed record TrainRecipe
             EarlyExitScale is null ? defaults.Scale : EarlyExitOptions.ParseScale(EarlyExitScale),
             EarlyExitCurriculum is null ? defaults.Curriculum : EarlyExitOptions.ParseCurriculum(EarlyExitCurriculum),
             EarlyExitRotation ?? defaults.Rotation,
-            EarlyExitLayerScale ?? defaults.EarlyLayerScale);
+            EarlyExitLayerScale ?? defaults.EarlyLayerScale,
+            EarlyExitDistillation ?? defaults.Distillation);
     }
 
     private static void Checked<T>(string source, string key, Func<T> parse)

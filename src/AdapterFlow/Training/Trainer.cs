@@ -415,7 +415,7 @@ public sealed class Trainer : IDisposable
         });
         if (exitWeights is not null)
         {
-            var exits = EarlyExitLoss.Backward((CausalLM)_model, output, inputs.Labels, exitWeights, divisor);
+            var exits = EarlyExitLoss.Backward((CausalLM)_model, output, inputs.Labels, exitWeights, divisor, Options.EarlyExit?.Distillation ?? 0);
             return cat([exits.LastLayer.reshape(1), exits.Weighted.reshape(1), exits.PerLayer]);
         }
         // Prompt tuning puts its virtual tokens' logits first; they have no labels (PEFT pads the labels with

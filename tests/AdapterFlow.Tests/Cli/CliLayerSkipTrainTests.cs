@@ -49,6 +49,15 @@ public class CliLayerSkipTrainTests(TinyModelFixture tiny)
         Assert.Equal(expected, (double)metrics[0]["early_exit_loss"]!, 4);
         Assert.Equal((double)metrics[0]["loss"]!, (double)exits[3]!, 6);
 
+        // Distillation α = 1: the early exits' terms are their KL divergences from the last layer, no longer their CEs.
+        CliRunner.Run(Args("distilled", "--early-exit-loss", "--early-exit-scale", "uniform", "--early-exit-distillation", "1")).AssertSuccess();
+        var distilled = Metrics(tmp.File("distilled"))[0];
+        var distilledExits = distilled["exit_losses"]!.AsArray().Select(e => (double)e!).ToArray();
+        double crossEntropyOnly = distilledExits.Average();
+        Assert.True(Math.Abs((double)distilled["early_exit_loss"]! - crossEntropyOnly) > 1e-3,
+            $"J {(double)distilled["early_exit_loss"]!} equals the plain weighted cross-entropy {crossEntropyOnly}: the distillation flag did not reach the loss");
+        Assert.Contains("--early-exit-distillation", CliRunner.Run(Args("bad", "--early-exit-loss", "--early-exit-distillation", "1.5")).AssertUsageError());
+
         // Layer dropout changes the computation from the first step; without the flags no early-exit fields appear.
         CliRunner.Run(Args("plain")).AssertSuccess();
         var plain = Metrics(tmp.File("plain"));
@@ -87,7 +96,7 @@ public class CliLayerSkipTrainTests(TinyModelFixture tiny)
     {
         var help = CliRunner.Run("train", "--help").AssertSuccess().Stdout;
         foreach (var option in new[] { "--layer-dropout", "--layer-dropout-scale", "--layer-dropout-curriculum", "--early-exit-loss", "--early-exit-scale",
-                     "--early-exit-curriculum", "--early-exit-rotation", "--early-exit-layer-scale", "exp|linear|uniform", "none|rotational|gradual" })
+                     "--early-exit-curriculum", "--early-exit-rotation", "--early-exit-layer-scale", "--early-exit-distillation", "exp|linear|uniform", "none|rotational|gradual" })
             Assert.Contains(option, help);
     }
 }

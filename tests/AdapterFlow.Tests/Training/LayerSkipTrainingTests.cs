@@ -142,6 +142,61 @@ public sealed class LayerSkipTrainingTests(ITestOutputHelper log) : IDisposable
         Assert.True(nonZero > 0, "no gradient reached the trainable parameters");
     }
 
+    /// <summary>
+    /// With distillation α each early exit's term is (1 − α)·CE + α·KL(p_L ‖ p_l), the last layer's distribution detached:
+    /// checked against the divergence written out here, and the lean backward against the whole graph's gradients.
+    /// </summary>
+    [Theory]
+    [InlineData(0.5)]
+    [InlineData(1.0)]
+    public void Distilled_early_exit_loss_adds_the_divergence_from_the_detached_last_layer(double alpha)
+    {
+        using var scope = NewDisposeScope();
+        using var model = Deep();
+        model.eval();
+        var parameters = model.parameters().ToArray();
+        using var batch = Collate.Collate(TrainerTests.Examples(3));
+        double[] weights = [0.25, 0.25, 0.25, 0.25];
+        const double divisor = 7;
+        ForwardOutput Forward() => model.forward(new ForwardInput { InputIds = batch.InputIds, AttentionMask = batch.AttentionMask, OutputHiddenStates = true });
+
+        double expected;
+        var crossEntropies = new double[4];
+        using (no_grad())
+        {
+            var output = Forward();
+            var rows = batch.Labels[.., 1..].reshape(-1).ne(Example.IgnoreIndex).nonzero().reshape(-1);
+            Tensor Rows(Tensor logits) => logits[.., ..^1, ..].reshape(-1, Vocab).index_select(0, rows);
+            var teacher = Rows(output.Logits).log_softmax(-1);
+            crossEntropies[3] = CausalLMLoss.Sum(output.Logits, batch.Labels).item<float>() / divisor;
+            expected = weights[3] * crossEntropies[3];
+            for (int l = 0; l < 3; l++)
+            {
+                var exitLogits = model.HeadLogits(output.HiddenStates![l + 1]);
+                crossEntropies[l] = CausalLMLoss.Sum(exitLogits, batch.Labels).item<float>() / divisor;
+                double kl = (teacher.exp() * (teacher - Rows(exitLogits).log_softmax(-1))).sum().item<float>() / divisor;
+                Assert.True(kl > 1e-3, $"exit {l}: the random model's exits should disagree with the last layer (KL {kl})");
+                expected += weights[l] * ((1 - alpha) * crossEntropies[l] + alpha * kl);
+            }
+        }
+
+        var whole = EarlyExitLoss.Compute(model, Forward(), batch.Labels, weights, divisor, alpha);
+        Assert.Equal(expected, whole.item<float>(), 1e-5 * Math.Abs(expected));
+        whole.backward();
+        var wholeGradients = parameters.Select(p => p.grad!.clone()).ToArray();
+        foreach (var p in parameters) p.grad!.zero_();
+
+        var losses = EarlyExitLoss.Backward(model, Forward(), batch.Labels, weights, divisor, alpha);
+        Assert.Equal(expected, losses.Weighted.item<float>(), 1e-5 * Math.Abs(expected));
+        // The per-layer losses stay the exits' cross-entropies (what metrics.jsonl reports as exit_losses).
+        var perLayer = losses.PerLayer.data<float>().ToArray();
+        for (int l = 0; l < 4; l++) Assert.Equal(crossEntropies[l], perLayer[l], 1e-5 * crossEntropies[l]);
+        for (int i = 0; i < parameters.Length; i++)
+            Assert.True(parameters[i].grad!.allclose(wholeGradients[i], rtol: 1e-4, atol: 1e-6),
+                $"gradient {i} differs by {(parameters[i].grad! - wholeGradients[i]).abs().max().item<float>()}");
+        Assert.Contains("between 0 and 1", Assert.Throws<ArgumentException>(() => EarlyExitLoss.Compute(model, Forward(), batch.Labels, weights, divisor, 1.5)).Message);
+    }
+
     [Fact]
     public void Early_exit_loss_needs_the_hidden_states_and_sane_weights()
     {

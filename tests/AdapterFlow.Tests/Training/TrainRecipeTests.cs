@@ -171,5 +171,11 @@ public class TrainRecipeTests
         Assert.Contains("need early_exit_loss", Bad("early_exit_scale: sum\n"));
         Assert.Contains("need layer_dropout", Bad("layer_dropout_curriculum: exp\n"));
         Assert.Contains("early_exit_loss", Bad("early_exit_loss: maybe\n"));
+        Assert.Contains("early_exit_distillation", Bad("early_exit_loss: true\nearly_exit_distillation: 1.5\n"));
+        Assert.Contains("need early_exit_loss", Bad("early_exit_distillation: 0.5\n"));
+
+        var distilled = new TrainRecipe { EarlyExitLoss = true, EarlyExitScale = "uniform" }.OverlaidBy(new TrainRecipe { EarlyExitDistillation = 0.5 });
+        Assert.Equal(new EarlyExitOptions(EarlyExitScale.Uniform, Distillation: 0.5), distilled.ToEarlyExitOptions());
+        Assert.Contains("distillation", Assert.Throws<ArgumentException>(() => new EarlyExitOptions(Distillation: -0.1).Validate()).Message);
     }
 }
