@@ -230,8 +230,8 @@ public static class EarlyExitLoss
         {
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
-            var shiftedLabels = labels[.., 1..].reshape(-1);
-            var rows = (shiftedLabels != Example.IgnoreIndex).nonzero().reshape(-1);
+            // The rows CausalLMLoss scores, so CE and KL cover the same positions.
+            var rows = (CausalLMLoss.NextTokenLabels(labels) != Example.IgnoreIndex).nonzero().reshape(-1);
             var logProbabilities = Shifted(lastLogits.detach(), rows).log_softmax(-1);
             var probabilities = logProbabilities.exp();
             var negativeEntropy = (probabilities * logProbabilities).sum();
@@ -242,7 +242,7 @@ public static class EarlyExitLoss
         public Tensor Select(Tensor logits) => Shifted(logits, _rows);
 
         private static Tensor Shifted(Tensor logits, Tensor rows) =>
-            logits[.., ..^1, ..].reshape(-1, logits.shape[2]).index_select(0, rows).to(ScalarType.Float32);
+            CausalLMLoss.NextTokenLogits(logits).index_select(0, rows).to(ScalarType.Float32);
 
         public void Dispose()
         {
@@ -352,7 +352,7 @@ public static class EarlyExitLoss
     private static IReadOnlyList<Tensor> CheckArguments(CausalLM model, ForwardOutput output, Tensor labels, IReadOnlyList<double> weights, double divisor,
         double distillation)
     {
-        if (!(distillation >= 0 && distillation <= 1)) throw new ArgumentException($"the distillation weight must be between 0 and 1, got {distillation}");
+        if (!(distillation >= 0 && distillation <= 1)) throw new ArgumentException($"the distillation weight must be between 0 and 1, got {distillation.ToString(CultureInfo.InvariantCulture)}");
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(output);
         ArgumentNullException.ThrowIfNull(labels);
