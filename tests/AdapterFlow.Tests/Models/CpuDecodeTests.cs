@@ -128,6 +128,7 @@ public class CpuDecodeTests
                 R = 4, LoraAlpha = 8, UseDora = dora, InitLoraWeights = LoraInit.Random,
                 TargetModules = ModuleSelector.Names("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
             });
+            DrawLoraWeights(peft, "default", 51);
             peft.eval();
             var (fast, steps) = Decode(peft, llama, true, ids);
             var (slow, _) = Decode(peft, llama, false, ids);
@@ -264,6 +265,23 @@ public class CpuDecodeTests
 
     private static IEnumerable<LoraLinear> LoraLayers(CausalLM model) => model.modules().OfType<LoraLinear>();
 
+    /// <summary>
+    /// Redraws an adapter's A and B from a generator of the test's own, with the distribution LoraInit.Random leaves them
+    /// in (nn.Linear's default, U(±1/√fan_in)): LoraInit.Random draws from torch's global generator, which tests in other
+    /// collections advance at the same time, so the weights (and with them the float32 rounding the tolerance bounds)
+    /// would change from run to run.
+    /// </summary>
+    private static void DrawLoraWeights(CausalLM model, string adapter, ulong seed)
+    {
+        var generator = new torch.Generator(seed);
+        foreach (var layer in LoraLayers(model).Where(l => l.AdapterNames.Contains(adapter)))
+            foreach (var weight in new[] { layer.A(adapter).weight!, layer.B(adapter).weight! })
+            {
+                double bound = 1 / Math.Sqrt(weight.shape[1]);
+                weight.copy_((torch.rand(weight.shape, generator: generator) * 2 - 1) * bound);
+            }
+    }
+
     [Fact]
     public void Fused_regions_with_lora_on_some_projections_and_several_adapters_match()
     {
@@ -284,6 +302,8 @@ public class CpuDecodeTests
             {
                 R = 20, LoraAlpha = 10, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("v_proj", "k_proj", "up_proj", "down_proj", "o_proj"),
             });
+            DrawLoraWeights(peft, "default", 52);
+            DrawLoraWeights(peft, "second", 53);
             peft.eval();
             var ids = torch.randint(4, 90, [1, 9], dtype: ScalarType.Int64, generator: new torch.Generator(31));
             var baseLogits = Decode(peft, llama, false, ids).Logits;
@@ -324,6 +344,7 @@ public class CpuDecodeTests
             {
                 R = 16, LoraAlpha = 32, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
             });
+            DrawLoraWeights(peft, "default", 54);
             peft.eval();
             var ids = torch.randint(4, 90, [1, 8], dtype: ScalarType.Int64, generator: new torch.Generator(32));
             var unmerged = Decode(peft, llama, true, ids).Logits;
@@ -349,6 +370,7 @@ public class CpuDecodeTests
             Assert.True(MaxDiff(Decode(peft, llama, true, ids).Logits, replaced) > 1e-3);
 
             peft.AddAdapter("other", new LoraConfig { R = 4, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Names("q_proj") });
+            DrawLoraWeights(peft, "other", 55);
             peft.SetAdapter("other");
             AssertMatches(peft, llama, ids, "another adapter");
             peft.DeleteAdapter("default");
