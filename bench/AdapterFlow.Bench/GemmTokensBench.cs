@@ -39,6 +39,7 @@ public static unsafe class GemmTokensBench
         for (int i = 0; i < maxTokens * 2048; i++) x[i] = (float)(random.NextDouble() - 0.5);
         float* y = (float*)NativeMemory.AlignedAlloc((nuint)(maxTokens * 32000 * sizeof(float)), 64);
         int savedPrefetch = CpuKernels.PrefetchFloats;
+        int savedMax256 = CpuKernels.Max256BitTokens;
         try
         {
             void Pass(int tokens, bool oneAtATime)
@@ -50,8 +51,11 @@ public static unsafe class GemmTokensBench
                     else for (int t = 0; t < tokens; t++) CpuKernels.Gemv((float*)matrices[m], x + (long)t * cols, y + (long)t * rows, null, rows, cols);
                 }
             }
-            var variants = new List<(string Name, int Prefetch, bool OneAtATime)> { ("T one-token passes", savedPrefetch, true) };
-            foreach (int kb in new[] { 0, 2, 4, 8 }) variants.Add(($"one T-token pass, prefetch {(kb == 0 ? "off" : $"{kb} KB ahead")}", kb * 256, false));
+            // Max256BitTokens 0 = the 512-bit kernels for every T (with their prefetch), 32 = the 256-bit ones for every T.
+            var variants = new List<(string Name, int Prefetch, bool OneAtATime, int Max256)> { ("T one-token passes", savedPrefetch, true, savedMax256) };
+            foreach (int kb in new[] { 0, 4, 8 }) variants.Add(($"one T-token pass, 512-bit, prefetch {(kb == 0 ? "off" : $"{kb} KB ahead")}", kb * 256, false, 0));
+            variants.Add(("one T-token pass, 256-bit (pairs, then one)", savedPrefetch, false, 32));
+            variants.Add(($"one T-token pass, as shipped (256-bit up to {savedMax256} tokens)", savedPrefetch, false, savedMax256));
             var medians = new double[variants.Count, tokenCounts.Length];
             double oneToken = 0;
             for (int ti = 0; ti < tokenCounts.Length; ti++)
@@ -61,6 +65,7 @@ public static unsafe class GemmTokensBench
                     for (int v = 0; v < variants.Count; v++)
                     {
                         CpuKernels.PrefetchFloats = variants[v].Prefetch;
+                        CpuKernels.Max256BitTokens = variants[v].Max256;
                         var clock = Stopwatch.StartNew();
                         Pass(tokenCounts[ti], variants[v].OneAtATime);
                         if (r >= 0) samples[v].Add(clock.Elapsed.TotalSeconds);
@@ -75,6 +80,7 @@ public static unsafe class GemmTokensBench
             if (oneToken == 0)
             {
                 CpuKernels.PrefetchFloats = savedPrefetch;
+                CpuKernels.Max256BitTokens = savedMax256;
                 var samples = new List<double>();
                 for (int r = -2; r < repeats; r++)
                 {
@@ -108,6 +114,7 @@ public static unsafe class GemmTokensBench
         finally
         {
             CpuKernels.PrefetchFloats = savedPrefetch;
+            CpuKernels.Max256BitTokens = savedMax256;
             foreach (var w in matrices) NativeMemory.AlignedFree((void*)w);
             NativeMemory.AlignedFree(x);
             NativeMemory.AlignedFree(y);

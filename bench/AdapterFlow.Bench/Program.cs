@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Text;
 using AdapterFlow.Bench;
 using AdapterFlow.Models;
+using AdapterFlow.Models.Cpu;
 using AdapterFlow.Training;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -27,6 +28,7 @@ const string Usage = """
       --new-tokens N    tokens to generate (default 64; 16 with --quick)
       --prompt N        prompt length of the decode suite (default 128; 32 with --quick)
       --quick           shorter runs (smoke test, not for numbers)
+      --512-bit-tokens  multi-token passes (verification) on the 512-bit kernels for every token count, as before, to compare
     """;
 if (args.Contains("--help") || args.Contains("-h"))
 {
@@ -54,6 +56,8 @@ if (suite is "speculative" or "specpasses" && Value("--model") is null)
 bool quick = argsList.Contains("--quick");
 // train: TorchSharp's AdamW step instead of the fused CPU one (before/after comparisons in one build).
 bool fusedAdamW = !argsList.Contains("--no-fused-adamw");
+// Multi-token passes on the 512-bit kernels for every token count, as before Max256BitTokens (before/after in one build).
+if (argsList.Contains("--512-bit-tokens")) CpuKernels.Max256BitTokens = 0;
 int newTokens = int.Parse(Value("--new-tokens") ?? (quick ? "16" : "64"), CultureInfo.InvariantCulture);
 int promptLength = int.Parse(Value("--prompt") ?? (quick ? "32" : "128"), CultureInfo.InvariantCulture);
 string? outPath = Value("--out");

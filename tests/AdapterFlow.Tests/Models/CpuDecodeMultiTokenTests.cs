@@ -280,7 +280,12 @@ public class CpuDecodeMultiTokenTests
     [InlineData(6, 41, 130)]
     [InlineData(7, 250, 9)]
     [InlineData(9, 300, 700)] // large enough to run in parallel blocks
-    // Multiples of 32 wide take the 512-bit row kernels where AVX-512 is accelerated: 4-, 3- and 2-token groups and one.
+    // Multiples of 32 wide, where AVX-512 is accelerated: up to CpuKernels.Max256BitTokens tokens take the 256-bit kernels
+    // in pairs, more the 512-bit row kernels in groups of 4, 3, 2 and 1.
+    [InlineData(4, 64, 37)]
+    [InlineData(5, 96, 70)]
+    [InlineData(8, 128, 41)]
+    [InlineData(9, 64, 21)]
     [InlineData(2, 64, 20)]
     [InlineData(3, 96, 33)]
     [InlineData(7, 128, 300)]

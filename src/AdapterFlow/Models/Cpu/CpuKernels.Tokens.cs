@@ -38,12 +38,11 @@ internal static unsafe partial class CpuKernels
 
     internal static void GemmRows(float* w, float* x, float* y, float* bias, int rows, int cols, int tokens, int r0, int r1, bool accumulate)
     {
-        // With AVX-512 (Zen 4/5, recent Xeons): 512-bit multiply-adds over one row at a time for groups of up to four
-        // tokens, with a software prefetch a few KB ahead in the row stream. A few tokens are compute-bound on two cores
-        // without it (the loads of the token vectors compete with the weight stream); measured with the bench suite
-        // `gemmtokens` (quiet machine, one-token pass 9.1 ms), 3 and 4 tokens over all weights of the 109.5M model take
-        // 9.7 and 10.1 ms with the prefetch (1.07 and 1.11 of a one-token pass) against 12.5 and 13.1 ms before (1.37, 1.44).
-        if (Vector512.IsHardwareAccelerated && (cols & 31) == 0)
+        // With AVX-512 (Zen 4/5, recent Xeons) and more than Max256BitTokens tokens: 512-bit multiply-adds over one row at
+        // a time for groups of up to four tokens, with a software prefetch a few KB ahead in the row stream (on 11-24,
+        // one-token pass 9.1 ms: 3 and 4 tokens 1.07 and 1.11 of it with the prefetch, 1.37 and 1.44 without). Fewer
+        // tokens take the 256-bit kernels below, which measured faster for them on later days (see Max256BitTokens).
+        if (Vector512.IsHardwareAccelerated && (cols & 31) == 0 && tokens > Max256BitTokens)
         {
             int ahead = PrefetchFloats;
             for (int r = r0; r < r1; r++)
@@ -73,7 +72,8 @@ internal static unsafe partial class CpuKernels
             {
                 // Four tokens per pass over the row, two accumulators each: eight independent FMA chains, one load of
                 // the weights per four multiply-adds.
-                for (; t + 4 <= tokens; t += 4)
+                // Where AVX-512 is accelerated (the few tokens that come here): pairs, which measured faster than blocks of four.
+                for (; t + 4 <= tokens && !Vector512.IsHardwareAccelerated; t += 4)
                 {
                     float* x0 = x + (long)t * cols, x1 = x0 + cols, x2 = x1 + cols, x3 = x2 + cols;
                     var a0 = Vector256<float>.Zero; var a1 = Vector256<float>.Zero; var a2 = Vector256<float>.Zero; var a3 = Vector256<float>.Zero;
@@ -163,6 +163,16 @@ internal static unsafe partial class CpuKernels
             for (; t < tokens; t++) Store(y + (long)t * rows, bias, r, Dot(wr, x + (long)t * cols, cols), accumulate);
         }
     }
+
+    /// <summary>
+    /// Up to this many tokens take the 256-bit kernels in pairs (then one) even where AVX-512 is accelerated; more take
+    /// the 512-bit ones. Measured with the bench suite <c>gemmtokens</c> (Zen 4, 2 cores, one-token pass 11.7 ms): 2, 3, 4
+    /// and 5 tokens over all weights of the 109.5M model cost 0.96, 1.27, 1.32 and 1.50 one-token passes in 256-bit pairs
+    /// against 1.20, 2.03, 1.90 and 1.74 on the 512-bit kernels; from 6 tokens the 512-bit ones are ahead (2.13 against
+    /// 2.11–2.83; the token vectors of the 2048-wide down projection then no longer fit in L1 beside the weights).
+    /// The suite varies it.
+    /// </summary>
+    internal static int Max256BitTokens { get; set; } = 5;
 
     /// <summary>
     /// How many floats ahead in the weight stream the 512-bit token kernels prefetch; 0 = none. 4 KB measured best of
