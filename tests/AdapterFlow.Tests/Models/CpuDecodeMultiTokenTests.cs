@@ -280,6 +280,7 @@ public class CpuDecodeMultiTokenTests
     [InlineData(6, 41, 130)]
     [InlineData(7, 250, 9)]
     [InlineData(9, 300, 700)] // large enough to run in parallel blocks
+    [InlineData(3, 41, 10)]   // with AVX-512, a pair and one through the 256-bit kernels on a ragged width
     // Multiples of 32 wide, where AVX-512 is accelerated: up to CpuKernels.Max256BitTokens tokens take the 256-bit kernels
     // in pairs, more the 512-bit row kernels in groups of 4, 3, 2 and 1.
     [InlineData(4, 64, 37)]

@@ -41,8 +41,10 @@ internal static unsafe partial class CpuKernels
         // With AVX-512 (Zen 4/5, recent Xeons) and more than Max256BitTokens tokens: 512-bit multiply-adds over one row at
         // a time for groups of up to four tokens, with a software prefetch a few KB ahead in the row stream (on 11-24,
         // one-token pass 9.1 ms: 3 and 4 tokens 1.07 and 1.11 of it with the prefetch, 1.37 and 1.44 without). Fewer
-        // tokens take the 256-bit kernels below, which measured faster for them on later days (see Max256BitTokens).
-        if (Vector512.IsHardwareAccelerated && (cols & 31) == 0 && tokens > Max256BitTokens)
+        // tokens take the 256-bit kernels below in pairs, whatever the width, which measured faster for them on later days
+        // (see Max256BitTokens); without AVX-512 those kernels keep their blocks of four.
+        bool pairsOnly = Vector512.IsHardwareAccelerated && tokens <= Max256BitTokens;
+        if (Vector512.IsHardwareAccelerated && (cols & 31) == 0 && !pairsOnly)
         {
             int ahead = PrefetchFloats;
             for (int r = r0; r < r1; r++)
@@ -72,8 +74,7 @@ internal static unsafe partial class CpuKernels
             {
                 // Four tokens per pass over the row, two accumulators each: eight independent FMA chains, one load of
                 // the weights per four multiply-adds.
-                // Where AVX-512 is accelerated (the few tokens that come here): pairs, which measured faster than blocks of four.
-                for (; t + 4 <= tokens && !Vector512.IsHardwareAccelerated; t += 4)
+                for (; t + 4 <= tokens && !pairsOnly; t += 4)
                 {
                     float* x0 = x + (long)t * cols, x1 = x0 + cols, x2 = x1 + cols, x3 = x2 + cols;
                     var a0 = Vector256<float>.Zero; var a1 = Vector256<float>.Zero; var a2 = Vector256<float>.Zero; var a3 = Vector256<float>.Zero;
