@@ -55,6 +55,13 @@ internal static class CommonOptions
         DefaultValueFactory = _ => 0,
     }.Check(p => p >= 0 && p < 1, "must be in [0, 1)");
 
+    public static Option<bool> NoPackedWeights() => new("--no-packed-weights")
+    {
+        Description = "Self-speculative decoding on the CPU: verify over the model's own weights instead of a copy of the late layers' and " +
+                      "the head's weights laid out for several tokens at once (32-row panels, made once per model: faster verification " +
+                      "for that part of the weights' memory again; used with AVX-512 only). The output does not change.",
+    };
+
     /// <summary>The draft vocabulary <c>--draft-vocab</c> selects: the named file, none, or the model folder's file if present.</summary>
     public static Generation.DraftVocabulary? ReadDraftVocab(string? value, string modelPath) => value switch
     {

@@ -48,6 +48,7 @@ internal static class BenchSpeculativeCommand
         }.Check(n => n >= 1, "must be at least 1");
         var draftVocab = CommonOptions.DraftVocab();
         var draftConfidence = CommonOptions.DraftConfidence();
+        var noPacked = CommonOptions.NoPackedWeights();
         var device = CommonOptions.Device();
         var dtype = CommonOptions.DType();
         var json = CommonOptions.Json("Print one JSON object as the last line: best_speedup, best_exit_layer, best_num_speculations, " +
@@ -58,7 +59,7 @@ internal static class BenchSpeculativeCommand
             "that every setting gives exactly the autoregressive tokens. Speed-ups need a model trained with LayerSkip's recipe " +
             "(layer dropout + early-exit loss); other models typically show 1x or less.")
         {
-            model, adapter, promptsFile, exitLayers, numSpeculations, maxNewTokens, repeats, draftVocab, draftConfidence, device, dtype, json,
+            model, adapter, promptsFile, exitLayers, numSpeculations, maxNewTokens, repeats, draftVocab, draftConfidence, noPacked, device, dtype, json,
         };
         command.SetAction((parse, cancellation) =>
         {
@@ -85,6 +86,7 @@ internal static class BenchSpeculativeCommand
                 Repeats = parse.GetValue(repeats),
                 DraftVocabulary = CommonOptions.ReadDraftVocab(parse.GetValue(draftVocab), parse.GetRequiredValue(model)),
                 DraftConfidenceThreshold = parse.GetValue(draftConfidence),
+                PackVerificationWeights = !parse.GetValue(noPacked),
             };
             // Progress goes to stderr with --json (stdout's last line is the JSON), else to stdout above the table.
             var log = asJson ? context.Err : context.Out;
@@ -114,6 +116,7 @@ internal static class BenchSpeculativeCommand
                     ["all_identical"] = result.AllIdentical,
                     ["draft_vocab_size"] = options.DraftVocabulary?.Count,
                     ["draft_confidence"] = options.DraftConfidenceThreshold,
+                    ["packed_weights"] = options.PackVerificationWeights,
                     ["sweep"] = new JsonArray(result.Points.Select(p => (JsonNode?)new JsonObject
                     {
                         ["exit_layer"] = p.ExitLayer,

@@ -87,6 +87,7 @@ internal static class GenerateCommand
         }.Check(k => k >= 1, "must be at least 1");
         var draftVocab = CommonOptions.DraftVocab();
         var draftConfidence = CommonOptions.DraftConfidence();
+        var noPacked = CommonOptions.NoPackedWeights();
         var device = CommonOptions.Device();
         var dtype = CommonOptions.DType();
         var json = CommonOptions.Json("After the streamed text, print one JSON object as the last line: text, token_ids, prompt_tokens, new_tokens, " +
@@ -94,7 +95,7 @@ internal static class GenerateCommand
         var command = new Command("generate", "Generate a continuation of a prompt, streaming text as it is produced.")
         {
             model, adapter, prompt, promptIds, maxNewTokens, temperature, topK, topP, repetitionPenalty, seed, stop, strategy, exitLayer, numSpeculations,
-            draftVocab, draftConfidence, device, dtype, json,
+            draftVocab, draftConfidence, noPacked, device, dtype, json,
         };
         command.SetAction(async (parse, cancellation) =>
         {
@@ -129,9 +130,10 @@ internal static class GenerateCommand
                 {
                     DraftVocabulary = CommonOptions.ReadDraftVocab(parse.GetValue(draftVocab), modelPath),
                     DraftConfidenceThreshold = parse.GetValue(draftConfidence),
+                    PackVerificationWeights = !parse.GetValue(noPacked),
                 };
-            else if (parse.GetValue(draftVocab) is not null || parse.GetValue(draftConfidence) != 0)
-                throw new CliUsageException("--draft-vocab and --draft-confidence are used by --strategy self-speculative");
+            else if (parse.GetValue(draftVocab) is not null || parse.GetValue(draftConfidence) != 0 || parse.GetValue(noPacked))
+                throw new CliUsageException("--draft-vocab, --draft-confidence and --no-packed-weights are used by --strategy self-speculative");
             using var textModel = ids is null ? TextModel.Load(modelPath, load, parse.GetValue(adapter)) : null;
             var stopIds = textModel is null ? TextModel.ReadGenerationStopIds(modelPath) : textModel.GenerationStopTokenIds;
             if (stopIds is { Count: > 0 }) options = options with { StopTokenIds = stopIds };

@@ -146,6 +146,12 @@ internal static class TrainCommand
                           "decoding accepts (default 0, the paper's loss).",
             HelpName = "A",
         }.Check(v => v is null or (>= 0 and <= 1), "must be between 0 and 1");
+        var earlyExitLayers = new Option<string?>("--early-exit-layers")
+        {
+            Description = "Train only these exits (and the last layer), as exit layers counted from 1 like --exit-layer, e.g. 2,3: the exit " +
+                          "self-speculative decoding drafts from then gets every step's gradient (default: every layer).",
+            HelpName = "E,E,...",
+        };
         var precision = new Option<string?>("--precision")
         {
             Description = "Number formats of the run (default fp32). fp32: everything in float32. bf16-mixed: forward and backward in " +
@@ -162,7 +168,7 @@ internal static class TrainCommand
             model, data, method, output, config, epochs, learningRate, batchSize, microBatchSize, cutoff, warmup, scheduler,
             loraR, loraAlpha, loraDropout, targets, trainOnInputs, seed, saveSteps, saveTotalLimit, resume, maxSteps, objective, chatTemplate, beta, labelSmoothing,
             evalData, evalSplit, evalEvery, rewarm, minLearningRate, badRecords,
-            layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale, earlyExitDistillation,
+            layerDropout, layerDropoutScale, layerDropoutCurriculum, earlyExitLoss, earlyExitScale, earlyExitCurriculum, earlyExitRotation, earlyExitLayerScale, earlyExitDistillation, earlyExitLayers,
             precision, device, json,
         };
         command.SetAction(parse =>
@@ -205,6 +211,7 @@ internal static class TrainCommand
                 EarlyExitRotation = parse.GetValue(earlyExitRotation),
                 EarlyExitLayerScale = parse.GetValue(earlyExitLayerScale),
                 EarlyExitDistillation = parse.GetValue(earlyExitDistillation),
+                EarlyExitLayers = parse.GetValue(earlyExitLayers) is { } exitList ? ParseExitLayers(exitList) : null,
                 Precision = parse.GetValue(precision),
             };
             var recipe = parse.GetValue(config) is { } recipePath ? TrainRecipe.Load(recipePath).OverlaidBy(flags) : flags;
@@ -441,4 +448,10 @@ internal static class TrainCommand
         }
         return steps;
     }
+
+    private static IReadOnlyList<int> ParseExitLayers(string list) =>
+        list.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+            .Select(item => int.TryParse(item, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var v) && v >= 1
+                ? v : throw new CliUsageException($"--early-exit-layers: '{item}' is not a layer number (1 or more)"))
+            .ToArray();
 }

@@ -96,6 +96,17 @@ public sealed record GenerationOptions
     /// </summary>
     public double DraftConfidenceThreshold { get; init; }
 
+    /// <summary>
+    /// Self-speculative decoding on the CPU decode kernels (greedy, one row, a LLaMA-family model): keep a copy of the
+    /// late layers' and the head's weights laid out in 32-row panels, so that verifying d + 1 positions costs about one
+    /// token's weight traffic (measured 1.0–1.2 one-token passes for 2–8 tokens, against 1.3–2.3 over the row-major
+    /// weights; docs/benchmarks.md). Made at the first such generation, kept on the model for the next ones and made again
+    /// where the weights changed; it costs that part of the weights' memory again (350 MB for the 109.5M model at E = 3;
+    /// <see cref="Models.LlamaForCausalLM.ReleasePackedWeights"/> frees it) and is skipped when it would take more than a
+    /// quarter of the machine's memory, or without AVX-512. The output does not change.
+    /// </summary>
+    public bool PackVerificationWeights { get; init; } = true;
+
     /// <summary>Leave special tokens (EOS, pad...) out of the decoded text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 

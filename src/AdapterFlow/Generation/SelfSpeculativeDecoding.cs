@@ -243,8 +243,11 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         private readonly PackedDraftHead? _draftHead;
         private readonly double _confidence;
 
-        private HostGreedyRounds(LlamaForCausalLM model, int columns, PackedDraftHead? draftHead, double confidence)
+        private readonly PackedWeights? _panels;
+
+        private HostGreedyRounds(LlamaForCausalLM model, int columns, PackedDraftHead? draftHead, double confidence, PackedWeights? panels)
         {
+            _panels = panels;
             _confidence = confidence;
             _model = model;
             _states = new float[columns * model.LlamaConfig.HiddenSize];
@@ -256,10 +259,15 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         {
             int columns = session.Options.NumSpeculations + 1;
             if (HostGreedy.Model(session, columns) is not { } model) return null;
+            // Packed (or checked against the weights and refreshed) once per generation; the weights do not change during one.
+            PackedWeights? panels = null;
+            if (session.Options.PackVerificationWeights && session.Options.ExitLayer is int exit && exit < model.NumLayers &&
+                LlamaCpuDecoder.PackForVerification(model, exit) > 0)
+                panels = model.PackedCpuWeights;
             var draftHead = session.Options.DraftVocabulary is { } vocabulary && model.PlainHead() is (_, var weight)
                 ? new PackedDraftHead(DraftTokenSet.For(vocabulary, model.LlamaConfig.VocabSize, session), weight)
                 : null;
-            return new HostGreedyRounds(model, columns, draftHead, session.Options.DraftConfidenceThreshold);
+            return new HostGreedyRounds(model, columns, draftHead, session.Options.DraftConfidenceThreshold, panels);
         }
 
         public void Dispose() => _draftHead?.Dispose();
@@ -307,7 +315,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                 if (exit < layers)
                 {
                     LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[drafts]], null, position + drafts, states + (long)drafts * hidden, 0, null);
-                    LlamaCpuDecoder.HostPass(_model, cache, exit, layers, drafts + 1, null, states, position, null, drafts + 1, logits);
+                    LlamaCpuDecoder.HostPass(_model, cache, exit, layers, drafts + 1, null, states, position, null, drafts + 1, logits, panels: _panels);
                 }
                 else LlamaCpuDecoder.HostPass(_model, cache, 0, layers, 1, [fed[drafts]], null, position + drafts, null, 1, logits + (long)drafts * vocab);
                 for (int j = 0; j <= drafts; j++) chosen[j] = HostGreedy.ArgMax(logits + (long)j * vocab, vocab);

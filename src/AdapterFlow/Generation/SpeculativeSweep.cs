@@ -25,6 +25,9 @@ public sealed record SpeculativeSweepOptions
 
     /// <summary><see cref="GenerationOptions.DraftConfidenceThreshold"/> in every setting (K is then the most drafts a round makes).</summary>
     public double DraftConfidenceThreshold { get; init; }
+
+    /// <summary><see cref="GenerationOptions.PackVerificationWeights"/> in every setting.</summary>
+    public bool PackVerificationWeights { get; init; } = true;
 }
 
 /// <summary>One measured setting of the sweep (greedy, prompts one at a time).</summary>
@@ -112,11 +115,13 @@ public static class SpeculativeSweep
 
         var generator = new TextGenerator(model);
         var greedy = new GenerationOptions { MaxNewTokens = options.MaxNewTokens, StopTokenIds = options.StopTokenIds };
-        // Warm-up: the first calls pay for lazy initialisation (allocator, kernels) in both code paths.
+        // Warm-up: the first calls pay for lazy initialisation (allocator, kernels, the verification weights' panel copy
+        // from the lowest exit layer up) in both code paths.
         generator.Generate([prompts[0]], greedy with { MaxNewTokens = Math.Min(8, options.MaxNewTokens) });
         generator.Generate([prompts[0]], greedy with
         {
-            MaxNewTokens = Math.Min(8, options.MaxNewTokens), Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exits[0], NumSpeculations = 2,
+            MaxNewTokens = Math.Min(8, options.MaxNewTokens), Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exits.Min(), NumSpeculations = 2,
+            PackVerificationWeights = options.PackVerificationWeights,
         });
 
         var (baseline, baselineTokens, _) = Measure(generator, prompts, greedy, options.Repeats, cancellationToken);
@@ -134,7 +139,7 @@ public static class SpeculativeSweep
                 var speculative = greedy with
                 {
                     Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = exit, NumSpeculations = k, DraftVocabulary = options.DraftVocabulary,
-                    DraftConfidenceThreshold = options.DraftConfidenceThreshold,
+                    DraftConfidenceThreshold = options.DraftConfidenceThreshold, PackVerificationWeights = options.PackVerificationWeights,
                 };
                 var ratios = new List<double>(options.Repeats);
                 Timing best = default;

@@ -241,6 +241,35 @@ public class LlamaForCausalLM : CausalLM
     /// </summary>
     public bool UseCpuDecodeKernels { get; set; } = true;
 
+    /// <summary>
+    /// Panel copies of weight matrices for the CPU kernels' multi-token passes (self-speculative verification), made by
+    /// <see cref="Cpu.LlamaCpuDecoder.PackForVerification"/>; null until then. They cost their matrices' memory again.
+    /// </summary>
+    internal Cpu.PackedWeights? PackedCpuWeights { get; set; }
+
+    /// <summary>
+    /// Frees the panel copies of the weights (they are made again when self-speculative decoding next needs them). Not
+    /// while a generation on this model runs on another thread.
+    /// </summary>
+    public void ReleasePackedWeights()
+    {
+        PackedCpuWeights?.Dispose();
+        PackedCpuWeights = null;
+    }
+
+    /// <summary>Switching to training frees the panel copies: the weights are about to change.</summary>
+    public override void train(bool on = true)
+    {
+        if (on) ReleasePackedWeights();
+        base.train(on);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        ReleasePackedWeights();
+        base.Dispose(disposing);
+    }
+
     public override ForwardOutput forward(ForwardInput input) =>
         (UseCpuDecodeKernels ? Cpu.LlamaCpuDecoder.TryForward(this, input) : null) ?? base.forward(input);
 

@@ -51,8 +51,14 @@ public enum EarlyExitCurriculum
 /// self-speculative drafts are accepted when the exit agrees with the last layer, not with the data, so this trains
 /// the exits toward what verification checks.
 /// </param>
+/// <param name="Layers">
+/// The exits trained, as exit layers E (1-based: the output of the first E layers, as <c>--exit-layer</c> counts them);
+/// null = every layer. Not in the paper: self-speculative decoding drafts from one exit, so training only that exit (and
+/// its neighbours) gives it every step's gradient instead of a share. The curriculum still applies to the listed exits,
+/// and the last layer is always trained.
+/// </param>
 public sealed record EarlyExitOptions(EarlyExitScale Scale = EarlyExitScale.Sum, EarlyExitCurriculum Curriculum = EarlyExitCurriculum.None,
-    int Rotation = 4, double EarlyLayerScale = 1.0, double Distillation = 0)
+    int Rotation = 4, double EarlyLayerScale = 1.0, double Distillation = 0, IReadOnlyList<int>? Layers = null)
 {
     /// <summary>Throws a one-line <see cref="ArgumentException"/> when a value is out of range.</summary>
     public void Validate()
@@ -64,6 +70,9 @@ public sealed record EarlyExitOptions(EarlyExitScale Scale = EarlyExitScale.Sum,
             throw new ArgumentException($"early-exit layer scale must be a positive number, got {EarlyLayerScale.ToString(CultureInfo.InvariantCulture)}");
         if (!(Distillation >= 0 && Distillation <= 1))
             throw new ArgumentException($"early-exit distillation must be between 0 and 1, got {Distillation.ToString(CultureInfo.InvariantCulture)}");
+        if (Layers is { Count: 0 }) throw new ArgumentException("early-exit layers: the list is empty (leave it out to train every exit)");
+        foreach (int layer in Layers ?? [])
+            if (layer < 1) throw new ArgumentException($"early-exit layers count from 1 (the first layer's output), got {layer}");
     }
 
     /// <summary>Parses uniform, linear, sum, sqrt, inv or inv-sqrt (LayerSkip's one, l, sum_l, sqrt_l, inv_l, inv_sqrt_l also work).</summary>
@@ -103,6 +112,8 @@ public sealed class EarlyExitSchedule
         options.Validate();
         if (numLayers < 1) throw new ArgumentException($"the early-exit loss needs at least one layer, got {numLayers}");
         if (totalSteps < 1) throw new ArgumentException($"the early-exit loss needs a positive number of training steps, got {totalSteps}");
+        foreach (int layer in options.Layers ?? [])
+            if (layer > numLayers) throw new ArgumentException($"early-exit layer {layer} is beyond the model's {numLayers} layers");
         Options = options;
         NumLayers = numLayers;
         TotalSteps = totalSteps;
@@ -129,6 +140,8 @@ public sealed class EarlyExitSchedule
                 _ => throw new ArgumentOutOfRangeException(nameof(step), $"unknown early-exit curriculum {Options.Curriculum}"),
             };
         }
+        if (Options.Layers is { } listed)
+            for (int l = 0; l < layers; l++) active[l] &= listed.Contains(l + 1);
         active[^1] = true;
         return active;
     }

@@ -85,6 +85,8 @@ public sealed record TrainRecipe
     public double? EarlyExitLayerScale { get; init; }
     /// <summary>α of the early exits' distillation toward the last layer (<see cref="EarlyExitOptions.Distillation"/>).</summary>
     public double? EarlyExitDistillation { get; init; }
+    /// <summary>The exits trained, as 1-based exit layers (<see cref="EarlyExitOptions.Layers"/>); null = all.</summary>
+    public IReadOnlyList<int>? EarlyExitLayers { get; init; }
     /// <summary>Training precision: fp32, bf16-mixed or bf16 (<see cref="TrainingPrecisionNames"/>).</summary>
     public string? Precision { get; init; }
 
@@ -130,6 +132,7 @@ public sealed record TrainRecipe
         EarlyExitRotation = overrides.EarlyExitRotation ?? EarlyExitRotation,
         EarlyExitLayerScale = overrides.EarlyExitLayerScale ?? EarlyExitLayerScale,
         EarlyExitDistillation = overrides.EarlyExitDistillation ?? EarlyExitDistillation,
+        EarlyExitLayers = overrides.EarlyExitLayers ?? EarlyExitLayers,
         Precision = overrides.Precision ?? Precision,
     };
 
@@ -194,6 +197,7 @@ public sealed record TrainRecipe
                 "early_exit_rotation" => recipe with { EarlyExitRotation = Int(value, where) },
                 "early_exit_layer_scale" => recipe with { EarlyExitLayerScale = Real(value, where) },
                 "early_exit_distillation" => recipe with { EarlyExitDistillation = Real(value, where) },
+                "early_exit_layers" => recipe with { EarlyExitLayers = Ints(value, where) },
                 "precision" => recipe with { Precision = ParsePrecision(Text(value, where), where) },
                 _ => throw new InvalidDataException($"{path}: unknown key '{key}'"),
             };
@@ -244,8 +248,9 @@ public sealed record TrainRecipe
         Positive("early_exit_layer_scale", EarlyExitLayerScale);
         if (EarlyExitDistillation is { } alpha && !(alpha >= 0 && alpha <= 1))
             throw new ArgumentException($"{source}: early_exit_distillation must be between 0 and 1 (got {alpha.ToString(CultureInfo.InvariantCulture)})");
-        if (EarlyExitLoss != true && (EarlyExitScale ?? EarlyExitCurriculum ?? (object?)EarlyExitRotation ?? EarlyExitLayerScale ?? EarlyExitDistillation) is not null)
-            throw new ArgumentException($"{source}: early_exit_scale, early_exit_curriculum, early_exit_rotation, early_exit_layer_scale and early_exit_distillation need early_exit_loss: true");
+        if (EarlyExitLayers is { } exits) Checked(source, "early_exit_layers", () => { new EarlyExitOptions(Layers: exits).Validate(); return 0; });
+        if (EarlyExitLoss != true && (EarlyExitScale ?? EarlyExitCurriculum ?? (object?)EarlyExitRotation ?? EarlyExitLayerScale ?? EarlyExitDistillation ?? (object?)EarlyExitLayers) is not null)
+            throw new ArgumentException($"{source}: early_exit_scale, early_exit_curriculum, early_exit_rotation, early_exit_layer_scale, early_exit_distillation and early_exit_layers need early_exit_loss: true");
     }
 
     /// <summary>The LayerSkip options the recipe sets (null when off), with the library's defaults for unset values.</summary>
@@ -265,7 +270,8 @@ public sealed record TrainRecipe
             EarlyExitCurriculum is null ? defaults.Curriculum : EarlyExitOptions.ParseCurriculum(EarlyExitCurriculum),
             EarlyExitRotation ?? defaults.Rotation,
             EarlyExitLayerScale ?? defaults.EarlyLayerScale,
-            EarlyExitDistillation ?? defaults.Distillation);
+            EarlyExitDistillation ?? defaults.Distillation,
+            EarlyExitLayers);
     }
 
     private static void Checked<T>(string source, string key, Func<T> parse)
@@ -397,6 +403,19 @@ public sealed record TrainRecipe
         "false" or "no" => false,
         var other => throw new InvalidDataException($"{where}: expected true or false, got '{other}'"),
     };
+
+    /// <summary>A list of integers: a YAML list, or one value "2, 3".</summary>
+    private static IReadOnlyList<int> Ints(object? value, string where)
+    {
+        var items = value switch
+        {
+            string s => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
+            List<object?> list => list.Select(item => Text(item, where)).ToArray(),
+            _ => throw new InvalidDataException($"{where}: expected a list of integers"),
+        };
+        return items.Select(item => int.TryParse(item, NumberStyles.Integer, CultureInfo.InvariantCulture, out var v)
+            ? v : throw new InvalidDataException($"{where}: expected integers, got '{item}'")).ToArray();
+    }
 
     private static IReadOnlyList<string> Names(object? value, string where) => value switch
     {

@@ -58,6 +58,9 @@ public class CliSpeculativeTests(TinyModelFixture tiny)
             Assert.Equal(plain, Ids(drafted));
         }
         Assert.Contains("--draft-vocab", CliRunner.Run(Generate("--draft-vocab", vocabPath)).AssertUsageError());
+        // Verifying over the model's own weights instead of the panel copy: the same tokens again.
+        Assert.Equal(plain, Ids(CliRunner.Run(Generate("--strategy", "self-speculative", "--exit-layer", "2", "--no-packed-weights")).AssertSuccess().LastJson()));
+        Assert.Contains("--no-packed-weights", CliRunner.Run(Generate("--no-packed-weights")).AssertUsageError());
         var bad = tiny.Scratch("bad-vocab.json");
         File.WriteAllText(bad, "{\"token_ids\": [1, -3]}");
         var error = CliRunner.Run(Generate("--strategy", "self-speculative", "--exit-layer", "2", "--draft-vocab", bad));
@@ -68,6 +71,7 @@ public class CliSpeculativeTests(TinyModelFixture tiny)
             "--repeats", "1", "--draft-vocab", vocabPath, "--json").AssertSuccess().LastJson();
         Assert.True(bench.GetProperty("all_identical").GetBoolean());
         Assert.Equal(json.GetProperty("size").GetInt32(), bench.GetProperty("draft_vocab_size").GetInt32());
+        Assert.True(bench.GetProperty("packed_weights").GetBoolean());
     }
 
     [Fact]

@@ -314,4 +314,112 @@ public class CpuDecodeMultiTokenTests
                 }
         }
     }
+
+    [Theory]
+    [InlineData(1, 37, 40)]
+    [InlineData(2, 64, 64)]
+    [InlineData(3, 96, 100)]
+    [InlineData(5, 128, 70)]
+    [InlineData(6, 64, 96)]   // a group of five, then one
+    [InlineData(7, 200, 33)]
+    [InlineData(11, 48, 130)]
+    [InlineData(4, 768, 2100)] // large enough to run in parallel blocks
+    public unsafe void Panel_products_match_a_float64_reference_for_every_token_count_and_row_range(int tokens, int cols, int rows)
+    {
+        // Rows past the last whole panel of 32 and ranges that start or end inside a panel take the row kernels on the
+        // source matrix; the rest the panels. Rows outside the range must stay as they were.
+        var random = new Random(tokens * 1000 + cols + rows);
+        float[] w = Enumerable.Range(0, rows * cols).Select(_ => (float)(random.NextDouble() - 0.5)).ToArray();
+        float[] x = Enumerable.Range(0, tokens * cols).Select(_ => (float)(random.NextDouble() - 0.5)).ToArray();
+        float[] bias = Enumerable.Range(0, rows).Select(_ => (float)random.NextDouble()).ToArray();
+        fixed (float* wp = w, xp = x, bp = bias)
+        {
+            using var panels = PanelMatrix.Pack(wp, rows, cols);
+            Assert.Equal(rows / 32 * 32, panels.PackedRows);
+            Assert.True(panels.Matches());
+            foreach (var (r0, r1) in new[] { (0, rows), (5, rows - 3), (32, Math.Min(rows, 64)) })
+                foreach (bool accumulate in new[] { false, true })
+                {
+                    float[] y = Enumerable.Range(0, tokens * rows).Select(i => (float)(i % 7)).ToArray();
+                    float[] before = (float[])y.Clone();
+                    fixed (float* yp = y)
+                    {
+                        if (r0 == 0 && r1 == rows) CpuKernels.PanelGemm(panels, xp, yp, bp, tokens, accumulate);
+                        else CpuKernels.PanelRows(panels, xp, yp, bp, tokens, r0, r1, accumulate);
+                    }
+                    for (int t = 0; t < tokens; t++)
+                        for (int r = 0; r < rows; r++)
+                        {
+                            double expected = before[t * rows + r];
+                            if (r >= r0 && r < r1)
+                            {
+                                expected = bias[r] + (accumulate ? expected : 0);
+                                for (int c = 0; c < cols; c++) expected += (double)w[r * cols + c] * x[t * cols + c];
+                            }
+                            Assert.True(Math.Abs(y[t * rows + r] - expected) < 1e-4, $"rows {r0}..{r1}, token {t}, row {r}: {y[t * rows + r]} vs {expected}");
+                        }
+                }
+            // The last packed value is always among the sampled positions: a change there is noticed, and Refresh copies again.
+            if (rows >= 32)
+            {
+                wp[(rows / 32 * 32 - 1) * cols + cols - 1] += 1;
+                Assert.False(panels.Matches());
+                panels.Refresh();
+                Assert.True(panels.Matches());
+            }
+        }
+    }
+
+    [Fact]
+    public void Self_speculative_verification_reads_panel_copies_that_follow_the_weights()
+    {
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        var generator = new TextGenerator(model);
+        var prompt = SelfSpeculativeTests.Prompts(1, seed: 23)[0];
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = 16, StopTokenIds = [], Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = 2, NumSpeculations = 4,
+        };
+        var plainOptions = options with { Strategy = DecodingStrategyKind.Autoregressive, ExitLayer = null };
+        int panelPasses = LlamaCpuDecoder.PanelPassesOnThisThread;
+        var packed = generator.Generate([prompt], options);
+        panelPasses = LlamaCpuDecoder.PanelPassesOnThisThread - panelPasses;
+        if (!PanelMatrix.Supported)
+        {
+            Assert.Null(llama.PackedCpuWeights); // no 512-bit vectors: no copies, the row kernels verify
+            return;
+        }
+        // Layers 2 and 3 (seven matrices each) and the head.
+        Assert.Equal(2 * 7 + 1, llama.PackedCpuWeights!.Count);
+        Assert.True(panelPasses > 0 && panelPasses <= packed.Stats.DecodeSteps - 1, $"{panelPasses} verification passes on panels in {packed.Stats.DecodeSteps} steps");
+        int before = LlamaCpuDecoder.PanelPassesOnThisThread;
+        Assert.Equal(generator.Generate([prompt], plainOptions).Sequences[0].Tokens, packed.Sequences[0].Tokens);
+        Assert.Equal(generator.Generate([prompt], options with { PackVerificationWeights = false }).Sequences[0].Tokens, packed.Sequences[0].Tokens);
+        Assert.Equal(before, LlamaCpuDecoder.PanelPassesOnThisThread); // neither autoregressive decoding nor the option off reads them
+        Assert.True(packed.Stats.DraftedTokens > 0 && packed.Stats.AcceptedDraftTokens < packed.Stats.DraftedTokens, "rounds should both accept and reject");
+
+        // Weights changed in place after packing (as merging an adapter does): the next generation copies them again,
+        // so verification never reads stale values.
+        using (torch.no_grad())
+            foreach (var (name, p) in model.named_parameters())
+                if (name.Contains(".layers.3.") && p.dim() == 2)
+                    p.add_(torch.randn(p.shape, generator: new torch.Generator(5)) * 0.3);
+        var changed = generator.Generate([prompt], options);
+        Assert.Equal(generator.Generate([prompt], plainOptions).Sequences[0].Tokens, changed.Sequences[0].Tokens);
+        var gate = ((LlamaMLP)llama.model.layers[3].mlp).gate_proj;
+        unsafe
+        {
+            Assert.True(llama.PackedCpuWeights!.Find(CpuKernels.Pointer(((TorchSharp.Modules.Linear)gate).weight!))!.Matches());
+        }
+
+        // Training mode frees them; releasing by hand too.
+        llama.train();
+        Assert.Null(llama.PackedCpuWeights);
+        llama.eval();
+        generator.Generate([prompt], options);
+        Assert.NotNull(llama.PackedCpuWeights);
+        llama.ReleasePackedWeights();
+        Assert.Null(llama.PackedCpuWeights);
+    }
 }

@@ -149,6 +149,25 @@ public class LayerSkipScheduleTests
     }
 
     [Fact]
+    public void Listed_exit_layers_are_the_only_early_exits_trained_and_the_curriculum_still_applies()
+    {
+        // Exit layers count from 1 (E = 2 is the output of layers 0 and 1, index 1).
+        var listed = new EarlyExitSchedule(new EarlyExitOptions(EarlyExitScale.Uniform, Layers: [2, 3]), 6, 100);
+        int[] Active(EarlyExitSchedule schedule, int step) => schedule.ActiveLayers(step).Select((a, l) => (a, l)).Where(x => x.a).Select(x => x.l).ToArray();
+        Assert.Equal([1, 2, 5], Active(listed, 0));
+        Assert.Equal([1, 2, 5], Active(listed, 57));
+        Assert.Equal(new[] { 0, 1.0 / 3, 1.0 / 3, 0, 0, 1.0 / 3 }, listed.WeightsAt(3), new ToleranceComparer());
+        var rotating = new EarlyExitSchedule(new EarlyExitOptions(EarlyExitScale.Uniform, EarlyExitCurriculum.Rotational, Rotation: 2, Layers: [2, 3]), 6, 100);
+        Assert.Equal([2, 5], Active(rotating, 0));
+        Assert.Equal([1, 5], Active(rotating, 1));
+        // The last layer alone is listed: plain training.
+        Assert.Equal(new[] { 0, 0, 0, 0, 0, 1.0 }, new EarlyExitSchedule(new EarlyExitOptions(Layers: [6]), 6, 10).WeightsAt(0));
+        Assert.Contains("7", Assert.Throws<ArgumentException>(() => new EarlyExitSchedule(new EarlyExitOptions(Layers: [2, 7]), 6, 10)).Message);
+        Assert.Contains("from 1", Assert.Throws<ArgumentException>(() => new EarlyExitOptions(Layers: [0, 2]).Validate()).Message);
+        Assert.Contains("empty", Assert.Throws<ArgumentException>(() => new EarlyExitOptions(Layers: []).Validate()).Message);
+    }
+
+    [Fact]
     public void Early_exit_option_names_parse_and_bad_ones_are_named()
     {
         Assert.Equal(EarlyExitScale.Sum, EarlyExitOptions.ParseScale("sum_l"));

@@ -173,6 +173,22 @@ public class TrainRecipeTests
         Assert.Contains("early_exit_loss", Bad("early_exit_loss: maybe\n"));
         Assert.Contains("early_exit_distillation", Bad("early_exit_loss: true\nearly_exit_distillation: 1.5\n"));
         Assert.Contains("need early_exit_loss", Bad("early_exit_distillation: 0.5\n"));
+        Assert.Contains("early_exit_layers", Bad("early_exit_loss: true\nearly_exit_layers: [0, 2]\n"));
+        Assert.Contains("early_exit_layers", Bad("early_exit_loss: true\nearly_exit_layers: [two]\n"));
+        Assert.Contains("need early_exit_loss", Bad("early_exit_layers: [2]\n"));
+        foreach (var list in new[] { "[2, 3]", "2, 3" })
+        {
+            string path = Path.Combine(Path.GetTempPath(), $"af-recipe-{Guid.NewGuid():N}.yaml");
+            File.WriteAllText(path, $"early_exit_loss: true\nearly_exit_layers: {list}\n");
+            try
+            {
+                Assert.Equal([2, 3], TrainRecipe.Load(path).ToEarlyExitOptions()!.Layers!);
+            }
+            finally
+            {
+                File.Delete(path);
+            }
+        }
 
         var distilled = new TrainRecipe { EarlyExitLoss = true, EarlyExitScale = "uniform" }.OverlaidBy(new TrainRecipe { EarlyExitDistillation = 0.5 });
         Assert.Equal(new EarlyExitOptions(EarlyExitScale.Uniform, Distillation: 0.5), distilled.ToEarlyExitOptions());

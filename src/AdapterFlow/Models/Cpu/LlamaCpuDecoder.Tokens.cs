@@ -18,6 +18,9 @@ internal static unsafe partial class LlamaCpuDecoder
     /// <summary>Passes over several new tokens this thread ran through the kernels (tests check that the path engages).</summary>
     [ThreadStatic] internal static int MultiTokenPassesOnThisThread;
 
+    /// <summary>Multi-token passes that read panel copies of the weights (<see cref="PanelMatrix"/>) on this thread.</summary>
+    [ThreadStatic] internal static int PanelPassesOnThisThread;
+
     /// <summary>Passes of either kind that came through <see cref="HostPass"/> (host-memory decoding loops) on this thread.</summary>
     [ThreadStatic] internal static int HostPassesOnThisThread;
 
@@ -130,7 +133,7 @@ internal static unsafe partial class LlamaCpuDecoder
     /// logits. Check <see cref="CanRunHostPasses"/> first.
     /// </summary>
     internal static void HostPass(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? ids, float* input,
-        long firstPosition, float* exitState, int headRows, float* logits, float* headMatrix = null, int headMatrixRows = 0)
+        long firstPosition, float* exitState, int headRows, float* logits, float* headMatrix = null, int headMatrixRows = 0, PackedWeights? panels = null)
     {
         if (time < 1 || time > MaxTokensPerPass) throw new ArgumentOutOfRangeException(nameof(time), $"{time} tokens; a kernel pass takes 1..{MaxTokensPerPass}");
         if (headMatrix != null && headRows != 1) throw new ArgumentException("a head over a subset of the vocabulary takes one row", nameof(headRows));
@@ -138,7 +141,7 @@ internal static unsafe partial class LlamaCpuDecoder
         for (int t = 0; t < time; t++) positions[t] = firstPosition + t;
         using var scope = torch.NewDisposeScope(); // modules the kernels do not know (IA3, …) run through libtorch
         RunTokens(model, cache, start, layers, time, input == null ? ids : null, input, positions, firstPosition + time, null, null, exitState, headRows, logits,
-            headMatrix, headMatrixRows);
+            headMatrix, headMatrixRows, panels);
         if (time == 1) StepsOnThisThread++;
         else MultiTokenPassesOnThisThread++;
         HostPassesOnThisThread++;
@@ -152,11 +155,10 @@ internal static unsafe partial class LlamaCpuDecoder
     /// </summary>
     private static void RunTokens(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? tokenIds, float* input,
         long[] positions, long sequenceLength, byte* keyReal, float* states, float* exitState, int headRows, float* logits,
-        float* headMatrix = null, int headMatrixRows = 0)
+        float* headMatrix = null, int headMatrixRows = 0, PackedWeights? panels = null)
     {
         var config = model.LlamaConfig;
-        int hidden = config.HiddenSize, vocab = config.VocabSize;
-        int heads = config.NumAttentionHeads, kvHeads = config.NumKeyValueHeads, headDim = config.HeadDim;
+        int vocab = config.VocabSize;
         if (tokenIds is not null)
             foreach (long id in tokenIds)
                 if (id < 0 || id >= vocab)
@@ -165,6 +167,29 @@ internal static unsafe partial class LlamaCpuDecoder
         int total = past + time;
 
         using var buffers = new Buffers(config, time, total);
+        // A pass over several tokens reads the panel copies it is given (checked against the weights by the caller).
+        var outerPacked = t_packed;
+        t_packed = time > 1 ? panels : null;
+        if (t_packed is not null) PanelPassesOnThisThread++;
+        try
+        {
+            RunLayers(model, cache, start, layers, time, tokenIds, input, positions, sequenceLength, keyReal, states, exitState, headRows, logits,
+                headMatrix, headMatrixRows, buffers);
+        }
+        finally
+        {
+            t_packed = outerPacked;
+        }
+    }
+
+    private static void RunLayers(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? tokenIds, float* input,
+        long[] positions, long sequenceLength, byte* keyReal, float* states, float* exitState, int headRows, float* logits,
+        float* headMatrix, int headMatrixRows, Buffers buffers)
+    {
+        var config = model.LlamaConfig;
+        int hidden = config.HiddenSize, vocab = config.VocabSize;
+        int heads = config.NumAttentionHeads, kvHeads = config.NumKeyValueHeads, headDim = config.HeadDim;
+        int past = cache.LayerLength(start);
         float* x = buffers.Hidden;
         if (input != null) Copy(input, x, time * hidden);
         else
@@ -266,7 +291,9 @@ internal static unsafe partial class LlamaCpuDecoder
         }
         var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
         bool plainHead = head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, vocab, hidden);
-        if (plainHead)
+        if (plainHead && headRows > 1 && t_packed?.Find(CpuKernels.Pointer(head!)) is { } panels)
+            CpuKernels.PanelGemm(panels, buffers.Normed, logits, null, headRows);
+        else if (plainHead)
             CpuKernels.Gemm(CpuKernels.Pointer(head!), buffers.Normed, logits, null, vocab, hidden, headRows);
         else ThroughTorch(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);
     }

@@ -25,6 +25,7 @@ internal sealed unsafe class ProjectionGroup
     {
         public float* Weight, Bias, Output;
         public int Rows, FirstTerm, Terms;
+        public PanelMatrix? Panels; // the weight's panel copy, used for passes over several tokens
     }
 
     private struct Term
@@ -63,10 +64,10 @@ internal sealed unsafe class ProjectionGroup
     }
 
     /// <summary>y = W x (+ bias) with W row-major [rows, cols]; returns the target's index for <see cref="AddLora"/>.</summary>
-    public int AddTarget(float* weight, float* bias, float* y, int rows)
+    public int AddTarget(float* weight, float* bias, float* y, int rows, PanelMatrix? panels = null)
     {
         if (_targetCount == MaxTargets) throw new InvalidOperationException("a projection group holds at most 4 matrices");
-        _targets[_targetCount] = new Target { Weight = weight, Bias = bias, Output = y, Rows = rows, FirstTerm = _termCount };
+        _targets[_targetCount] = new Target { Weight = weight, Bias = bias, Output = y, Rows = rows, FirstTerm = _termCount, Panels = panels };
         return _targetCount++;
     }
 
@@ -130,11 +131,21 @@ internal sealed unsafe class ProjectionGroup
         else for (int i = 0; i < _itemCount; i++) Body(i);
     }
 
-    /// <summary>Rows [0, rows) as equal blocks of at most about <paramref name="rowBlock"/> rows.</summary>
+    /// <summary>
+    /// Rows [0, rows) as about equal blocks of at most about <paramref name="rowBlock"/> rows, their bounds on multiples
+    /// of 32 (whole panels of a <see cref="PanelMatrix"/>; the row kernels do not mind).
+    /// </summary>
     private void AddBlocks(int index, int rows, int rowBlock)
     {
         int blocks = (int)Math.Max(1, ((long)rows + rowBlock - 1) / rowBlock);
-        for (int b = 0; b < blocks; b++) AddItem(index, (int)((long)rows * b / blocks), (int)((long)rows * (b + 1) / blocks));
+        int previous = 0;
+        for (int b = 1; b <= blocks; b++)
+        {
+            int end = b == blocks ? rows : (int)((long)rows * b / blocks / PanelMatrix.Width * PanelMatrix.Width);
+            if (end <= previous) continue;
+            AddItem(index, previous, end);
+            previous = end;
+        }
     }
 
     private void AddItem(int index, int row0, int row1)
@@ -169,7 +180,8 @@ internal sealed unsafe class ProjectionGroup
     /// <summary>Rows [r0, r1) of one target: base product, then its LoRA terms.</summary>
     private void Rows(ref Target target, int r0, int r1)
     {
-        Product(target.Weight, _x, target.Output, target.Bias, target.Rows, _cols, r0, r1, accumulate: false);
+        if (_time > 1 && target.Panels is { } panels) CpuKernels.PanelRows(panels, _x, target.Output, target.Bias, _time, r0, r1, accumulate: false);
+        else Product(target.Weight, _x, target.Output, target.Bias, target.Rows, _cols, r0, r1, accumulate: false);
         if (target.Terms == 0) return;
         FinishLowRank();
         for (int i = target.FirstTerm; i < target.FirstTerm + target.Terms; i++)
