@@ -34,6 +34,10 @@ public static unsafe class GemmTokensBench
             matrices.Add((nint)w);
             floats += (long)rows * cols;
         }
+        // The verification path's layout: a panel copy of every matrix (PanelMatrix, 512-bit kernels only).
+        var packClock = Stopwatch.StartNew();
+        var panels = PanelMatrix.Supported ? matrices.Select((w, m) => PanelMatrix.Pack((float*)w, shapes[m].Rows, shapes[m].Cols)).ToList() : null;
+        double packSeconds = packClock.Elapsed.TotalSeconds;
         int maxTokens = tokenCounts.Max();
         float* x = (float*)NativeMemory.AlignedAlloc((nuint)(maxTokens * 2048 * sizeof(float)), 64);
         for (int i = 0; i < maxTokens * 2048; i++) x[i] = (float)(random.NextDouble() - 0.5);
@@ -42,20 +46,22 @@ public static unsafe class GemmTokensBench
         int savedMax256 = CpuKernels.Max256BitTokens;
         try
         {
-            void Pass(int tokens, bool oneAtATime)
+            void Pass(int tokens, bool oneAtATime, bool packed)
             {
                 for (int m = 0; m < shapes.Count; m++)
                 {
                     var (rows, cols) = shapes[m];
-                    if (!oneAtATime) CpuKernels.Gemm((float*)matrices[m], x, y, null, rows, cols, tokens);
+                    if (packed) CpuKernels.PanelGemm(panels![m], x, y, null, tokens);
+                    else if (!oneAtATime) CpuKernels.Gemm((float*)matrices[m], x, y, null, rows, cols, tokens);
                     else for (int t = 0; t < tokens; t++) CpuKernels.Gemv((float*)matrices[m], x + (long)t * cols, y + (long)t * rows, null, rows, cols);
                 }
             }
             // Max256BitTokens 0 = the 512-bit kernels for every T (with their prefetch), 32 = the 256-bit ones for every T.
-            var variants = new List<(string Name, int Prefetch, bool OneAtATime, int Max256)> { ("T one-token passes", savedPrefetch, true, savedMax256) };
-            foreach (int kb in new[] { 0, 4, 8 }) variants.Add(($"one T-token pass, 512-bit, prefetch {(kb == 0 ? "off" : $"{kb} KB ahead")}", kb * 256, false, 0));
-            variants.Add(("one T-token pass, 256-bit (pairs, then one)", savedPrefetch, false, 32));
-            variants.Add(($"one T-token pass, as shipped (256-bit up to {savedMax256} tokens)", savedPrefetch, false, savedMax256));
+            var variants = new List<(string Name, int Prefetch, bool OneAtATime, int Max256, bool Packed)> { ("T one-token passes", savedPrefetch, true, savedMax256, false) };
+            foreach (int kb in new[] { 0, 4, 8 }) variants.Add(($"one T-token pass, 512-bit, prefetch {(kb == 0 ? "off" : $"{kb} KB ahead")}", kb * 256, false, 0, false));
+            variants.Add(("one T-token pass, 256-bit (pairs, then one)", savedPrefetch, false, 32, false));
+            variants.Add(($"one T-token pass, row-major as shipped (256-bit up to {savedMax256} tokens)", savedPrefetch, false, savedMax256, false));
+            if (panels is not null) variants.Add(("one T-token pass, 32-row panels (the verification path)", savedPrefetch, false, savedMax256, true));
             var medians = new double[variants.Count, tokenCounts.Length];
             double oneToken = 0;
             for (int ti = 0; ti < tokenCounts.Length; ti++)
@@ -67,7 +73,7 @@ public static unsafe class GemmTokensBench
                         CpuKernels.PrefetchFloats = variants[v].Prefetch;
                         CpuKernels.Max256BitTokens = variants[v].Max256;
                         var clock = Stopwatch.StartNew();
-                        Pass(tokenCounts[ti], variants[v].OneAtATime);
+                        Pass(tokenCounts[ti], variants[v].OneAtATime, variants[v].Packed);
                         if (r >= 0) samples[v].Add(clock.Elapsed.TotalSeconds);
                     }
                 for (int v = 0; v < variants.Count; v++)
@@ -85,7 +91,7 @@ public static unsafe class GemmTokensBench
                 for (int r = -2; r < repeats; r++)
                 {
                     var clock = Stopwatch.StartNew();
-                    Pass(1, true);
+                    Pass(1, true, false);
                     if (r >= 0) samples.Add(clock.Elapsed.TotalSeconds);
                 }
                 samples.Sort();
@@ -95,7 +101,8 @@ public static unsafe class GemmTokensBench
             table.AppendLine(machine);
             table.AppendLine();
             table.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"All projections of the 109.5M LLaMA ({floats * 4 / 1e6:F0} MB of float32 weights) for T tokens of one row through `CpuKernels.Gemm`, {CpuKernels.WorkerCount} workers, median of {repeats} passes per cell (variants alternating). A one-token pass (GEMV) takes {oneToken * 1e3:F2} ms ({floats * 4 / oneToken / 1e9:F1} GB/s). Cell: ms per pass, its cost in one-token passes, GFLOP/s. 512-bit kernels: {(System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? "yes" : "no (256-bit; the prefetch applies to the 512-bit kernels only)")}."));
+                $"All projections of the 109.5M LLaMA ({floats * 4 / 1e6:F0} MB of float32 weights) for T tokens of one row through `CpuKernels.Gemm`, {CpuKernels.WorkerCount} workers, median of {repeats} passes per cell (variants alternating). A one-token pass (GEMV) takes {oneToken * 1e3:F2} ms ({floats * 4 / oneToken / 1e9:F1} GB/s). Cell: ms per pass, its cost in one-token passes, GFLOP/s. 512-bit kernels: {(System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? "yes" : "no (256-bit; the prefetch applies to the 512-bit kernels only)")}.") +
+                (panels is null ? " No panel copies (they need AVX-512)." : string.Create(CultureInfo.InvariantCulture, $" Copying every matrix into 32-row panels took {packSeconds * 1e3:F0} ms.")));
             table.AppendLine();
             table.AppendLine("| variant | " + string.Join(" | ", tokenCounts.Select(t => $"T = {t}")) + " |");
             table.AppendLine("|---|" + string.Concat(tokenCounts.Select(_ => "---:|")));
@@ -115,6 +122,7 @@ public static unsafe class GemmTokensBench
         {
             CpuKernels.PrefetchFloats = savedPrefetch;
             CpuKernels.Max256BitTokens = savedMax256;
+            foreach (var p in panels ?? []) p.Dispose();
             foreach (var w in matrices) NativeMemory.AlignedFree((void*)w);
             NativeMemory.AlignedFree(x);
             NativeMemory.AlignedFree(y);

@@ -20,7 +20,10 @@ const string Usage = """
       all         decode, adapters and train
       speculative self-speculative sweep on a model folder: --model DIR [--section NAME] [--exit-layers 2,4]
                   [--num-speculations 2,4,6] [--repeats 2] [--draft-vocab FILE] [--draft-confidence P] [--no-cpu-kernels]
+                  [--no-packed-weights (verify over the row-major weights, no panel copy)]
                   [--prompts FILE (.json math set, .jsonl {text}, or lines)] [--max-prompts N]
+      exitagreement how often each early exit's argmax equals the last layer's on fixed text (teacher-forced):
+                  --models DIR,DIR,... --prompts FILE (.json math set, .jsonl {text}, or lines) [--max-prompts 64]
       specpasses  the kernel passes of a self-speculative round, timed one by one: --model DIR [--draft-vocab FILE]
 
     Common options:
@@ -43,9 +46,9 @@ string suite = args.Length > 0 && !args[0].StartsWith("--", StringComparison.Ord
 if (suite == "train-one")
     return TrainBench.RunChild(Value("--method")!, TrainingPrecisionNames.Parse(Value("--precision")!), IntValue("--batch", 1), IntValue("--length", 128), IntValue("--steps", 3),
         fusedOptimizer: !args.Contains("--no-fused-adamw"));
-if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "gemmtokens" or "train" or "speculative" or "specpasses" or "all"))
+if (suite is not ("decode" or "adapters" or "lorastep" or "gemv" or "gemmtokens" or "train" or "speculative" or "specpasses" or "exitagreement" or "all"))
 {
-    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, lorastep, gemv, train, speculative, specpasses, all)");
+    Console.Error.WriteLine($"error: unknown suite '{suite}' (decode, adapters, lorastep, gemv, train, gemmtokens, speculative, specpasses, exitagreement, all)");
     return 2;
 }
 if (suite is "speculative" or "specpasses" && Value("--model") is null)
@@ -100,9 +103,12 @@ if (suite == "speculative") WriteSection(Value("--section") ?? "speculative", Sp
     Value("--exit-layers"), Value("--num-speculations"), int.Parse(Value("--repeats") ?? "2", CultureInfo.InvariantCulture),
     cpuKernels: !argsList.Contains("--no-cpu-kernels"), draftVocabulary: Value("--draft-vocab"),
     draftConfidence: double.Parse(Value("--draft-confidence") ?? "0", CultureInfo.InvariantCulture),
-    promptsFile: Value("--prompts"), maxPrompts: Value("--max-prompts") is null ? null : IntValue("--max-prompts", 0)));
+    promptsFile: Value("--prompts"), maxPrompts: Value("--max-prompts") is null ? null : IntValue("--max-prompts", 0),
+    packedWeights: !argsList.Contains("--no-packed-weights")));
 if (suite == "gemmtokens") WriteSection("gemmtokens", GemmTokensBench.Run((Value("--tokens") ?? "1,2,3,4,5,7").Split(',').Select(int.Parse).ToArray(),
     IntValue("--repeats", 15), machine));
+if (suite == "exitagreement") WriteSection(Value("--section") ?? "exitagreement", ExitAgreementBench.Table(Value("--models")!.Split(','), machine,
+    Value("--prompts")!, Value("--max-prompts") is null ? 64 : IntValue("--max-prompts", 64)));
 if (suite == "specpasses") WriteSection(Value("--section") ?? "specpasses", SpeculativePassesBench.Table(Value("--model")!, machine, Value("--draft-vocab")));
 return 0;
 

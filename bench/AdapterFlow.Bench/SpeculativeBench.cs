@@ -11,7 +11,7 @@ namespace AdapterFlow.Bench;
 public static class SpeculativeBench
 {
     public static string Table(string modelDir, string machine, int newTokens, string? exitLayers, string? numSpeculations, int repeats,
-        bool cpuKernels = true, string? draftVocabulary = null, double draftConfidence = 0, string? promptsFile = null, int? maxPrompts = null)
+        bool cpuKernels = true, string? draftVocabulary = null, double draftConfidence = 0, string? promptsFile = null, int? maxPrompts = null, bool packedWeights = true)
     {
         using var textModel = TextModel.Load(modelDir);
         var model = textModel.Model;
@@ -28,6 +28,7 @@ public static class SpeculativeBench
             Repeats = repeats,
             DraftVocabulary = draftVocabulary is null ? null : DraftVocabulary.Load(draftVocabulary),
             DraftConfidenceThreshold = draftConfidence,
+            PackVerificationWeights = packedWeights,
         };
         Console.WriteLine($"Self-speculative sweep on {modelDir}: {model.NumLayers} layers, {model.ParameterCount() / 1e6:F1}M parameters");
         var result = SpeculativeSweep.Run(model, prompts, options, line => Console.WriteLine("  " + line));
@@ -41,6 +42,9 @@ public static class SpeculativeBench
             $"{prompts.Length} {(promptsFile is null ? "built-in prompts" : $"prompts from `{Path.GetFileName(promptsFile)}`")} one at a time, greedy, up to {newTokens} new tokens ({result.GeneratedTokens} in all), warm-up, then per setting {repeats} timed passes each right after a baseline pass (speed-up = median ratio of the pairs; tok/s = fastest pass). ") +
             string.Create(CultureInfo.InvariantCulture, $"Autoregressive baseline measured in the same run: {result.BaselineTokensPerSecond:F1} tok/s (decode, fastest pass). CPU decode kernels: {(cpuKernels ? "on (one-token steps of the baseline and of the drafts, and the verification passes over d + 1 positions)" : "off (everything through libtorch)")}.") +
             (options.DraftVocabulary is { } draft ? string.Create(CultureInfo.InvariantCulture, $" Draft head over {draft.Count} tokens (`{Path.GetFileName(draftVocabulary)}`) plus those of the text so far; the verifier's head is whole.") : " Draft head: the whole vocabulary.") +
+            (cpuKernels ? (packedWeights && AdapterFlow.Models.Cpu.PanelMatrix.Supported
+                ? " Verification reads a 32-row panel copy of the late layers' and the head's weights."
+                : " Verification reads the row-major weights (no panel copy).") : "") +
             (draftConfidence > 0 ? string.Create(CultureInfo.InvariantCulture, $" Drafting stops early after a draft with probability below {draftConfidence} (K = most drafts per round).") : ""));
         table.AppendLine();
         table.AppendLine("| exit layer E | drafts K | decode tok/s | speed-up | acceptance | tokens/round | same tokens as autoregressive |");
