@@ -25,6 +25,7 @@ const string Usage = """
       exitagreement how often each early exit's argmax equals the last layer's on fixed text (teacher-forced):
                   --models DIR,DIR,... --prompts FILE (.json math set, .jsonl {text}, or lines) [--max-prompts 64]
       specpasses  the kernel passes of a self-speculative round, timed one by one: --model DIR [--draft-vocab FILE]
+                  [--no-packed-weights]
 
     Common options:
       --out FILE        write the suite's table into FILE between <!-- bench:NAME:begin/end --> markers
@@ -109,7 +110,8 @@ if (suite == "gemmtokens") WriteSection("gemmtokens", GemmTokensBench.Run((Value
     IntValue("--repeats", 15), machine));
 if (suite == "exitagreement") WriteSection(Value("--section") ?? "exitagreement", ExitAgreementBench.Table(Value("--models")!.Split(','), machine,
     Value("--prompts")!, Value("--max-prompts") is null ? 64 : IntValue("--max-prompts", 64)));
-if (suite == "specpasses") WriteSection(Value("--section") ?? "specpasses", SpeculativePassesBench.Table(Value("--model")!, machine, Value("--draft-vocab")));
+if (suite == "specpasses") WriteSection(Value("--section") ?? "specpasses", SpeculativePassesBench.Table(Value("--model")!, machine, Value("--draft-vocab"),
+    packed: !argsList.Contains("--no-packed-weights")));
 return 0;
 
 string TrainTable()

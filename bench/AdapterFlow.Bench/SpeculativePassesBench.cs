@@ -15,7 +15,7 @@ namespace AdapterFlow.Bench;
 /// </summary>
 public static unsafe class SpeculativePassesBench
 {
-    public static string Table(string modelDir, string machine, string? draftVocabulary, int repeats = 40)
+    public static string Table(string modelDir, string machine, string? draftVocabulary, bool packed = true, int repeats = 40)
     {
         using var textModel = TextModel.Load(modelDir);
         if (textModel.Model is not LlamaForCausalLM model) throw new ArgumentException("the specpasses suite needs a LLaMA-family model");
@@ -26,6 +26,8 @@ public static unsafe class SpeculativePassesBench
         using var draft = draftVocabulary is null ? null : new PackedDraftHead(new DraftTokenSet(DraftVocabulary.Load(draftVocabulary), vocab), model.PlainHead()!.Value.Weight);
         var prompt = textModel.Tokenizer.Encode(SpeculativeSweep.DefaultPrompts[0], addSpecialTokens: true).Select(i => (long)i).Take(LlamaCpuDecoder.MaxTokensPerPass).ToArray();
         foreach (long id in prompt) draft?.Add(id);
+        // Verification reads the panel copy of layers 1..L−1 and the head, as the decoding loop does (unless turned off).
+        var panels = packed && LlamaCpuDecoder.PackForVerification(model, 1) > 0 ? model.PackedCpuWeights : null;
         var states = new float[8 * hidden];
         var logits = new float[8 * (long)vocab];
         int past = prompt.Length;
@@ -42,7 +44,7 @@ public static unsafe class SpeculativePassesBench
                     if (start == 0)
                         LlamaCpuDecoder.HostPass(model, cache, 0, end, time, Enumerable.Repeat(prompt[^1], time).ToArray(), null, past, sp, headRows, lp,
                             subset ? draft!.Rows : null, subset ? draft!.Count : 0);
-                    else LlamaCpuDecoder.HostPass(model, cache, start, end, time, null, sp, past, null, headRows, lp);
+                    else LlamaCpuDecoder.HostPass(model, cache, start, end, time, null, sp, past, null, headRows, lp, panels: panels);
                     if (r >= 0) samples[r] = clock.Elapsed.TotalMilliseconds;
                     cache.Truncate(past);
                 }
@@ -55,7 +57,8 @@ public static unsafe class SpeculativePassesBench
             table.AppendLine();
             table.AppendLine(string.Create(CultureInfo.InvariantCulture,
                 $"Model: `{Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd(Path.DirectorySeparatorChar))}` ({layers} layers, {model.ParameterCount() / 1e6:F1}M parameters, vocabulary {vocab}); kernel passes through `LlamaCpuDecoder.HostPass` after a {past}-token prompt, median of {repeats} (cache cut back after each). Full one-token step (all layers + head): {step:F2} ms. 512-bit kernels for several tokens: {(System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? "yes" : "no (256-bit)")}.") +
-                (draft is null ? "" : $" Draft head over {draft.Count} tokens (`{Path.GetFileName(draftVocabulary)}` + the prompt's)."));
+                (draft is null ? "" : $" Draft head over {draft.Count} tokens (`{Path.GetFileName(draftVocabulary)}` + the prompt's).") +
+                (panels is null ? " Verification over the row-major weights." : " Verification over the panel copy of the weights."));
             table.AppendLine();
             table.AppendLine("| pass | ms | of a full step |");
             table.AppendLine("|---|---:|---:|");
