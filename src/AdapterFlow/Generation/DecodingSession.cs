@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using AdapterFlow.IO;
 using AdapterFlow.Models;
+using AdapterFlow.Models.Cpu;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -261,8 +262,15 @@ public sealed class DecodingSession : IDisposable
             OutputHiddenStates = outputHiddenStates,
             LastPositionOnly = lastPositionOnly,
             SkipHead = skipHead,
+            PackedWeights = startLayer > 0 && count > 1 ? VerificationPanels : null,
         });
     }
+
+    /// <summary>
+    /// Panel copies of the late layers' weights that passes from a start layer over several columns (self-speculative
+    /// verification) hand to the CPU kernels; set by the strategy after checking them against the weights.
+    /// </summary>
+    internal PackedWeights? VerificationPanels { get; set; }
 
     /// <summary>The last chosen token of a row and its position (the column the next pass feeds first), read to the host.</summary>
     internal (long Token, long Position) LastChosen(int row)

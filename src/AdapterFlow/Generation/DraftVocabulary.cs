@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using AdapterFlow.Data;
 using AdapterFlow.IO;
+using AdapterFlow.Models;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -241,21 +242,25 @@ internal sealed unsafe class PackedDraftHead : IDisposable
 internal sealed class TensorDraftHead : IDisposable
 {
     private readonly Func<Tensor, Tensor> _finalNorm;
-    private readonly Tensor _weight;
+    private readonly CausalLM _model;
+    private readonly long _vocab;
     private readonly DraftTokenSet _tokens;
     private Tensor? _idTensor, _rows;
 
-    private TensorDraftHead(Func<Tensor, Tensor> finalNorm, Tensor weight, DraftTokenSet tokens)
+    private TensorDraftHead(CausalLM model, Func<Tensor, Tensor> finalNorm, long vocab, DraftTokenSet tokens)
     {
+        _model = model;
         _finalNorm = finalNorm;
-        _weight = weight;
+        _vocab = vocab;
         _tokens = tokens;
         Gather();
     }
 
     /// <summary>The head for this session, or null when the model's head is not a plain matrix (then drafts use the whole head).</summary>
     public static TensorDraftHead? For(DecodingSession session, DraftVocabulary vocabulary) =>
-        session.Model.PlainHead() is var (norm, weight) ? new TensorDraftHead(norm, weight, DraftTokenSet.For(vocabulary, (int)weight.shape[0], session)) : null;
+        session.Model.PlainHead() is var (norm, weight)
+            ? new TensorDraftHead(session.Model, norm, weight.shape[0], DraftTokenSet.For(vocabulary, (int)weight.shape[0], session))
+            : null;
 
     /// <summary>Adds tokens of the text (prompt or accepted); regathers the rows when any is new.</summary>
     public void Add(IEnumerable<long> tokens)
@@ -270,7 +275,7 @@ internal sealed class TensorDraftHead : IDisposable
     {
         var normed = _finalNorm(hidden).select(1, 0);
         var subset = normed.matmul(_rows!.t()).to_type(ScalarType.Float32);
-        var scores = torch.full([normed.shape[0], _weight.shape[0]], float.NegativeInfinity, ScalarType.Float32, normed.device);
+        var scores = torch.full([normed.shape[0], _vocab], float.NegativeInfinity, ScalarType.Float32, normed.device);
         return scores.index_copy_(1, _idTensor!, subset);
     }
 
@@ -279,10 +284,14 @@ internal sealed class TensorDraftHead : IDisposable
         _idTensor?.Dispose();
         _rows?.Dispose();
         using var noGrad = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        // The head's weight is looked up each time: a tied head hands out a new tensor over the embedding's storage,
+        // which the dispose scope it was made in frees (keeping one across rounds left a dead handle).
+        var weight = _model.PlainHead()!.Value.Weight;
         var ids = new long[_tokens.Count];
         for (int i = 0; i < ids.Length; i++) ids[i] = _tokens[i];
-        _idTensor = torch.tensor(ids, ScalarType.Int64, _weight.device).DetachFromDisposeScope();
-        _rows = _weight.index_select(0, _idTensor).DetachFromDisposeScope();
+        _idTensor = torch.tensor(ids, ScalarType.Int64, weight.device).DetachFromDisposeScope();
+        _rows = weight.index_select(0, _idTensor).DetachFromDisposeScope();
     }
 
     public void Dispose()

@@ -83,6 +83,12 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                         {
                             (host, hostChecked) = (HostGreedyRounds.For(session), true);
                             if (host is null && options.DraftVocabulary is { } vocabulary && exit < layers) draftHead = TensorDraftHead.For(session, vocabulary);
+                            // The tensor rounds' verification passes read the panel copy too where the kernels run them
+                            // (one row on the CPU, a LLaMA-family model itself).
+                            if (host is null && options.PackVerificationWeights && exit < layers && session.BatchSize == 1 &&
+                                session.Device.type == DeviceType.CPU && session.Model is LlamaForCausalLM llama &&
+                                LlamaCpuDecoder.PackForVerification(llama, exit) > 0)
+                                session.VerificationPanels = llama.PackedCpuWeights;
                         }
                         accepted = host is not null ? host.Round(session, exit, drafts) : Round(session, exit, drafts, options.DoSample, generator, draftHead);
                     }
@@ -92,6 +98,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         }
         finally
         {
+            session.VerificationPanels = null;
             draftHead?.Dispose();
             host?.Dispose();
         }

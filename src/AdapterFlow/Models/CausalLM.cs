@@ -61,6 +61,13 @@ public sealed record ForwardInput
     /// self-speculative decoding, where the head would be a wasted vocabulary GEMM.
     /// </summary>
     public bool SkipHead { get; init; }
+
+    /// <summary>
+    /// Panel copies of weight matrices (<see cref="Cpu.PanelMatrix"/>) the CPU decode kernels read instead of the
+    /// matrices themselves in a pass over several tokens. Whoever passes them has checked them against the weights
+    /// (self-speculative verification does, once per generation); null = the weights themselves.
+    /// </summary>
+    internal Cpu.PackedWeights? PackedWeights { get; init; }
 }
 
 /// <summary>What a forward pass returns.</summary>

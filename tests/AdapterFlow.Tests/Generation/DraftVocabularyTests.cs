@@ -105,6 +105,29 @@ public class DraftVocabularyTests
     }
 
     [Fact]
+    public void Tensor_rounds_with_a_tied_head_keep_their_draft_vocabulary_across_rounds()
+    {
+        // A tied head hands out a new tensor over the embedding's storage at every lookup, which the dispose scope it was
+        // made in frees: the draft head once kept one from its first round, and sampling failed on a dead handle after it.
+        var json = """{"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.2, "tie_word_embeddings": true}""";
+        using var model = AutoModel.FromConfig(AutoModel.ParseConfig((System.Text.Json.Nodes.JsonObject)System.Text.Json.Nodes.JsonNode.Parse(json)!, "llama"), seed: 3);
+        model.eval();
+        Assert.True(model.Config.TieWordEmbeddings);
+        var generator = new TextGenerator(model);
+        var prompt = SelfSpeculativeTests.Prompts(1, seed: 31)[0];
+        var few = new DraftVocabulary([5, 17, 40, 41, 90]);
+        var sampled = Speculative(2, 3, few) with { DoSample = true, Seed = 4, MaxNewTokens = 16 };
+        var result = generator.Generate([prompt], sampled);
+        var plainSampled = generator.Generate([prompt], sampled with { Strategy = DecodingStrategyKind.Autoregressive, ExitLayer = null });
+        Assert.Equal(plainSampled.Sequences[0].Tokens.Count, result.Sequences[0].Tokens.Count);
+        Assert.True(result.Stats.DecodeSteps > 2, $"{result.Stats.DecodeSteps} rounds");
+        // Greedy with a logits processor takes the tensor rounds too, and keeps the autoregressive output.
+        var greedy = new GenerationOptions { MaxNewTokens = 16, StopTokenIds = [], RepetitionPenalty = 1.2 };
+        var drafted = generator.Generate([prompt], greedy with { Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = 2, NumSpeculations = 3, DraftVocabulary = few });
+        Assert.Equal(generator.Generate([prompt], greedy).Sequences[0].Tokens, drafted.Sequences[0].Tokens);
+    }
+
+    [Fact]
     public void A_confidence_threshold_drafts_less_and_keeps_the_output()
     {
         using var model = SelfSpeculativeTests.Model("llama");

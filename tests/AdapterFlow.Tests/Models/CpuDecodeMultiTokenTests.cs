@@ -399,6 +399,15 @@ public class CpuDecodeMultiTokenTests
         Assert.Equal(before, LlamaCpuDecoder.PanelPassesOnThisThread); // neither autoregressive decoding nor the option off reads them
         Assert.True(packed.Stats.DraftedTokens > 0 && packed.Stats.AcceptedDraftTokens < packed.Stats.DraftedTokens, "rounds should both accept and reject");
 
+        // The tensor rounds (sampling, logits processors) verify over the copy too, with the same tokens for the same seed.
+        foreach (var other in new[] { options with { DoSample = true, Seed = 11 }, options with { RepetitionPenalty = 1.3 } })
+        {
+            int tensorPasses = LlamaCpuDecoder.PanelPassesOnThisThread;
+            var viaPanels = generator.Generate([prompt], other);
+            Assert.True(LlamaCpuDecoder.PanelPassesOnThisThread > tensorPasses, "the tensor rounds' verification should read the panel copy");
+            Assert.Equal(generator.Generate([prompt], other with { PackVerificationWeights = false }).Sequences[0].Tokens, viaPanels.Sequences[0].Tokens);
+        }
+
         // Weights changed in place after packing (as merging an adapter does): the next generation copies them again,
         // so verification never reads stale values.
         using (torch.no_grad())

@@ -97,7 +97,8 @@ internal static unsafe partial class LlamaCpuDecoder
         long sequenceLength = input.PositionIds is null ? total : positions.Max() + 1;
         fixed (byte* maskBytes = keyReal)
             RunTokens(model, cache, start, layers, time, tokenIds, entering is null ? null : CpuKernels.Pointer(entering), positions, sequenceLength,
-                maskBytes, states is null ? null : CpuKernels.Pointer(states), null, headRows, headRows == 0 ? null : CpuKernels.Pointer(logits));
+                maskBytes, states is null ? null : CpuKernels.Pointer(states), null, headRows, headRows == 0 ? null : CpuKernels.Pointer(logits),
+                panels: input.PackedWeights);
         if (time == 1) StepsOnThisThread++;
         else MultiTokenPassesOnThisThread++;
         return new ForwardOutput(logits.MoveToOuterDisposeScope(), states is null ? null : new StateViews(states.MoveToOuterDisposeScope()));
