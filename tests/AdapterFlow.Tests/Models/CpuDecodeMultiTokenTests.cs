@@ -422,6 +422,26 @@ public class CpuDecodeMultiTokenTests
             Assert.True(llama.PackedCpuWeights!.Find(CpuKernels.Pointer(((TorchSharp.Modules.Linear)gate).weight!))!.Matches());
         }
 
+        // Over the memory budget (a lower exit layer would need more copies), the copies already made are still checked
+        // against the weights before verification reads them.
+        using (torch.no_grad())
+            foreach (var (name, p) in model.named_parameters())
+                if (name.Contains(".layers.2.") && p.dim() == 2)
+                    p.mul_(0.7);
+        LlamaCpuDecoder.PackBudgetBytes = 0;
+        try
+        {
+            int budgetPasses = LlamaCpuDecoder.PanelPassesOnThisThread;
+            var lower = generator.Generate([prompt], options with { ExitLayer = 1 });
+            Assert.True(LlamaCpuDecoder.PanelPassesOnThisThread > budgetPasses, "the copies already made should still be read");
+            Assert.Equal(2 * 7 + 1, llama.PackedCpuWeights!.Count); // nothing added for layer 1
+            Assert.Equal(generator.Generate([prompt], plainOptions).Sequences[0].Tokens, lower.Sequences[0].Tokens);
+        }
+        finally
+        {
+            LlamaCpuDecoder.PackBudgetBytes = null;
+        }
+
         // Training mode frees them; releasing by hand too.
         llama.train();
         Assert.Null(llama.PackedCpuWeights);

@@ -117,6 +117,9 @@ internal static unsafe partial class LlamaCpuDecoder
         lock (PackGate) return Pack(model, matrices);
     }
 
+    /// <summary>Most bytes a model's panel copies may take; null = a quarter of the memory the runtime sees (tests set it).</summary>
+    internal static long? PackBudgetBytes { get; set; }
+
     /// <summary>Generations on other threads may pack the same model at the same time; one at a time changes the copies.</summary>
     private static readonly Lock PackGate = new();
 
@@ -124,9 +127,12 @@ internal static unsafe partial class LlamaCpuDecoder
     {
         var packed = model.PackedCpuWeights;
         long needed = matrices.Sum(m => packed?.Find(CpuKernels.Pointer(m.Weight)) is null ? (long)m.Rows / PanelMatrix.Width * PanelMatrix.Width * m.Cols * sizeof(float) : 0);
-        if (needed > 0 && (packed?.Bytes ?? 0) + needed > GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4) return packed?.Bytes ?? 0;
+        bool fits = needed == 0 || (packed?.Bytes ?? 0) + needed <= (PackBudgetBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4);
+        if (!fits && packed is null) return 0;
         packed = model.PackedCpuWeights ??= new PackedWeights();
-        foreach (var (weight, rows, cols) in matrices) packed.Add(CpuKernels.Pointer(weight), rows, cols);
+        // Over the budget, the copies already made (for a higher exit layer) are still checked, and kept if current.
+        foreach (var (weight, rows, cols) in matrices)
+            if (fits || packed.Find(CpuKernels.Pointer(weight)) is not null) packed.Add(CpuKernels.Pointer(weight), rows, cols);
         return packed.Bytes;
     }
 
