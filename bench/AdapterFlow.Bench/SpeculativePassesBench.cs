@@ -27,7 +27,7 @@ public static unsafe class SpeculativePassesBench
         var prompt = textModel.Tokenizer.Encode(SpeculativeSweep.DefaultPrompts[0], addSpecialTokens: true).Select(i => (long)i).Take(LlamaCpuDecoder.MaxTokensPerPass).ToArray();
         foreach (long id in prompt) draft?.Add(id);
         // Verification reads the panel copy of layers 1..L−1 and the head, as the decoding loop does (unless turned off).
-        var panels = packed && LlamaCpuDecoder.PackForVerification(model, 1) > 0 ? model.PackedCpuWeights : null;
+        var panels = packed ? LlamaCpuDecoder.PackForVerification(model, 1) : null;
         var states = new float[8 * hidden];
         var logits = new float[8 * (long)vocab];
         int past = prompt.Length;

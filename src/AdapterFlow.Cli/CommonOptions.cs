@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.CommandLine;
 using System.CommandLine.Parsing;
 
@@ -54,6 +55,16 @@ internal static class CommonOptions
         HelpName = "P",
         DefaultValueFactory = _ => 0,
     }.Check(p => p >= 0 && p < 1, "must be in [0, 1)");
+
+    /// <summary>A comma-separated list of positive integers given to <paramref name="option"/>, duplicates dropped; a usage error otherwise.</summary>
+    public static int[] PositiveIntegers(string text, string option)
+    {
+        var parts = text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        if (parts.Length == 0) throw new CliUsageException($"{option} holds no values");
+        return parts.Select(p => int.TryParse(p, NumberStyles.None, CultureInfo.InvariantCulture, out var v) && v >= 1
+            ? v
+            : throw new CliUsageException($"{option}: '{p}' is not a positive integer")).Distinct().ToArray();
+    }
 
     public static Option<bool> NoPackedWeights() => new("--no-packed-weights")
     {

@@ -63,8 +63,8 @@ internal static class BenchSpeculativeCommand
         };
         command.SetAction((parse, cancellation) =>
         {
-            var exits = parse.GetValue(exitLayers) is { } e ? ParseList(e, "--exit-layers") : null;
-            var ks = ParseList(parse.GetRequiredValue(numSpeculations), "--num-speculations");
+            var exits = parse.GetValue(exitLayers) is { } e ? CommonOptions.PositiveIntegers(e, "--exit-layers") : null;
+            var ks = CommonOptions.PositiveIntegers(parse.GetRequiredValue(numSpeculations), "--num-speculations");
             var texts = parse.GetValue(promptsFile) is { } file ? SpeculativeSweep.ReadPrompts(file) : SpeculativeSweep.DefaultPrompts;
             var load = new LoadOptions
             {
@@ -151,12 +151,4 @@ internal static class BenchSpeculativeCommand
         return command;
     }
 
-    private static int[] ParseList(string text, string option)
-    {
-        var parts = text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        if (parts.Length == 0) throw new CliUsageException($"{option} holds no values");
-        return parts.Select(p => int.TryParse(p, NumberStyles.None, CultureInfo.InvariantCulture, out var v) && v >= 1
-            ? v
-            : throw new CliUsageException($"{option}: '{p}' is not a positive integer")).Distinct().ToArray();
-    }
 }

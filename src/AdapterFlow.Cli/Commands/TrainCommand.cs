@@ -211,7 +211,7 @@ internal static class TrainCommand
                 EarlyExitRotation = parse.GetValue(earlyExitRotation),
                 EarlyExitLayerScale = parse.GetValue(earlyExitLayerScale),
                 EarlyExitDistillation = parse.GetValue(earlyExitDistillation),
-                EarlyExitLayers = parse.GetValue(earlyExitLayers) is { } exitList ? ParseExitLayers(exitList) : null,
+                EarlyExitLayers = parse.GetValue(earlyExitLayers) is { } exitList ? CommonOptions.PositiveIntegers(exitList, "--early-exit-layers") : null,
                 Precision = parse.GetValue(precision),
             };
             var recipe = parse.GetValue(config) is { } recipePath ? TrainRecipe.Load(recipePath).OverlaidBy(flags) : flags;
@@ -448,10 +448,4 @@ internal static class TrainCommand
         }
         return steps;
     }
-
-    private static IReadOnlyList<int> ParseExitLayers(string list) =>
-        list.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
-            .Select(item => int.TryParse(item, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var v) && v >= 1
-                ? v : throw new CliUsageException($"--early-exit-layers: '{item}' is not a layer number (1 or more)"))
-            .ToArray();
 }

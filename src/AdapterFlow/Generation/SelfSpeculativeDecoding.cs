@@ -81,14 +81,12 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                         // Decided once the prompt has filled the cache (the host rounds check its storage).
                         if (!hostChecked)
                         {
-                            (host, hostChecked) = (HostGreedyRounds.For(session), true);
+                            (host, hostChecked) = (HostGreedyRounds.For(session, exit), true);
                             if (host is null && options.DraftVocabulary is { } vocabulary && exit < layers) draftHead = TensorDraftHead.For(session, vocabulary);
                             // The tensor rounds' verification passes read the panel copy too where the kernels run them
                             // (one row on the CPU, a LLaMA-family model itself).
-                            if (host is null && options.PackVerificationWeights && exit < layers && session.BatchSize == 1 &&
-                                session.Device.type == DeviceType.CPU && session.Model is LlamaForCausalLM llama &&
-                                LlamaCpuDecoder.PackForVerification(llama, exit) > 0)
-                                session.VerificationPanels = llama.PackedCpuWeights;
+                            if (host is null && session.BatchSize == 1 && session.Device.type == DeviceType.CPU && session.Model is LlamaForCausalLM llama)
+                                session.VerificationPanels = VerificationPanels(session, llama, exit);
                         }
                         accepted = host is not null ? host.Round(session, exit, drafts) : Round(session, exit, drafts, options.DoSample, generator, draftHead);
                     }
@@ -103,6 +101,14 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             host?.Dispose();
         }
     }
+
+    /// <summary>
+    /// The panel copy of layers <paramref name="exit"/>..L−1 and the head for this generation's verification passes, made
+    /// or checked against the weights now (the weights do not change during a generation); null when the options turn it
+    /// off, there is nothing to verify (E = L), or the model gets none.
+    /// </summary>
+    private static PackedWeights? VerificationPanels(DecodingSession session, LlamaForCausalLM model, int exit) =>
+        session.Options.PackVerificationWeights && exit < model.NumLayers ? LlamaCpuDecoder.PackForVerification(model, exit) : null;
 
     private static IReadOnlyList<GeneratedToken> Round(DecodingSession session, int exit, int drafts, bool sampling, torch.Generator? generator,
         TensorDraftHead? draftHead)
@@ -262,15 +268,11 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             _draftHead = draftHead;
         }
 
-        public static HostGreedyRounds? For(DecodingSession session)
+        public static HostGreedyRounds? For(DecodingSession session, int exit)
         {
             int columns = session.Options.NumSpeculations + 1;
             if (HostGreedy.Model(session, columns) is not { } model) return null;
-            // Packed (or checked against the weights and refreshed) once per generation; the weights do not change during one.
-            PackedWeights? panels = null;
-            if (session.Options.PackVerificationWeights && session.Options.ExitLayer is int exit && exit < model.NumLayers &&
-                LlamaCpuDecoder.PackForVerification(model, exit) > 0)
-                panels = model.PackedCpuWeights;
+            var panels = VerificationPanels(session, model, exit);
             var draftHead = session.Options.DraftVocabulary is { } vocabulary && model.PlainHead() is (_, var weight)
                 ? new PackedDraftHead(DraftTokenSet.For(vocabulary, model.LlamaConfig.VocabSize, session), weight)
                 : null;

@@ -405,22 +405,17 @@ public sealed record TrainRecipe
     };
 
     /// <summary>A list of integers: a YAML list, or one value "2, 3".</summary>
-    private static IReadOnlyList<int> Ints(object? value, string where)
-    {
-        var items = value switch
-        {
-            string s => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
-            List<object?> list => list.Select(item => Text(item, where)).ToArray(),
-            _ => throw new InvalidDataException($"{where}: expected a list of integers"),
-        };
-        return items.Select(item => int.TryParse(item, NumberStyles.Integer, CultureInfo.InvariantCulture, out var v)
+    private static IReadOnlyList<int> Ints(object? value, string where) =>
+        Items(value, where, "integers").Select(item => int.TryParse(item, NumberStyles.Integer, CultureInfo.InvariantCulture, out var v)
             ? v : throw new InvalidDataException($"{where}: expected integers, got '{item}'")).ToArray();
-    }
 
-    private static IReadOnlyList<string> Names(object? value, string where) => value switch
+    private static IReadOnlyList<string> Names(object? value, string where) => Items(value, where, "module names");
+
+    /// <summary>The items of a YAML list, or of one comma-separated value.</summary>
+    private static string[] Items(object? value, string where, string what) => value switch
     {
         string s => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
         List<object?> list => list.Select(item => Text(item, where)).ToArray(),
-        _ => throw new InvalidDataException($"{where}: expected a list of module names"),
+        _ => throw new InvalidDataException($"{where}: expected a list of {what}"),
     };
 }

@@ -89,6 +89,8 @@ public class CliLayerSkipTrainTests(TinyModelFixture tiny)
         Assert.Contains("--early-exit-rotation", CliRunner.Run([.. Base("c"), "--early-exit-loss", "--early-exit-rotation", "0"]).AssertUsageError());
         Assert.Contains("early_exit_loss", CliRunner.Run([.. Base("d"), "--early-exit-curriculum", "gradual"]).AssertUsageError());
         Assert.Contains("layer_dropout", CliRunner.Run([.. Base("e"), "--layer-dropout-scale", "linear"]).AssertUsageError());
+        Assert.Contains("--early-exit-layers: 'two'", CliRunner.Run([.. Base("f"), "--early-exit-loss", "--early-exit-layers", "2,two"]).AssertUsageError());
+        Assert.Contains("early_exit_loss", CliRunner.Run([.. Base("g"), "--early-exit-layers", "2"]).AssertUsageError());
     }
 
     [Fact]
@@ -96,7 +98,7 @@ public class CliLayerSkipTrainTests(TinyModelFixture tiny)
     {
         var help = CliRunner.Run("train", "--help").AssertSuccess().Stdout;
         foreach (var option in new[] { "--layer-dropout", "--layer-dropout-scale", "--layer-dropout-curriculum", "--early-exit-loss", "--early-exit-scale",
-                     "--early-exit-curriculum", "--early-exit-rotation", "--early-exit-layer-scale", "--early-exit-distillation", "exp|linear|uniform", "none|rotational|gradual" })
+                     "--early-exit-curriculum", "--early-exit-rotation", "--early-exit-layer-scale", "--early-exit-distillation", "--early-exit-layers", "exp|linear|uniform", "none|rotational|gradual" })
             Assert.Contains(option, help);
     }
 }

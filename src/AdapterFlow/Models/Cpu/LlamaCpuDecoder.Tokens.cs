@@ -159,7 +159,8 @@ internal static unsafe partial class LlamaCpuDecoder
         float* headMatrix = null, int headMatrixRows = 0, PackedWeights? panels = null)
     {
         var config = model.LlamaConfig;
-        int vocab = config.VocabSize;
+        int hidden = config.HiddenSize, vocab = config.VocabSize;
+        int heads = config.NumAttentionHeads, kvHeads = config.NumKeyValueHeads, headDim = config.HeadDim;
         if (tokenIds is not null)
             foreach (long id in tokenIds)
                 if (id < 0 || id >= vocab)
@@ -169,28 +170,9 @@ internal static unsafe partial class LlamaCpuDecoder
 
         using var buffers = new Buffers(config, time, total);
         // A pass over several tokens reads the panel copies it is given (checked against the weights by the caller).
-        var outerPacked = t_packed;
+        // Every pass sets this first, so a pass never sees another's.
         t_packed = time > 1 ? panels : null;
         if (t_packed is not null) PanelPassesOnThisThread++;
-        try
-        {
-            RunLayers(model, cache, start, layers, time, tokenIds, input, positions, sequenceLength, keyReal, states, exitState, headRows, logits,
-                headMatrix, headMatrixRows, buffers);
-        }
-        finally
-        {
-            t_packed = outerPacked;
-        }
-    }
-
-    private static void RunLayers(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? tokenIds, float* input,
-        long[] positions, long sequenceLength, byte* keyReal, float* states, float* exitState, int headRows, float* logits,
-        float* headMatrix, int headMatrixRows, Buffers buffers)
-    {
-        var config = model.LlamaConfig;
-        int hidden = config.HiddenSize, vocab = config.VocabSize;
-        int heads = config.NumAttentionHeads, kvHeads = config.NumKeyValueHeads, headDim = config.HeadDim;
-        int past = cache.LayerLength(start);
         float* x = buffers.Hidden;
         if (input != null) Copy(input, x, time * hidden);
         else
@@ -292,8 +274,8 @@ internal static unsafe partial class LlamaCpuDecoder
         }
         var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
         bool plainHead = head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, vocab, hidden);
-        if (plainHead && headRows > 1 && t_packed?.Find(CpuKernels.Pointer(head!)) is { } panels)
-            CpuKernels.PanelGemm(panels, buffers.Normed, logits, null, headRows);
+        if (plainHead && headRows > 1 && t_packed?.Find(CpuKernels.Pointer(head!)) is { } headPanels)
+            CpuKernels.PanelGemm(headPanels, buffers.Normed, logits, null, headRows);
         else if (plainHead)
             CpuKernels.Gemm(CpuKernels.Pointer(head!), buffers.Normed, logits, null, vocab, hidden, headRows);
         else ThroughTorch(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);

@@ -77,7 +77,7 @@ internal static unsafe partial class LlamaCpuDecoder
 
     [ThreadStatic] private static ProjectionGroup? t_group;
 
-    /// <summary>The model's panel copies during a pass over several tokens on this thread (null otherwise).</summary>
+    /// <summary>The panel copies the current pass over several tokens on this thread reads (null for other passes).</summary>
     [ThreadStatic] private static PackedWeights? t_packed;
 
     /// <summary>
@@ -85,11 +85,12 @@ internal static unsafe partial class LlamaCpuDecoder
     /// matrices of layers <paramref name="fromLayer"/>..L−1 and of a plain LM head, which self-speculative verification
     /// runs over d + 1 tokens: there they cost about one token's memory traffic instead of 1.3–1.7 (bench suite
     /// <c>gemmtokens</c>). Does nothing without 512-bit vectors, or when the copies would take more than a quarter of
-    /// the memory the runtime sees. Returns the bytes the model's copies take.
+    /// the memory the runtime sees. Returns the model's copies (<see cref="LlamaForCausalLM.PackedCpuWeights"/>), null
+    /// when it has none.
     /// </summary>
-    internal static long PackForVerification(LlamaForCausalLM model, int fromLayer)
+    internal static PackedWeights? PackForVerification(LlamaForCausalLM model, int fromLayer)
     {
-        if (!PanelMatrix.Supported) return 0;
+        if (!PanelMatrix.Supported) return null;
         var config = model.LlamaConfig;
         int hidden = config.HiddenSize, attention = config.NumAttentionHeads * config.HeadDim, kv = config.NumKeyValueHeads * config.HeadDim;
         int inner = config.IntermediateSize;
@@ -123,17 +124,17 @@ internal static unsafe partial class LlamaCpuDecoder
     /// <summary>Generations on other threads may pack the same model at the same time; one at a time changes the copies.</summary>
     private static readonly Lock PackGate = new();
 
-    private static long Pack(LlamaForCausalLM model, List<(Tensor Weight, int Rows, int Cols)> matrices)
+    private static PackedWeights? Pack(LlamaForCausalLM model, List<(Tensor Weight, int Rows, int Cols)> matrices)
     {
         var packed = model.PackedCpuWeights;
         long needed = matrices.Sum(m => packed?.Find(CpuKernels.Pointer(m.Weight)) is null ? (long)m.Rows / PanelMatrix.Width * PanelMatrix.Width * m.Cols * sizeof(float) : 0);
         bool fits = needed == 0 || (packed?.Bytes ?? 0) + needed <= (PackBudgetBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4);
-        if (!fits && packed is null) return 0;
+        if (!fits && packed is null) return null;
         packed = model.PackedCpuWeights ??= new PackedWeights();
         // Over the budget, the copies already made (for a higher exit layer) are still checked, and kept if current.
         foreach (var (weight, rows, cols) in matrices)
             if (fits || packed.Find(CpuKernels.Pointer(weight)) is not null) packed.Add(CpuKernels.Pointer(weight), rows, cols);
-        return packed.Bytes;
+        return packed;
     }
 
     /// <summary>This thread's (empty) projection group over input x [time, inFeatures].</summary>
