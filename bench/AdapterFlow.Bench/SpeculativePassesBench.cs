@@ -28,13 +28,14 @@ public static unsafe class SpeculativePassesBench
         foreach (long id in prompt) draft?.Add(id);
         // Verification reads the panel copy of layers 1..L−1 and the head, as the decoding loop does (unless turned off).
         var panels = packed ? LlamaCpuDecoder.PackForVerification(model, 1) : null;
+        var plan = new HostPlan(); // as a generation's passes share one
         var states = new float[8 * hidden];
         var logits = new float[8 * (long)vocab];
         int past = prompt.Length;
         fixed (float* s = states, l = logits)
         {
             float* sp = s, lp = l;
-            LlamaCpuDecoder.HostPass(model, cache, 0, layers, prompt.Length, prompt, null, 0, null, 0, null);
+            LlamaCpuDecoder.HostPass(model, cache, 0, layers, prompt.Length, prompt, null, 0, null, 0, null, plan: plan);
             double Time(int start, int end, int time, int headRows, bool subset)
             {
                 var samples = new double[repeats];
@@ -43,8 +44,8 @@ public static unsafe class SpeculativePassesBench
                     var clock = Stopwatch.StartNew();
                     if (start == 0)
                         LlamaCpuDecoder.HostPass(model, cache, 0, end, time, Enumerable.Repeat(prompt[^1], time).ToArray(), null, past, sp, headRows, lp,
-                            subset ? draft!.Rows : null, subset ? draft!.Count : 0);
-                    else LlamaCpuDecoder.HostPass(model, cache, start, end, time, null, sp, past, null, headRows, lp, panels: panels);
+                            subset ? draft!.Rows : null, subset ? draft!.Count : 0, plan: plan);
+                    else LlamaCpuDecoder.HostPass(model, cache, start, end, time, null, sp, past, null, headRows, lp, panels: panels, plan: plan);
                     if (r >= 0) samples[r] = clock.Elapsed.TotalMilliseconds;
                     cache.Truncate(past);
                 }

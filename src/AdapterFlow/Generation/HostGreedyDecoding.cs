@@ -53,6 +53,7 @@ internal sealed class HostGreedySteps
 {
     private readonly LlamaForCausalLM _model;
     private readonly float[] _logits;
+    private readonly HostPlan _plan = new(); // this generation's
     private long _last, _position;
 
     private HostGreedySteps(LlamaForCausalLM model, DecodingSession session)
@@ -72,7 +73,7 @@ internal sealed class HostGreedySteps
         long next;
         fixed (float* logits = _logits)
         {
-            LlamaCpuDecoder.HostPass(_model, session.Cache, 0, layers, 1, [_last], null, _position, null, 1, logits);
+            LlamaCpuDecoder.HostPass(_model, session.Cache, 0, layers, 1, [_last], null, _position, null, 1, logits, plan: _plan);
             next = HostGreedy.ArgMax(logits, _logits.Length);
         }
         long[] chosen = [next];

@@ -257,6 +257,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
         private readonly double _confidence;
 
         private readonly PackedWeights? _panels;
+        private readonly HostPlan _plan = new(); // this generation's
 
         private HostGreedyRounds(LlamaForCausalLM model, int columns, PackedDraftHead? draftHead, double confidence, PackedWeights? panels)
         {
@@ -303,13 +304,13 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                     if (_draftHead is { } draftHead && exit < layers)
                     {
                         LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits,
-                            draftHead.Rows, draftHead.Count);
+                            draftHead.Rows, draftHead.Count, plan: _plan);
                         count = draftHead.Count;
                         fed[j + 1] = draftHead.Tokens[(int)HostGreedy.ArgMax(draftLogits, count)];
                     }
                     else
                     {
-                        LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits);
+                        LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[j]], null, position + j, states + (long)j * hidden, 1, draftLogits, plan: _plan);
                         count = vocab;
                         fed[j + 1] = HostGreedy.ArgMax(draftLogits, count);
                     }
@@ -323,10 +324,10 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                 // 2. Verify: the last draft through the early layers (no head), the late layers over all d + 1 exit states.
                 if (exit < layers)
                 {
-                    LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[drafts]], null, position + drafts, states + (long)drafts * hidden, 0, null);
-                    LlamaCpuDecoder.HostPass(_model, cache, exit, layers, drafts + 1, null, states, position, null, drafts + 1, logits, panels: _panels);
+                    LlamaCpuDecoder.HostPass(_model, cache, 0, exit, 1, [fed[drafts]], null, position + drafts, states + (long)drafts * hidden, 0, null, plan: _plan);
+                    LlamaCpuDecoder.HostPass(_model, cache, exit, layers, drafts + 1, null, states, position, null, drafts + 1, logits, panels: _panels, plan: _plan);
                 }
-                else LlamaCpuDecoder.HostPass(_model, cache, 0, layers, 1, [fed[drafts]], null, position + drafts, null, 1, logits + (long)drafts * vocab);
+                else LlamaCpuDecoder.HostPass(_model, cache, 0, layers, 1, [fed[drafts]], null, position + drafts, null, 1, logits + (long)drafts * vocab, plan: _plan);
                 for (int j = 0; j <= drafts; j++) chosen[j] = HostGreedy.ArgMax(logits + (long)j * vocab, vocab);
             }
             // 3. Accept the drafts up to the first disagreement, plus the verifier's token there (as Round does for one row).

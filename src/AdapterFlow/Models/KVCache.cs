@@ -15,12 +15,14 @@ public sealed class KVCache : IDisposable
     private readonly Tensor?[] _values;
     private readonly int[] _lengths;
     private readonly int _initialCapacity;
+    private readonly HostStorage?[] _host; // a layer's float32 CPU storage as the kernels see it, until the storage changes
 
     public KVCache(int numLayers, int initialCapacity = 256)
     {
         _keys = new Tensor?[numLayers];
         _values = new Tensor?[numLayers];
         _lengths = new int[numLayers];
+        _host = new HostStorage?[numLayers];
         _initialCapacity = Math.Max(1, initialCapacity);
     }
 
@@ -51,24 +53,38 @@ public sealed class KVCache : IDisposable
         return (k.narrow(2, 0, length + added), v.narrow(2, 0, length + added));
     }
 
+    /// <summary>A layer's key and value storage in host memory, float32 [1, kvHeads, Capacity, headDim] each.</summary>
+    internal readonly record struct HostStorage(nint Keys, nint Values, long Capacity, int KvHeads, int HeadDim);
+
     /// <summary>
-    /// The whole storage of a layer ([batch, kv_heads, capacity, head_dim]), grown to hold <paramref name="added"/>
-    /// more tokens, for kernels that write the new keys/values in place; <see cref="Advance"/> then counts them.
-    /// Storage of another shape or dtype is returned as it is (the caller checks).
+    /// For kernels that write new keys and values in place (then <see cref="Advance"/>): grows a layer's storage to hold <paramref name="added"/> more tokens and
+    /// returns its memory, or null when the storage is not float32 [1, <paramref name="kvHeads"/>, capacity,
+    /// <paramref name="headDim"/>] on the CPU. The answer is kept until the storage changes, so a decode step asks
+    /// libtorch nothing here (its ~12 metadata calls per layer were a third of a small model's step). The memory stays
+    /// valid until the next call that grows, reorders or frees the storage.
     /// </summary>
-    internal (Tensor Keys, Tensor Values) Reserve(int layer, long[] shape, ScalarType dtype, Device device, int added)
+    internal unsafe HostStorage? ReserveHost(int layer, int kvHeads, int headDim, int added)
     {
-        EnsureCapacity(layer, shape, shape, dtype, device, _lengths[layer] + added);
-        return (_keys[layer]!, _values[layer]!);
+        int needed = _lengths[layer] + added;
+        if (_host[layer] is { } known && known.KvHeads == kvHeads && known.HeadDim == headDim && known.Capacity >= needed) return known;
+        long[] shape = [1, kvHeads, 0, headDim];
+        EnsureCapacity(layer, shape, shape, ScalarType.Float32, torch.CPU, needed);
+        Tensor k = _keys[layer]!, v = _values[layer]!;
+        if (!IsHostStorage(k, kvHeads, headDim) || !IsHostStorage(v, kvHeads, headDim)) return null;
+        var storage = new HostStorage((nint)Cpu.CpuKernels.Pointer(k), (nint)Cpu.CpuKernels.Pointer(v), k.shape[2], kvHeads, headDim);
+        _host[layer] = storage;
+        return storage;
     }
 
-    /// <summary>The key storage of a layer (null before its first token), for kernels that check it before writing.</summary>
-    internal Tensor? KeyStorage(int layer) => _keys[layer];
+    /// <summary>Whether a layer's storage (if any) is what <see cref="ReserveHost"/> hands to the kernels.</summary>
+    internal bool IsHostStorage(int layer, int kvHeads, int headDim) =>
+        (_keys[layer] is not { } k || IsHostStorage(k, kvHeads, headDim)) && (_values[layer] is not { } v || IsHostStorage(v, kvHeads, headDim));
 
-    /// <summary>The value storage of a layer (null before its first token).</summary>
-    internal Tensor? ValueStorage(int layer) => _values[layer];
+    private static bool IsHostStorage(Tensor t, int kvHeads, int headDim) =>
+        t.dtype == ScalarType.Float32 && t.device_type == DeviceType.CPU && t.dim() == 4 && t.shape[0] == 1 && t.shape[1] == kvHeads &&
+        t.shape[3] == headDim && t.is_contiguous() && t.NumberOfElements <= int.MaxValue / sizeof(float);
 
-    /// <summary>Counts <paramref name="added"/> tokens written in place after <see cref="Reserve"/>.</summary>
+    /// <summary>Counts <paramref name="added"/> tokens written in place after <see cref="ReserveHost"/>.</summary>
     internal void Advance(int layer, int added) => _lengths[layer] += added;
 
     /// <summary>The stored keys/values of a layer (views), or null if empty.</summary>
@@ -102,6 +118,7 @@ public sealed class KVCache : IDisposable
             _values[i]!.Dispose();
             _keys[i] = k;
             _values[i] = v;
+            _host[i] = null;
         }
     }
 
@@ -129,6 +146,7 @@ public sealed class KVCache : IDisposable
         }
         _keys[layer] = k;
         _values[layer] = v;
+        _host[layer] = null;
     }
 
     public void Dispose()
@@ -139,6 +157,7 @@ public sealed class KVCache : IDisposable
             _values[i]?.Dispose();
             _keys[i] = null;
             _values[i] = null;
+            _host[i] = null;
             _lengths[i] = 0;
         }
     }

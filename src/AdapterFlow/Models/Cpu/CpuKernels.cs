@@ -28,7 +28,10 @@ internal static unsafe partial class CpuKernels
     /// <summary>Workers used for the parallel kernels; 0 = torch's intra-op thread count.</summary>
     public static int Threads { get; set; }
 
-    internal static int WorkerCount => Threads > 0 ? Threads : Math.Max(1, torch.get_num_threads());
+    internal static int WorkerCount => PassWorkers > 0 ? PassWorkers : Threads > 0 ? Threads : Math.Max(1, torch.get_num_threads());
+
+    /// <summary>The thread count a host pass fixed for its kernels on this thread (0 = none): asking torch is a native call, ~25 per layer.</summary>
+    [ThreadStatic] internal static int PassWorkers;
 
     /// <summary>y[r] = Σ_c w[r, c] · x[c] (+ bias[r]) for a row-major [rows, cols] matrix; y += … when <paramref name="accumulate"/>.</summary>
     public static void Gemv(float* w, float* x, float* y, float* bias, int rows, int cols, bool accumulate = false)

@@ -40,8 +40,7 @@ internal static unsafe partial class LlamaCpuDecoder
         {
             var layer = model.model.layers[i];
             if (!IsF32Cpu(layer.input_layernorm.weight, hidden) || !IsF32Cpu(layer.post_attention_layernorm.weight, hidden)) return false;
-            if (cache.KeyStorage(i) is { } keys && !IsCacheStorage(keys, config.NumKeyValueHeads, config.HeadDim)) return false;
-            if (cache.ValueStorage(i) is { } values && !IsCacheStorage(values, config.NumKeyValueHeads, config.HeadDim)) return false;
+            if (!cache.IsHostStorage(i, config.NumKeyValueHeads, config.HeadDim)) return false;
         }
         return true;
     }
@@ -134,15 +133,24 @@ internal static unsafe partial class LlamaCpuDecoder
     /// logits. Check <see cref="CanRunHostPasses"/> first.
     /// </summary>
     internal static void HostPass(LlamaForCausalLM model, KVCache cache, int start, int layers, int time, long[]? ids, float* input,
-        long firstPosition, float* exitState, int headRows, float* logits, float* headMatrix = null, int headMatrixRows = 0, PackedWeights? panels = null)
+        long firstPosition, float* exitState, int headRows, float* logits, float* headMatrix = null, int headMatrixRows = 0, PackedWeights? panels = null,
+        HostPlan? plan = null)
     {
         if (time < 1 || time > MaxTokensPerPass) throw new ArgumentOutOfRangeException(nameof(time), $"{time} tokens; a kernel pass takes 1..{MaxTokensPerPass}");
         if (headMatrix != null && headRows != 1) throw new ArgumentException("a head over a subset of the vocabulary takes one row", nameof(headRows));
         var positions = new long[time];
         for (int t = 0; t < time; t++) positions[t] = firstPosition + t;
         using var scope = torch.NewDisposeScope(); // modules the kernels do not know (IA3, …) run through libtorch
-        RunTokens(model, cache, start, layers, time, input == null ? ids : null, input, positions, firstPosition + time, null, null, exitState, headRows, logits,
-            headMatrix, headMatrixRows, panels);
+        (t_plan, CpuKernels.PassWorkers) = (plan, plan?.Workers ?? 0);
+        try
+        {
+            RunTokens(model, cache, start, layers, time, input == null ? ids : null, input, positions, firstPosition + time, null, null, exitState, headRows, logits,
+                headMatrix, headMatrixRows, panels);
+        }
+        finally
+        {
+            (t_plan, CpuKernels.PassWorkers) = (null, 0);
+        }
         if (time == 1) StepsOnThisThread++;
         else MultiTokenPassesOnThisThread++;
         HostPassesOnThisThread++;
@@ -177,7 +185,7 @@ internal static unsafe partial class LlamaCpuDecoder
         if (input != null) Copy(input, x, time * hidden);
         else
         {
-            float* table = CpuKernels.Pointer(((Embedding)model.model.embed_tokens).weight!);
+            float* table = WeightPointer(((Embedding)model.model.embed_tokens).weight!);
             for (int t = 0; t < time; t++)
                 new ReadOnlySpan<float>(table + tokenIds![t] * hidden, hidden).CopyTo(new Span<float>(x + (long)t * hidden, hidden));
         }
@@ -226,11 +234,10 @@ internal static unsafe partial class LlamaCpuDecoder
                     CpuKernels.RotateHalf(buffers.Key + t * kv, kvHeads, headDim, cos + t * rotaryDim, sin + t * rotaryDim, half);
                 }
 
-                var (keys, values) = cache.Reserve(i, [1, kvHeads, 0, headDim], ScalarType.Float32, torch.CPU, time);
-                if (!IsCacheStorage(keys, kvHeads, headDim) || !IsCacheStorage(values, kvHeads, headDim))
+                var storage = cache.ReserveHost(i, kvHeads, headDim, time) ??
                     throw new InvalidOperationException($"KV cache layer {i}: storage is not float32 [1, {kvHeads}, capacity, {headDim}] on the CPU");
-                long capacity = keys.shape[2];
-                float* k = CpuKernels.Pointer(keys), v = CpuKernels.Pointer(values);
+                long capacity = storage.Capacity;
+                float* k = (float*)storage.Keys, v = (float*)storage.Values;
                 for (int t = 0; t < time; t++)
                     for (int h = 0; h < kvHeads; h++)
                     {
@@ -272,14 +279,28 @@ internal static unsafe partial class LlamaCpuDecoder
             CpuKernels.Gemv(headMatrix, buffers.Normed, logits, null, headMatrixRows, hidden);
             return;
         }
-        var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
-        bool plainHead = head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, vocab, hidden);
-        if (plainHead && headRows > 1 && t_packed?.Find(CpuKernels.Pointer(head!)) is { } headPanels)
+        float* head = PlainHeadWeight(model);
+        if (head != null && headRows > 1 && t_packed?.Find(head) is { } headPanels)
             CpuKernels.PanelGemm(headPanels, buffers.Normed, logits, null, headRows);
-        else if (plainHead)
-            CpuKernels.Gemm(CpuKernels.Pointer(head!), buffers.Normed, logits, null, vocab, hidden, headRows);
+        else if (head != null)
+            CpuKernels.Gemm(head, buffers.Normed, logits, null, vocab, hidden, headRows);
         else ThroughTorch(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);
     }
+
+    /// <summary>The LM head's float32 [vocab, hidden] weight when it is plain (an unbiased nn.Linear or the tied embedding), else null.</summary>
+    private static float* PlainHeadWeight(LlamaForCausalLM model)
+    {
+        if (t_plan is { HeadWeight: { } known }) return (float*)known;
+        var config = model.LlamaConfig;
+        var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
+        bool plain = head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, config.VocabSize, config.HiddenSize);
+        float* pointer = plain ? CpuKernels.Pointer(head!) : null;
+        if (t_plan is { } plan) plan.HeadWeight = (nint)pointer;
+        return pointer;
+    }
+
+    /// <summary>A weight's memory, through the pass's plan when it has one.</summary>
+    private static float* WeightPointer(Tensor weight) => t_plan is { } plan ? plan.Pointer(weight) : CpuKernels.Pointer(weight);
 
     /// <summary>
     /// <see cref="ForwardOutput.HiddenStates"/> over one [states, 1, time, hidden] block: element i is a view made when

@@ -42,7 +42,7 @@ internal static unsafe partial class LlamaCpuDecoder
     /// <summary>RMSNorm of each of <paramref name="time"/> rows of x into y (its weight was checked before the pass started).</summary>
     private static void RmsNorm(RMSNorm norm, float* x, float* y, int n, int time)
     {
-        float* weight = CpuKernels.Pointer(norm.weight);
+        float* weight = WeightPointer(norm.weight);
         for (int t = 0; t < time; t++) CpuKernels.RmsNorm(x + (long)t * n, weight, y + (long)t * n, n, norm.Eps);
     }
 
@@ -79,6 +79,9 @@ internal static unsafe partial class LlamaCpuDecoder
 
     /// <summary>The panel copies the current pass over several tokens on this thread reads (null for other passes).</summary>
     [ThreadStatic] private static PackedWeights? t_packed;
+
+    /// <summary>The plan of the current host pass on this thread (null for passes from <see cref="TryForward"/>).</summary>
+    [ThreadStatic] private static HostPlan? t_plan;
 
     /// <summary>
     /// Makes (or refreshes, where the weights changed since) panel copies (<see cref="PanelMatrix"/>) of the projection
@@ -151,50 +154,47 @@ internal static unsafe partial class LlamaCpuDecoder
     /// </summary>
     private static bool AddProjection(ProjectionGroup group, nn.Module<Tensor, Tensor> module, float* x, int inFeatures, float* y, int outFeatures, int time)
     {
-        if (module is Linear linear && AddLinear(group, linear, y, inFeatures, outFeatures)) return true;
-        if (module is LoraLinear lora && AddLora(group, lora, y, inFeatures, outFeatures)) return true;
-        ThroughTorch(module, x, inFeatures, y, outFeatures, time);
-        return false;
+        var view = t_plan is { } plan ? plan.Projection(module, inFeatures, outFeatures) : Describe(module, inFeatures, outFeatures);
+        if (view is null)
+        {
+            ThroughTorch(module, x, inFeatures, y, outFeatures, time);
+            return false;
+        }
+        group.AddTarget((float*)view.Weight, (float*)view.Bias, y, outFeatures, t_packed?.Find((float*)view.Weight));
+        foreach (var term in view.Terms) group.AddLora((float*)term.A, (float*)term.B, term.Rank, term.Scale);
+        return true;
     }
 
     private static bool IsKernelLinear(Linear linear, int inFeatures, int outFeatures) =>
         linear.weight is { } weight && IsF32Cpu(weight, outFeatures, inFeatures) && (linear.bias is not { } bias || IsF32Cpu(bias, outFeatures));
 
-    private static bool AddLinear(ProjectionGroup group, Linear linear, float* y, int inFeatures, int outFeatures)
-    {
-        if (!IsKernelLinear(linear, inFeatures, outFeatures)) return false;
-        float* weight = CpuKernels.Pointer(linear.weight!);
-        group.AddTarget(weight, linear.bias is { } bias ? CpuKernels.Pointer(bias) : null, y, outFeatures, t_packed?.Find(weight));
-        return true;
-    }
-
     /// <summary>
-    /// y = W x + b + Σ s · B (A x) over the active unmerged adapters (dropout is off at inference). Declines (before
-    /// adding anything) for routing, DoRA, biases or tensors the kernels cannot read, so the caller runs the module
-    /// through libtorch.
+    /// What the kernels read of a projection slot: an nn.Linear's weight (and bias), or a LoRA wrapper's base weight
+    /// plus s · B (A x) per active unmerged adapter (dropout is off at inference). Null (the slot runs through libtorch)
+    /// for anything else, and for LoRA with routing, DoRA, biases on A/B or tensors the kernels cannot read.
     /// </summary>
-    private static bool AddLora(ProjectionGroup group, LoraLinear lora, float* y, int inFeatures, int outFeatures)
+    internal static ProjectionView? Describe(nn.Module<Tensor, Tensor> module, int inFeatures, int outFeatures)
     {
-        if (lora.Routing is not null || lora.BaseLayer is not Linear baseLinear || !IsKernelLinear(baseLinear, inFeatures, outFeatures)) return false;
-        var active = lora.Disabled ? [] : lora.ActiveAdapters;
+        if (module is Linear linear)
+            return IsKernelLinear(linear, inFeatures, outFeatures)
+                ? new ProjectionView((nint)CpuKernels.Pointer(linear.weight!), linear.bias is { } bias ? (nint)CpuKernels.Pointer(bias) : 0, [])
+                : null;
+        if (module is not LoraLinear lora || lora.Routing is not null || lora.BaseLayer is not Linear baseLinear || !IsKernelLinear(baseLinear, inFeatures, outFeatures))
+            return null;
+        var terms = new List<LowRankView>();
         var merged = lora.MergedAdapters;
-        foreach (var adapter in active)
+        foreach (var adapter in lora.Disabled ? [] : lora.ActiveAdapters)
         {
             if (merged.Contains(adapter)) continue;
-            if (lora.IsDora(adapter)) return false;
+            if (lora.IsDora(adapter)) return null;
             Linear a = lora.A(adapter), b = lora.B(adapter);
-            if (a.bias is not null || b.bias is not null || a.weight is not { } aw || b.weight is not { } bw || aw.dim() != 2) return false;
+            if (a.bias is not null || b.bias is not null || a.weight is not { } aw || b.weight is not { } bw || aw.dim() != 2) return null;
             long rank = aw.shape[0];
-            if (!IsF32Cpu(aw, rank, inFeatures) || !IsF32Cpu(bw, outFeatures, rank)) return false;
+            if (!IsF32Cpu(aw, rank, inFeatures) || !IsF32Cpu(bw, outFeatures, rank)) return null;
+            terms.Add(new LowRankView((nint)CpuKernels.Pointer(aw), (nint)CpuKernels.Pointer(bw), (int)rank, (float)lora.Scaling(adapter)));
         }
-        AddLinear(group, baseLinear, y, inFeatures, outFeatures);
-        foreach (var adapter in active)
-        {
-            if (merged.Contains(adapter)) continue;
-            var aw = lora.A(adapter).weight!;
-            group.AddLora(CpuKernels.Pointer(aw), CpuKernels.Pointer(lora.B(adapter).weight!), (int)aw.shape[0], (float)lora.Scaling(adapter));
-        }
-        return true;
+        var baseView = Describe(baseLinear, inFeatures, outFeatures)!;
+        return baseView with { Terms = [.. terms] };
     }
 
     /// <summary>Runs any module on x as a [1, time, in] tensor and copies its [1, time, out] result to y.</summary>
@@ -213,10 +213,6 @@ internal static unsafe partial class LlamaCpuDecoder
 
     private static void Copy(Tensor source, float* destination, int count) =>
         new ReadOnlySpan<float>(CpuKernels.Pointer(source), count).CopyTo(new Span<float>(destination, count));
-
-    private static bool IsCacheStorage(Tensor t, int kvHeads, int headDim) =>
-        t.dtype == ScalarType.Float32 && t.device_type == DeviceType.CPU && t.dim() == 4 && t.shape[0] == 1 && t.shape[1] == kvHeads &&
-        t.shape[3] == headDim && t.is_contiguous() && t.NumberOfElements <= int.MaxValue / sizeof(float);
 
     private static bool IsF32Cpu(Tensor t, params ReadOnlySpan<long> shape) => IsF32Cpu(t, shape, checkContiguous: true);
 
