@@ -162,59 +162,135 @@ internal static unsafe partial class CpuKernels
     /// One query per head against a layer's cached keys/values ([kvHeads, capacity, headDim] storage, the first
     /// <paramref name="length"/> positions valid): softmax(q·kᵀ · scale) · v with keys in [<paramref name="first"/>,
     /// length) that <paramref name="keyAllowed"/> (if given, one byte per key) lets through. Query head h reads KV
-    /// head h / (heads / kvHeads). Heads run in parallel.
+    /// head h / (heads / kvHeads). Heads run in parallel once the context is long.
     /// </summary>
     public static void Attend(float* q, float* keys, float* values, float* output, int heads, int kvHeads, int headDim,
         long capacity, int first, int length, byte* keyAllowed, float scale)
     {
-        int group = heads / kvHeads;
         int span = length - first;
-        // Scores for all heads: at most a few thousand floats per head for typical contexts.
-        float* scores = (float*)NativeMemory.Alloc((nuint)((long)heads * span * sizeof(float)));
+        long size = (long)heads * span;
+        // Scores for all heads: on the stack for the short contexts of small models (a native allocation per query per
+        // layer cost them more than the arithmetic), else a native block.
+        const int StackScores = 4096;
+        float* stack = stackalloc float[size <= StackScores ? (int)size : 0];
+        float* scores = size <= StackScores ? stack : (float*)NativeMemory.Alloc((nuint)(size * sizeof(float)));
         try
         {
-            nint qp = (nint)q, kp = (nint)keys, vp = (nint)values, op = (nint)output, sp = (nint)scores, mp = (nint)keyAllowed;
-            void Head(int h)
-            {
-                int kv = h / group;
-                float* qh = (float*)qp + h * headDim;
-                float* kh = (float*)kp + kv * capacity * headDim;
-                float* vh = (float*)vp + kv * capacity * headDim;
-                float* sh = (float*)sp + (long)h * span;
-                float* oh = (float*)op + h * headDim;
-                byte* allowed = (byte*)mp;
-                float max = float.NegativeInfinity;
-                for (int j = first; j < length; j++)
-                {
-                    float s = allowed != null && allowed[j] == 0 ? float.NegativeInfinity : Dot(qh, kh + (long)j * headDim, headDim) * scale;
-                    sh[j - first] = s;
-                    if (s > max) max = s;
-                }
-                float total = 0;
-                for (int j = 0; j < span; j++)
-                {
-                    float e = sh[j] == float.NegativeInfinity ? 0f : MathF.Exp(sh[j] - max);
-                    sh[j] = e;
-                    total += e;
-                }
-                new Span<float>(oh, headDim).Clear();
-                float inv = 1f / total;
-                for (int j = 0; j < span; j++)
-                {
-                    float p = sh[j] * inv;
-                    if (p == 0) continue;
-                    Axpy(p, vh + (long)(j + first) * headDim, oh, headDim);
-                }
-            }
-            if (WorkerCount <= 1 || (long)heads * span * headDim < ParallelThreshold)
-                for (int h = 0; h < heads; h++) Head(h);
+            var job = new AttentionJob(q, keys, values, output, scores, keyAllowed, heads / kvHeads, headDim, capacity, first, length, scale);
+            if (WorkerCount <= 1 || size * headDim < ParallelThreshold)
+                for (int h = 0; h < heads; h++) job.Head(h);
             else
-                KernelPool.For(heads, WorkerCount, Head);
+                KernelPool.For(heads, WorkerCount, job.Head);
         }
         finally
         {
-            NativeMemory.Free(scores);
+            if (scores != stack) NativeMemory.Free(scores);
         }
+    }
+
+    /// <summary>One <see cref="Attend"/> call's arguments; <see cref="Head"/> does one query head.</summary>
+    private sealed class AttentionJob(float* q, float* keys, float* values, float* output, float* scores, byte* allowed, int group, int headDim,
+        long capacity, int first, int length, float scale)
+    {
+        public void Head(int h)
+        {
+            int kv = h / group, span = length - first;
+            float* qh = q + h * headDim;
+            float* kh = keys + kv * capacity * headDim;
+            float* vh = values + kv * capacity * headDim;
+            float* sh = scores + (long)h * span;
+            float* oh = output + h * headDim;
+            Scores(qh, kh, sh, headDim, first, length, scale);
+            if (allowed != null)
+                for (int j = first; j < length; j++)
+                    if (allowed[j] == 0) sh[j - first] = float.NegativeInfinity;
+            float total = SoftmaxNumerators(sh, span);
+            new Span<float>(oh, headDim).Clear();
+            float inv = 1f / total;
+            for (int j = 0; j < span; j++)
+            {
+                float p = sh[j] * inv;
+                if (p == 0) continue;
+                Axpy(p, vh + (long)(j + first) * headDim, oh, headDim);
+            }
+        }
+    }
+
+    /// <summary>
+    /// s[j − first] = (q · k_j) · scale for keys j in [first, length) of one head's [capacity, headDim] rows, each exactly
+    /// as <see cref="Dot"/> sums it. Four keys at a time when headDim is a multiple of 8: their four sums are
+    /// independent, so the multiply-add latency of one key's short chain (3 steps at headDim 24) no longer sets the pace.
+    /// </summary>
+    internal static void Scores(float* q, float* k, float* s, int headDim, int first, int length, float scale)
+    {
+        int j = first;
+        if (Vector256.IsHardwareAccelerated && headDim % 8 == 0)
+        {
+            for (; j + 4 <= length; j += 4)
+            {
+                float* k0 = k + (long)j * headDim;
+                float* k1 = k0 + headDim, k2 = k1 + headDim, k3 = k2 + headDim;
+                Vector256<float> a0 = Vector256<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+                for (int i = 0; i < headDim; i += 8)
+                {
+                    var qv = Vector256.Load(q + i);
+                    a0 = Vector256.FusedMultiplyAdd(qv, Vector256.Load(k0 + i), a0);
+                    a1 = Vector256.FusedMultiplyAdd(qv, Vector256.Load(k1 + i), a1);
+                    a2 = Vector256.FusedMultiplyAdd(qv, Vector256.Load(k2 + i), a2);
+                    a3 = Vector256.FusedMultiplyAdd(qv, Vector256.Load(k3 + i), a3);
+                }
+                float* out0 = s + (j - first);
+                out0[0] = Vector256.Sum(a0) * scale;
+                out0[1] = Vector256.Sum(a1) * scale;
+                out0[2] = Vector256.Sum(a2) * scale;
+                out0[3] = Vector256.Sum(a3) * scale;
+            }
+        }
+        for (; j < length; j++) s[j - first] = Dot(q, k + (long)j * headDim, headDim) * scale;
+    }
+
+    /// <summary>
+    /// s[j] = exp(s[j] − max s) in place (masked scores, −∞, become 0); returns their sum. The exponentials are
+    /// vectorised (.NET's Vector512/256.Exp, within an ulp or so of MathF.Exp): one call per key was most of the
+    /// attention's time at small head sizes.
+    /// </summary>
+    internal static float SoftmaxNumerators(float* s, int n)
+    {
+        float max = float.NegativeInfinity;
+        for (int j = 0; j < n; j++) max = Math.Max(max, s[j]);
+        int i = 0;
+        float total = 0;
+        if (Vector512.IsHardwareAccelerated && n >= 16)
+        {
+            var m = Vector512.Create(max);
+            var sum = Vector512<float>.Zero;
+            for (; i + 16 <= n; i += 16)
+            {
+                var e = Vector512.Exp(Vector512.Load(s + i) - m);
+                e.Store(s + i);
+                sum += e;
+            }
+            total = Vector512.Sum(sum);
+        }
+        else if (Vector256.IsHardwareAccelerated && n >= 8)
+        {
+            var m = Vector256.Create(max);
+            var sum = Vector256<float>.Zero;
+            for (; i + 8 <= n; i += 8)
+            {
+                var e = Vector256.Exp(Vector256.Load(s + i) - m);
+                e.Store(s + i);
+                sum += e;
+            }
+            total = Vector256.Sum(sum);
+        }
+        for (; i < n; i++)
+        {
+            float e = s[i] == float.NegativeInfinity ? 0f : MathF.Exp(s[i] - max);
+            s[i] = e;
+            total += e;
+        }
+        return total;
     }
 
     /// <summary>y += a · x.</summary>
