@@ -1,9 +1,11 @@
 using AdapterFlow.Adapters;
 using AdapterFlow.Adapters.Lora;
+using AdapterFlow.Generation;
 using AdapterFlow.Models;
 using AdapterFlow.Models.Cpu;
 using AdapterFlow.Tests.Generation;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace AdapterFlow.Tests.Models;
@@ -69,6 +71,37 @@ public class HostPlanTests
         Assert.True(plain.Zip(planned).Max(p => Math.Abs(p.First - p.Second)) > 1e-3); // the adapters are applied, not skipped
         // The same plan over a new cache: the remembered views still carry the terms.
         Assert.Equal(planned, Passes(llama, llama.CreateCache(), plan));
+    }
+
+    [Fact]
+    public void The_next_generation_sees_a_replaced_weight()
+    {
+        // A plan lives for one generation: a weight replaced between generations (a new tensor, elsewhere in memory)
+        // is what the next generation's host passes read.
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        var generator = new TextGenerator(model);
+        var prompt = SelfSpeculativeTests.Prompts(1, seed: 3)[0];
+        ulong seed = 11;
+        foreach (var options in new[]
+                 {
+                     new GenerationOptions { MaxNewTokens = 10, StopTokenIds = [] },
+                     new GenerationOptions { MaxNewTokens = 10, StopTokenIds = [], Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = 1, NumSpeculations = 3 },
+                 })
+        {
+            var before = generator.Generate([prompt], options).Sequences[0].Tokens;
+            var down = (Linear)((LlamaMLP)llama.model.layers[^1].mlp).down_proj;
+            using (torch.no_grad())
+                down.weight = new Parameter(torch.randn(down.weight!.shape, generator: new torch.Generator(seed++)), requires_grad: false);
+            int host = LlamaCpuDecoder.HostPassesOnThisThread;
+            var fast = generator.Generate([prompt], options).Sequences[0].Tokens;
+            Assert.True(LlamaCpuDecoder.HostPassesOnThisThread > host); // the host passes ran
+            llama.UseCpuDecodeKernels = false;
+            var slow = generator.Generate([prompt], options).Sequences[0].Tokens;
+            llama.UseCpuDecodeKernels = true;
+            Assert.Equal(slow, fast);
+            Assert.NotEqual(before, fast); // the new weight changes the text, so reading the old one would show
+        }
     }
 
     [Fact]
