@@ -60,6 +60,15 @@ public sealed class PeftModel : CausalLM
     /// <summary>The wrapped model (its linear layers may now be adapter wrappers).</summary>
     public CausalLM Model => base_model.model;
 
+    /// <summary>
+    /// The wrapped model, whose forward a decode step through this wrapper is exactly (a cache that already holds the
+    /// prompt, no attention mask, no per-row adapters): LoRA, IA3 and bottleneck adapters live inside the model's
+    /// modules, prompt tuning and P-tuning add their virtual tokens on the first pass only, and a prefix is already in the
+    /// cache. Decoding loops that run the model's kernels directly (greedy host steps and rounds) go through it; null once
+    /// unloaded.
+    /// </summary>
+    internal CausalLM? DecodeStepModel => _unloaded ? null : Model;
+
     public override ModelConfig Config => Model.Config;
 
     public override Tensor EmbedTokens(Tensor inputIds) => Model.EmbedTokens(inputIds);

@@ -97,7 +97,7 @@ public sealed record GenerationOptions
     public double DraftConfidenceThreshold { get; init; }
 
     /// <summary>
-    /// Self-speculative decoding on the CPU decode kernels (one row, a LLaMA-family model itself): keep a copy of the
+    /// Self-speculative decoding on the CPU decode kernels (one row, a LLaMA-family model, with or without adapters): keep a copy of the
     /// late layers' and the head's weights laid out in 32-row panels, so that verifying d + 1 positions costs about one
     /// token's weight traffic (measured 0.99–1.14 one-token passes for 2–5 tokens and ~1.4 for 6–8, against 1.2–2.7 over the row-major
     /// weights; docs/benchmarks.md). Made at the first such generation, kept on the model for the next ones and made again

@@ -1,3 +1,4 @@
+using AdapterFlow.Adapters;
 using AdapterFlow.Models;
 using AdapterFlow.Models.Cpu;
 using TorchSharp;
@@ -11,7 +12,7 @@ namespace AdapterFlow.Generation;
 /// token costs the kernels' work plus a handful of libtorch calls to record it, instead of ~15. Same tokens as the
 /// tensor path: the same kernel passes over the same cache and the same argmax (the first maximum, as torch.argmax).
 /// Used only where nothing needs the tensors: greedy, one row without padding, no logits processors, a LLaMA-family
-/// model itself (not an adapter wrapper, whose forward may add to the model's) that the kernels can run.
+/// model that the kernels can run, itself or inside an adapter wrapper (<see cref="DecodingModel"/>).
 /// </summary>
 internal static class HostGreedy
 {
@@ -20,9 +21,21 @@ internal static class HostGreedy
     {
         if (session.Options.DoSample || session.BatchSize != 1 || session.HasPadding || session.Device.type != DeviceType.CPU) return null;
         if (session.Selector is not GreedySelector || session.Processors is not LogitsProcessorList { Processors.Count: 0 }) return null;
-        if (session.Model is not LlamaForCausalLM model || columns > LlamaCpuDecoder.MaxTokensPerPass) return null;
+        if (DecodingModel(session) is not { } model || columns > LlamaCpuDecoder.MaxTokensPerPass) return null;
         return LlamaCpuDecoder.CanRunHostPasses(model, session.Cache) ? model : null;
     }
+
+    /// <summary>
+    /// The LLaMA-family model a one-row decode step of this session runs: the session's model, or the one an adapter
+    /// wrapper's decode steps are (<see cref="PeftModel.DecodeStepModel"/>; its adapters run inside the kernels or
+    /// through libtorch per slot). Null for anything else.
+    /// </summary>
+    public static LlamaForCausalLM? DecodingModel(DecodingSession session) => session.Model switch
+    {
+        LlamaForCausalLM model => model,
+        PeftModel { DecodeStepModel: LlamaForCausalLM model } => model,
+        _ => null,
+    };
 
     /// <summary>The largest softmax probability of <paramref name="count"/> logits: 1 / Σ exp(l − max).</summary>
     public static unsafe double MaxProbability(float* logits, int count)

@@ -84,8 +84,8 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
                             (host, hostChecked) = (HostGreedyRounds.For(session, exit), true);
                             if (host is null && options.DraftVocabulary is { } vocabulary && exit < layers) draftHead = TensorDraftHead.For(session, vocabulary);
                             // The tensor rounds' verification passes read the panel copy too where the kernels run them
-                            // (one row on the CPU, a LLaMA-family model itself).
-                            if (host is null && session.BatchSize == 1 && session.Device.type == DeviceType.CPU && session.Model is LlamaForCausalLM llama)
+                            // (one row on the CPU, a LLaMA-family model itself or inside an adapter wrapper).
+                            if (host is null && session.BatchSize == 1 && session.Device.type == DeviceType.CPU && HostGreedy.DecodingModel(session) is { } llama)
                                 session.VerificationPanels = VerificationPanels(session, llama, exit);
                         }
                         accepted = host is not null ? host.Round(session, exit, drafts) : Round(session, exit, drafts, options.DoSample, generator, draftHead);
@@ -243,8 +243,8 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
     /// from the logits' memory, so a round makes a handful of libtorch calls (reading the last token and writing the
     /// accepted ones) instead of ~15 per draft. Same tokens as <see cref="Round"/>: the same passes over the same cache,
     /// the same argmax (first maximum), the same acceptance. Used only where nothing needs the tensors: greedy, one
-    /// row without padding, no logits processors, a LLaMA-family model itself (not an adapter wrapper, whose forward
-    /// may add to the model's) that the kernels can run, and K + 1 within one kernel pass. With a
+    /// row without padding, no logits processors, a LLaMA-family model (itself or inside an adapter wrapper,
+    /// <see cref="HostGreedy.DecodingModel"/>) that the kernels can run, and K + 1 within one kernel pass. With a
     /// <see cref="GenerationOptions.DraftVocabulary"/>, a draft's head computes only the logits of that vocabulary's
     /// tokens and of every token in the text so far (added as they appear); the verifier's head stays whole.
     /// </summary>

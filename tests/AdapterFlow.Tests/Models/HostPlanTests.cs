@@ -1,5 +1,9 @@
 using AdapterFlow.Adapters;
+using AdapterFlow.Adapters.Bottleneck;
+using AdapterFlow.Adapters.IA3;
 using AdapterFlow.Adapters.Lora;
+using AdapterFlow.Adapters.PrefixTuning;
+using AdapterFlow.Adapters.PromptTuning;
 using AdapterFlow.Generation;
 using AdapterFlow.Models;
 using AdapterFlow.Models.Cpu;
@@ -102,6 +106,50 @@ public class HostPlanTests
             Assert.Equal(slow, fast);
             Assert.NotEqual(before, fast); // the new weight changes the text, so reading the old one would show
         }
+    }
+
+    public static TheoryData<string> AdapterMethods => new() { "lora", "ia3", "series", "prefix", "prompt" };
+
+    [Theory]
+    [MemberData(nameof(AdapterMethods))]
+    public void Adapter_wrappers_decode_on_the_host_with_the_same_tokens(string method)
+    {
+        // A decode step through the wrapper is the wrapped model's forward, so greedy steps and self-speculative rounds
+        // take the host passes (LoRA in the kernels, IA3 and bottleneck adapters through libtorch per slot, virtual
+        // tokens already in the cache) and write what the libtorch path writes.
+        using var model = SelfSpeculativeTests.Model("llama");
+        var llama = (LlamaForCausalLM)model;
+        PeftConfig config = method switch
+        {
+            "lora" => new LoraConfig { R = 4, LoraAlpha = 8, InitLoraWeights = LoraInit.Random, TargetModules = ModuleSelector.Pattern(ModuleSelector.AllLinear) },
+            "ia3" => new IA3Config { InitIA3Weights = false },
+            "series" => new BottleneckConfig { BottleneckSize = 4, InitWeights = "bert", NonLinearity = "tanh" },
+            "prefix" => new PrefixTuningConfig { NumVirtualTokens = 3 },
+            _ => new PromptTuningConfig { NumVirtualTokens = 3 },
+        };
+        using var peft = PeftModel.Create(model, config);
+        using (torch.no_grad())
+            foreach (var p in peft.parameters().Where(p => p.requires_grad)) p.add_(0.5); // away from identity initialisations
+        peft.eval();
+        var generator = new TextGenerator(peft);
+        var prompt = SelfSpeculativeTests.Prompts(1, seed: 53)[0];
+        var greedy = new GenerationOptions { MaxNewTokens = 10, StopTokenIds = [] };
+        var speculative = greedy with { Strategy = DecodingStrategyKind.SelfSpeculative, ExitLayer = 2, NumSpeculations = 3 };
+        int host = LlamaCpuDecoder.HostPassesOnThisThread;
+        var fastGreedy = generator.Generate([prompt], greedy).Sequences[0].Tokens;
+        Assert.Equal(9, LlamaCpuDecoder.HostPassesOnThisThread - host); // every step after the prefill
+        host = LlamaCpuDecoder.HostPassesOnThisThread;
+        var fastSpeculative = generator.Generate([prompt], speculative).Sequences[0].Tokens;
+        Assert.True(LlamaCpuDecoder.HostPassesOnThisThread > host);
+        llama.UseCpuDecodeKernels = false;
+        var slowGreedy = generator.Generate([prompt], greedy).Sequences[0].Tokens;
+        var slowSpeculative = generator.Generate([prompt], speculative).Sequences[0].Tokens;
+        llama.UseCpuDecodeKernels = true;
+        Assert.Equal(slowGreedy, fastGreedy);
+        Assert.Equal(slowGreedy, slowSpeculative);
+        Assert.Equal(slowGreedy, fastSpeculative);
+        using (peft.DisableAdapters())
+            Assert.NotEqual(fastGreedy, generator.Generate([prompt], greedy).Sequences[0].Tokens); // the adapter is in the text
     }
 
     [Fact]
