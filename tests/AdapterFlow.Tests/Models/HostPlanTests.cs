@@ -139,8 +139,10 @@ public class HostPlanTests
         var fastGreedy = generator.Generate([prompt], greedy).Sequences[0].Tokens;
         Assert.Equal(9, LlamaCpuDecoder.HostPassesOnThisThread - host); // every step after the prefill
         host = LlamaCpuDecoder.HostPassesOnThisThread;
+        int panels = LlamaCpuDecoder.PanelPassesOnThisThread;
         var fastSpeculative = generator.Generate([prompt], speculative).Sequences[0].Tokens;
         Assert.True(LlamaCpuDecoder.HostPassesOnThisThread > host);
+        if (PanelMatrix.Supported) Assert.True(LlamaCpuDecoder.PanelPassesOnThisThread > panels); // verification over the panel copy
         llama.UseCpuDecodeKernels = false;
         var slowGreedy = generator.Generate([prompt], greedy).Sequences[0].Tokens;
         var slowSpeculative = generator.Generate([prompt], speculative).Sequences[0].Tokens;
