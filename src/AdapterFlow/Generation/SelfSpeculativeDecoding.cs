@@ -258,6 +258,7 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
 
         private readonly PackedWeights? _panels;
         private readonly HostPlan _plan = new(); // this generation's
+        private long _last, _position, _generated = -1; // the last chosen token and its position, as of _generated tokens
 
         private HostGreedyRounds(LlamaForCausalLM model, int columns, PackedDraftHead? draftHead, double confidence, PackedWeights? panels)
         {
@@ -287,7 +288,8 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             session.BeginStep();
             var cache = session.Cache;
             int layers = _model.NumLayers, hidden = _model.LlamaConfig.HiddenSize, vocab = _model.LlamaConfig.VocabSize;
-            var (last, position) = session.LastChosen(0);
+            // Known from the previous round unless something else advanced the session (reading it costs two tensor reads).
+            var (last, position) = session.GeneratedLength == _generated ? (_last, _position) : session.LastChosen(0);
             var fed = new long[drafts + 1];    // the round's columns: the last chosen token, then the drafts
             var chosen = new long[drafts + 1]; // the verifier's argmax at each column (the first d + 1 are used)
             fed[0] = last;
@@ -339,7 +341,9 @@ public sealed class SelfSpeculativeDecoding : IDecodingStrategy
             for (int j = 0; j <= agreed; j++) _draftHead?.Add(chosen[j]);
             if (chosen.Length > drafts + 1) Array.Resize(ref chosen, drafts + 1);
             using var tokens = torch.tensor(chosen, [1, drafts + 1], ScalarType.Int64, session.Device);
-            var events = session.AcceptColumns(tokens, chosen, drafts + 1, ends ? drafts + 1 : agreed + 1);
+            int taken = ends ? drafts + 1 : agreed + 1;
+            var events = session.AcceptColumns(tokens, chosen, drafts + 1, taken);
+            (_last, _position, _generated) = (chosen[taken - 1], position + taken, session.GeneratedLength);
             cache.Truncate(session.CommittedCacheLength);
             return events;
         }
