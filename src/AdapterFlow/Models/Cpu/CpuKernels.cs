@@ -1,3 +1,4 @@
+using System.Numerics;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
@@ -251,8 +252,7 @@ internal static unsafe partial class CpuKernels
 
     /// <summary>
     /// s[j] = exp(s[j] − max s) in place (masked scores, −∞, become 0); returns their sum. The exponentials are
-    /// vectorised (.NET's Vector512/256.Exp, within an ulp or so of MathF.Exp): one call per key was most of the
-    /// attention's time at small head sizes.
+    /// vectorised (.NET's Vector.Exp, within an ulp or so of MathF.Exp) instead of one libm call per key.
     /// </summary>
     internal static float SoftmaxNumerators(float* s, int n)
     {
@@ -260,29 +260,17 @@ internal static unsafe partial class CpuKernels
         for (int j = 0; j < n; j++) max = Math.Max(max, s[j]);
         int i = 0;
         float total = 0;
-        if (Vector512.IsHardwareAccelerated && n >= 16)
+        if (Vector.IsHardwareAccelerated && n >= Vector<float>.Count)
         {
-            var m = Vector512.Create(max);
-            var sum = Vector512<float>.Zero;
-            for (; i + 16 <= n; i += 16)
+            var m = new Vector<float>(max);
+            var sum = Vector<float>.Zero;
+            for (; i + Vector<float>.Count <= n; i += Vector<float>.Count)
             {
-                var e = Vector512.Exp(Vector512.Load(s + i) - m);
+                var e = Vector.Exp(Vector.Load(s + i) - m);
                 e.Store(s + i);
                 sum += e;
             }
-            total = Vector512.Sum(sum);
-        }
-        else if (Vector256.IsHardwareAccelerated && n >= 8)
-        {
-            var m = Vector256.Create(max);
-            var sum = Vector256<float>.Zero;
-            for (; i + 8 <= n; i += 8)
-            {
-                var e = Vector256.Exp(Vector256.Load(s + i) - m);
-                e.Store(s + i);
-                sum += e;
-            }
-            total = Vector256.Sum(sum);
+            total = Vector.Sum(sum);
         }
         for (; i < n; i++)
         {
