@@ -155,6 +155,22 @@ public class HostPlanTests
     }
 
     [Fact]
+    public unsafe void Panel_copies_are_made_of_float32_matrices_only()
+    {
+        // The packer reads rows × cols floats from a weight's memory: a bfloat16 head or projection holds half that.
+        // Sampling takes the tensor rounds, which ask for panel copies whatever the model's dtype.
+        if (!PanelMatrix.Supported) return; // nothing is packed without 512-bit vectors
+        using var scope = torch.NewDisposeScope();
+        foreach (bool tied in new[] { true, false })
+        {
+            var model = (LlamaForCausalLM)AutoModel.FromConfig(LlamaTestConfigs.Tiny("llama", tied: tied), seed: 3, dtype: ScalarType.BFloat16);
+            model.eval();
+            var packed = LlamaCpuDecoder.PackForVerification(model, 1);
+            Assert.True(packed is null || packed.Bytes == 0, $"tied {tied}: {packed?.Bytes} bytes of panels from bfloat16 weights");
+        }
+    }
+
+    [Fact]
     public unsafe void The_cache_host_view_follows_storage_that_grows_or_is_replaced()
     {
         using var scope = torch.NewDisposeScope();

@@ -116,9 +116,7 @@ internal static unsafe partial class LlamaCpuDecoder
         var config = model.LlamaConfig;
         if (model.training || torch.is_grad_enabled() || !model.UseCpuDecodeKernels || model.Rotary.Layout != RotaryLayout.RotateHalf) return false;
         if (cache.NumLayers != model.NumLayers || !LayersSupported(model, cache, 0, model.NumLayers)) return false;
-        var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
-        return IsF32Cpu(model.model.norm.weight, config.HiddenSize) && HasPlainEmbedding(model) &&
-               head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, config.VocabSize, config.HiddenSize);
+        return IsF32Cpu(model.model.norm.weight, config.HiddenSize) && HasPlainEmbedding(model) && KernelHead(model) is not null;
     }
 
     /// <summary>
@@ -287,14 +285,11 @@ internal static unsafe partial class LlamaCpuDecoder
         else ThroughTorch(model.lm_head, buffers.Normed, hidden, logits, vocab, headRows);
     }
 
-    /// <summary>The LM head's float32 [vocab, hidden] weight when it is plain (an unbiased nn.Linear or the tied embedding), else null.</summary>
+    /// <summary>The memory of the head's weight when the kernels read it (<see cref="KernelHead"/>), else null; kept in the pass's plan.</summary>
     private static float* PlainHeadWeight(LlamaForCausalLM model)
     {
         if (t_plan is { HeadWeight: { } known }) return (float*)known;
-        var config = model.LlamaConfig;
-        var head = model.lm_head is TiedLMHead tied ? tied.weight : (model.lm_head as Linear)?.weight;
-        bool plain = head is not null && model.lm_head is TiedLMHead or Linear { bias: null } && IsF32Cpu(head, config.VocabSize, config.HiddenSize);
-        float* pointer = plain ? CpuKernels.Pointer(head!) : null;
+        float* pointer = KernelHead(model) is { } head ? CpuKernels.Pointer(head) : null;
         if (t_plan is { } plan) plan.HeadWeight = (nint)pointer;
         return pointer;
     }

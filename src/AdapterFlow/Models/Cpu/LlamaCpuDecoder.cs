@@ -97,11 +97,11 @@ internal static unsafe partial class LlamaCpuDecoder
         var config = model.LlamaConfig;
         int hidden = config.HiddenSize, attention = config.NumAttentionHeads * config.HeadDim, kv = config.NumKeyValueHeads * config.HeadDim;
         int inner = config.IntermediateSize;
-        var matrices = new List<(Tensor Weight, int Rows, int Cols)>();
+        var matrices = new List<(nint Weight, int Rows, int Cols)>();
+        // The base matrix of every slot the kernels run (an nn.Linear, or the base of a LoRA wrapper), as they see it.
         void Add(nn.Module<Tensor, Tensor> module, int inFeatures, int outFeatures)
         {
-            var linear = module as Linear ?? (module as LoraLinear)?.BaseLayer as Linear;
-            if (linear is not null && IsKernelLinear(linear, inFeatures, outFeatures)) matrices.Add((linear.weight!, outFeatures, inFeatures));
+            if (Describe(module, inFeatures, outFeatures) is { } view) matrices.Add((view.Weight, outFeatures, inFeatures));
         }
         for (int i = Math.Max(0, fromLayer); i < model.NumLayers; i++)
         {
@@ -117,7 +117,7 @@ internal static unsafe partial class LlamaCpuDecoder
                 Add(mlp.down_proj, inner, hidden);
             }
         }
-        if (model.PlainHead() is (_, var head)) matrices.Add((head, config.VocabSize, hidden));
+        if (KernelHead(model) is { } head) matrices.Add(((nint)CpuKernels.Pointer(head), config.VocabSize, hidden));
         lock (PackGate) return Pack(model, matrices);
     }
 
@@ -127,16 +127,16 @@ internal static unsafe partial class LlamaCpuDecoder
     /// <summary>Generations on other threads may pack the same model at the same time; one at a time changes the copies.</summary>
     private static readonly Lock PackGate = new();
 
-    private static PackedWeights? Pack(LlamaForCausalLM model, List<(Tensor Weight, int Rows, int Cols)> matrices)
+    private static PackedWeights? Pack(LlamaForCausalLM model, List<(nint Weight, int Rows, int Cols)> matrices)
     {
         var packed = model.PackedCpuWeights;
-        long needed = matrices.Sum(m => packed?.Find(CpuKernels.Pointer(m.Weight)) is null ? (long)m.Rows / PanelMatrix.Width * PanelMatrix.Width * m.Cols * sizeof(float) : 0);
+        long needed = matrices.Sum(m => packed?.Find((float*)m.Weight) is null ? (long)m.Rows / PanelMatrix.Width * PanelMatrix.Width * m.Cols * sizeof(float) : 0);
         bool fits = needed == 0 || (packed?.Bytes ?? 0) + needed <= (PackBudgetBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4);
         if (!fits && packed is null) return null;
         packed = model.PackedCpuWeights ??= new PackedWeights();
         // Over the budget, the copies already made (for a higher exit layer) are still checked, and kept if current.
         foreach (var (weight, rows, cols) in matrices)
-            if (fits || packed.Find(CpuKernels.Pointer(weight)) is not null) packed.Add(CpuKernels.Pointer(weight), rows, cols);
+            if (fits || packed.Find((float*)weight) is not null) packed.Add((float*)weight, rows, cols);
         return packed;
     }
 
@@ -164,6 +164,13 @@ internal static unsafe partial class LlamaCpuDecoder
         foreach (var term in view.Terms) group.AddLora((float*)term.A, (float*)term.B, term.Rank, term.Scale);
         return true;
     }
+
+    /// <summary>
+    /// The LM head's weight when the kernels read it: a plain head (<see cref="LlamaForCausalLM.PlainHead"/>: the tied
+    /// embedding or an unbiased nn.Linear) of float32 [vocab, hidden] on the CPU; else null (the head runs through libtorch).
+    /// </summary>
+    private static Tensor? KernelHead(LlamaForCausalLM model) =>
+        model.PlainHead() is (_, var weight) && IsF32Cpu(weight, model.LlamaConfig.VocabSize, model.LlamaConfig.HiddenSize) ? weight : null;
 
     private static bool IsKernelLinear(Linear linear, int inFeatures, int outFeatures) =>
         linear.weight is { } weight && IsF32Cpu(weight, outFeatures, inFeatures) && (linear.bias is not { } bias || IsF32Cpu(bias, outFeatures));
